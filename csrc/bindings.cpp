@@ -1,0 +1,13 @@
+// deploykit._native: the module only gathers the areas; each area binds itself.
+#include <pybind11/pybind11.h>
+namespace py = pybind11;
+
+namespace deploykit {
+void register_cpu_features(py::module_& m);
+}
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "deploykit CPU kernels: int8 linear and MoE routing (see deploykit.native)";
+  m.attr("__version__") = DEPLOYKIT_VERSION;
+  deploykit::register_cpu_features(m);
+}

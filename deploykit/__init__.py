@@ -1,0 +1,1 @@
+"""deploykit: train a small decoder-only LLM and ship it to every runtime."""
