@@ -1,0 +1,349 @@
+"""Hugging Face–compatible checkpoint folders: ``config.json`` + ``model.safetensors`` (+ tokenizer).
+
+deploykit's module tree already uses Llama/Mixtral tensor names, so this module is the single place
+that translates between deploykit and the three transformers families it maps onto:
+
+=========  ====================  ==================================================
+variant    transformers class    tensors that differ from deploykit's own names
+=========  ====================  ==================================================
+dense      LlamaForCausalLM      none
+moe        MixtralForCausalLM    stacked ``experts.w1`` (E,F,D) <-> ``experts.{e}.w1.weight``
+legacy     GPT2LMHeadModel       all (``transformer.h.N.attn.c_attn`` fused qkv, Conv1D = W^T)
+=========  ====================  ==================================================
+
+Weights are read with safetensors only: pickle files can run arbitrary code when loaded.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .fsutil import atomic_folder
+from .model import CausalLM
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# transformers model_type -> deploykit variant, for folders written by transformers itself.
+HF_FAMILIES: dict[str, str] = {"llama": "dense", "mistral": "dense", "qwen2": "dense", "mixtral": "moe", "gpt2": "legacy"}
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------------
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json transformers reads for this model, plus deploykit's own exact config."""
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "dtype": "float32",
+        "deploykit": {"format_version": FORMAT_VERSION, "model_config": cfg.to_dict()},
+    }
+    if cfg.variant == "legacy":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_dim,
+            "n_positions": cfg.max_seq_len, "activation_function": "gelu", "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            **common,
+        }
+    llama = {
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_dropout": 0.0, **common,
+    }
+    if cfg.variant == "moe":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k,
+                "router_aux_loss_coef": cfg.router_aux_coef, "router_jitter_noise": 0.0,
+                "sliding_window": None, **llama}
+    if cfg.attn_bias:  # Qwen2 is the family with q/k/v biases and a bias-free o_proj
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+                "sliding_window": None, **llama}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+            "mlp_bias": False, **llama}
+
+
+def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Read a config.json: deploykit's own block if present, else translate a transformers family."""
+    own = data.get("deploykit", {}).get("model_config")
+    if own is not None:
+        return ModelConfig.from_dict(own)
+    model_type = data.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported",
+            hint=f"deploykit reads these transformers families: {', '.join(HF_FAMILIES)}",
+        )
+    try:
+        if model_type == "gpt2":
+            return _from_gpt2(data, source)
+        return _from_llama_like(data, model_type, source)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def _unsupported(source: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {what} is not supported by deploykit's graph",
+                           hint="only the features of the stock Llama/Mistral/Qwen2/Mixtral/GPT-2 layouts are mapped")
+
+
+def _token_ids(data: dict[str, Any]) -> dict[str, int]:
+    def first(v: Any) -> int | None:
+        return v[0] if isinstance(v, list) and v else v
+
+    bos, eos, pad = first(data.get("bos_token_id")), first(data.get("eos_token_id")), first(data.get("pad_token_id"))
+    eos = eos if eos is not None else 0
+    return {"bos_token_id": bos if bos is not None else eos, "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else eos}
+
+
+def _from_llama_like(data: dict[str, Any], model_type: str, source: str) -> ModelConfig:
+    if data.get("hidden_act", "silu") != "silu":
+        raise _unsupported(source, f"hidden_act={data['hidden_act']!r}")
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise _unsupported(source, f"rope_type={rope_type!r}")
+    theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
+    if model_type == "llama" and (data.get("attention_bias") or data.get("mlp_bias")):
+        raise _unsupported(source, "Llama attention_bias/mlp_bias")
+    max_len = data.get("max_position_embeddings", 2048)
+    window = data.get("sliding_window")
+    use_window = data.get("use_sliding_window", model_type != "qwen2")
+    if window and use_window and window < max_len:
+        # A window at least as long as the sequence has no effect, so cap the length at the window.
+        max_len = window
+    moe = model_type == "mixtral"
+    return ModelConfig(
+        variant="moe" if moe else "dense",
+        vocab_size=data["vocab_size"], d_model=data["hidden_size"], n_layers=data["num_hidden_layers"],
+        n_heads=data["num_attention_heads"], n_kv_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
+        head_dim=data.get("head_dim"), ffn_dim=data["intermediate_size"], max_seq_len=max_len,
+        rope_theta=float(theta), norm_eps=data.get("rms_norm_eps", 1e-6),
+        tie_embeddings=data.get("tie_word_embeddings", False), attn_bias=model_type == "qwen2",
+        n_experts=data.get("num_local_experts", 0) if moe else 0, top_k=data.get("num_experts_per_tok", 2),
+        router_aux_coef=data.get("router_aux_loss_coef", 0.01), **_token_ids(data),
+    )
+
+
+def _from_gpt2(data: dict[str, Any], source: str) -> ModelConfig:
+    act = data.get("activation_function", "gelu_new")
+    if act != "gelu":
+        # GPT-2's default gelu_new is the tanh approximation; deploykit's legacy MLP uses exact GELU.
+        raise _unsupported(source, f"activation_function={act!r} (only exact 'gelu')")
+    if data.get("scale_attn_by_inverse_layer_idx") or data.get("reorder_and_upcast_attn"):
+        raise _unsupported(source, "GPT-2 attention scaling variants")
+    d = data["n_embd"]
+    return ModelConfig(
+        variant="legacy", vocab_size=data["vocab_size"], d_model=d, n_layers=data["n_layer"],
+        n_heads=data["n_head"], ffn_dim=data.get("n_inner") or 4 * d, max_seq_len=data["n_positions"],
+        norm_eps=data.get("layer_norm_epsilon", 1e-5), tie_embeddings=data.get("tie_word_embeddings", True),
+        **_token_ids(data),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor names
+# ---------------------------------------------------------------------------------------------
+def to_hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+    """deploykit state dict -> the tensors transformers expects for this variant (contiguous, detached)."""
+    cfg = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight")  # tied: transformers re-ties it from the embedding on load
+    if cfg.variant == "moe":
+        for key in [k for k in sd if k.endswith(("experts.w1", "experts.w2", "experts.w3"))]:
+            stacked = sd.pop(key)  # (E, out, in)
+            for e in range(stacked.shape[0]):
+                sd[f"{key[:-3]}.{e}.{key[-2:]}.weight"] = stacked[e]
+    elif cfg.variant == "legacy":
+        sd = _to_gpt2(sd, cfg)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_hf_state_dict`: transformers tensor names -> deploykit's."""
+    if cfg.variant == "legacy":
+        return _from_gpt2(sd, cfg)
+    sd = dict(sd)
+    if cfg.variant == "moe":
+        pattern = re.compile(r"(.*\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
+        groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        for key in [k for k in sd if pattern.match(k)]:
+            prefix, e, w = pattern.match(key).groups()
+            groups.setdefault((prefix, w), {})[int(e)] = sd.pop(key)
+        for (prefix, w), per_expert in groups.items():
+            if sorted(per_expert) != list(range(cfg.n_experts)):
+                raise CheckpointError(
+                    f"{prefix}.{w}: found experts {sorted(per_expert)}, config says n_experts={cfg.n_experts}",
+                    hint="config.json does not match the weights")
+            sd[f"{prefix}.{w}"] = torch.stack([per_expert[e] for e in range(cfg.n_experts)])
+    return sd
+
+
+def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+           "transformer.wpe.weight": sd["model.embed_positions.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"], "transformer.ln_f.bias": sd["model.norm.bias"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        p, h = f"model.layers.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = sd[p + ours + ".weight"], sd[p + ours + ".bias"]
+        # GPT-2's Conv1D stores W^T (in, out); c_attn fuses q, k, v along the output dimension.
+        qkv = [sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+        out[h + "attn.c_attn.weight"] = torch.cat(qkv, 0).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        for ours, theirs in (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
+                             ("mlp.down_proj", "mlp.c_proj")):
+            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = sd[p + ours + ".weight"].t(), sd[p + ours + ".bias"]
+    return out
+
+
+def _from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}  # both GPT2Model and LMHead layouts
+    try:
+        out = {"model.embed_tokens.weight": sd["wte.weight"], "model.embed_positions.weight": sd["wpe.weight"],
+               "model.norm.weight": sd["ln_f.weight"], "model.norm.bias": sd["ln_f.bias"]}
+        if "lm_head.weight" in sd and not cfg.tie_embeddings:
+            out["lm_head.weight"] = sd["lm_head.weight"]
+        D = cfg.d_model
+        for i in range(cfg.n_layers):
+            p, h = f"model.layers.{i}.", f"h.{i}."
+            for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+                out[p + ours + ".weight"], out[p + ours + ".bias"] = sd[h + theirs + ".weight"], sd[h + theirs + ".bias"]
+            w, b = sd[h + "attn.c_attn.weight"].t(), sd[h + "attn.c_attn.bias"]  # (3D, D), (3D,)
+            for j, n in enumerate("qkv"):
+                out[p + f"self_attn.{n}_proj.weight"] = w[j * D:(j + 1) * D]
+                out[p + f"self_attn.{n}_proj.bias"] = b[j * D:(j + 1) * D]
+            for ours, theirs in (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
+                                 ("mlp.down_proj", "mlp.c_proj")):
+                out[p + ours + ".weight"], out[p + ours + ".bias"] = sd[h + theirs + ".weight"].t(), sd[h + theirs + ".bias"]
+    except KeyError as e:
+        raise CheckpointError(f"GPT-2 checkpoint lacks tensor {e.args[0]!r}", hint="config.json does not match the weights") from e
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+# ---------------------------------------------------------------------------------------------
+def save_model(model: CausalLM, folder: str | Path, tokenizer: Any = None, *, overwrite: bool = False,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint folder atomically (temp folder beside it, then rename).
+
+    ``tokenizer`` is anything with ``save(folder)`` (deploykit.tokenizer.Tokenizer).
+    ``extra_files`` maps file names to text written alongside (e.g. training state JSON).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    cfg = model.config
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+            "max_length": cfg.max_seq_len}, indent=2) + "\n")
+        tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in to_hf_state_dict(model).items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return folder
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    folder = _checked_folder(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json", hint="a checkpoint folder holds config.json and model.safetensors")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})", hint="restore config.json from the original checkpoint") from e
+    return from_hf_config(data, str(path))
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (single file or sharded index), via safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = _checked_folder(folder)
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: refusing to load pickle weights ({', '.join(pickles)}): unpickling can run arbitrary code",
+                hint=("if you trust the source, convert it once to safetensors: python -c \"from transformers import "
+                      f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\""))
+        raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}", hint="a checkpoint folder holds config.json and model.safetensors")
+    sd: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            sd.update(load_file(str(folder / name)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{folder / name}: corrupt or truncated safetensors file ({e})",
+                                  hint="re-save the checkpoint; a copy that was cut short cannot be repaired") from e
+    return sd
+
+
+def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """Load a deploykit or transformers (Llama/Mistral/Qwen2/Mixtral/GPT-2) checkpoint folder."""
+    cfg = load_config(folder)
+    sd = from_hf_state_dict(read_weights(folder), cfg)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    _check_tensors(model, sd, Path(folder))
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                          strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Non-persistent buffers were created on the meta device; rebuild them for real.
+    if cfg.variant != "legacy":
+        model.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    return model.eval()
+
+
+def _check_tensors(model: CausalLM, sd: dict[str, torch.Tensor], folder: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)  # some writers store the tied copy anyway
+    problems = [f"missing {k}" for k in expected if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in expected and not k.endswith("rotary_emb.inv_freq")]
+    problems += [f"{k}: weights {tuple(sd[k].shape)} vs config {shape}" for k, shape in expected.items()
+                 if k in sd and tuple(sd[k].shape) != shape]
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{folder}: config.json does not match the weights: {'; '.join(problems[:5])}{more}",
+                              hint="was config.json edited or copied from another model? Restore the original pair")
+
+
+def _checked_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found",
+                              hint="pass the folder written by `deploykit train` or transformers' save_pretrained")
+    return folder
