@@ -1,0 +1,5 @@
+import sys
+
+from deploykit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``deploykit`` command. Each subcommand lives in its own module with ``register`` and ``run``."""
