@@ -91,8 +91,8 @@ def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelCo
         )
     try:
         if model_type == "gpt2":
-            return _from_gpt2(data, source)
-        return _from_llama_like(data, model_type, source)
+            return _config_from_gpt2(data, source)
+        return _config_from_llama_like(data, model_type, source)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from e
 
@@ -112,7 +112,7 @@ def _token_ids(data: dict[str, Any]) -> dict[str, int]:
             "pad_token_id": pad if pad is not None else eos}
 
 
-def _from_llama_like(data: dict[str, Any], model_type: str, source: str) -> ModelConfig:
+def _config_from_llama_like(data: dict[str, Any], model_type: str, source: str) -> ModelConfig:
     if data.get("hidden_act", "silu") != "silu":
         raise _unsupported(source, f"hidden_act={data['hidden_act']!r}")
     rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
@@ -141,7 +141,7 @@ def _from_llama_like(data: dict[str, Any], model_type: str, source: str) -> Mode
     )
 
 
-def _from_gpt2(data: dict[str, Any], source: str) -> ModelConfig:
+def _config_from_gpt2(data: dict[str, Any], source: str) -> ModelConfig:
     act = data.get("activation_function", "gelu_new")
     if act != "gelu":
         # GPT-2's default gelu_new is the tanh approximation; deploykit's legacy MLP uses exact GELU.
