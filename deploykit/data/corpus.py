@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from deploykit.data.tasks import task_documents
 from deploykit.errors import ConfigError
 
 DEFAULT_N_CHARS = 2_000_000
@@ -305,9 +306,6 @@ def embedded_corpus(
     (train split only, so the held-out eval set never appears here). Documents are interleaved
     deterministically so any prefix of the list has the same mix.
     """
-    # Imported here: tasks imports nothing from corpus, but keeping the edge one-way is clearer.
-    from deploykit.data.tasks import task_documents
-
     if not 0.0 <= task_fraction <= 1.0:
         raise ConfigError(
             f"task_fraction={task_fraction} must be in [0, 1]", hint="pass e.g. task_fraction=0.2"
