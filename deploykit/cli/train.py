@@ -1,0 +1,137 @@
+"""``deploykit train``: pretrain a preset on the embedded corpus or your own text."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  deploykit train --preset micro --data embedded --time-budget 120 --out runs/micro   # the demo
+  deploykit train --preset micro --data embedded --steps 2000 --out runs/micro
+  deploykit train --preset nano --steps 200 --out runs/nano --json
+  deploykit train --preset micro-moe --steps 500 --bf16 --out runs/micro-moe
+  deploykit train --preset small --data 'corpus/*.txt' --data extra.jsonl --out runs/small
+  deploykit train --out runs/micro --resume                  # continue from the last checkpoint
+  deploykit train --out runs/micro --resume --steps 4000     # extend a finished run
+
+The folder --out holds the latest checkpoint (a Hugging Face folder: transformers'
+AutoModelForCausalLM and `deploykit generate` load it), trainer_state.{json,safetensors}
+for --resume, train_log.jsonl (one JSON per step and per eval) and loss.png.
+With --resume, omitted options are taken from the saved run."""
+
+# Flag -> TrainConfig field. Defaults are SUPPRESSed so the namespace holds only what the user typed:
+# a resumed run fills everything else from its checkpoint, a new run from TrainConfig's defaults.
+_FIELDS = ("preset", "data", "tokenizer", "vocab_size", "steps", "batch_size", "block_size", "grad_accum",
+           "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "bf16", "eval_interval", "eval_iters",
+           "checkpoint_interval", "seed", "val_fraction", "time_budget", "stop_at", "threads", "peak_flops",
+           "sample_prompt", "sample_tokens")
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..config import PRESETS
+    from ..train.config import TrainConfig
+
+    d = TrainConfig.__dataclass_fields__  # defaults for the help text, without importing torch
+
+    def default(name: str) -> str:
+        return f"(default {d[name].default})"
+
+    S = argparse.SUPPRESS
+    p = sub.add_parser(
+        "train", help="pretrain a model (single process)",
+        description="Train a tokenizer on the data (unless --tokenizer), pack it into blocks with a held-out "
+        "validation split, and train a preset with AdamW, warmup + cosine lr, grad clipping and accumulation. "
+        "Logs loss, lr, tokens/s and MFU; evaluates validation loss/perplexity; checkpoints atomically; "
+        "--resume continues bit for bit. Ends with the eval perplexity and a greedy sample.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="run folder: latest checkpoint, state, log, loss.png")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--preset", default=S, metavar="NAME",
+                   help=f"model preset: {', '.join(PRESETS)} {default('preset')}")
+    g.add_argument("--data", action="append", default=S, metavar="SPEC",
+                   help="'embedded' (generated default corpus), a text/JSONL file, a folder, or a quoted glob; "
+                        "repeat to combine (default embedded)")
+    g.add_argument("--tokenizer", type=Path, default=S, metavar="FOLDER",
+                   help="use this tokenizer.json folder instead of training one on the data")
+    g.add_argument("--vocab-size", type=int, default=S, help="BPE vocabulary to train (default: the preset's)")
+    g.add_argument("--val-fraction", type=float, default=S, help=f"blocks held out for eval {default('val_fraction')}")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--steps", type=int, default=S, help=f"optimizer steps; the cosine ends here {default('steps')}")
+    g.add_argument("--time-budget", type=float, default=S, metavar="SECONDS",
+                   help="wall-clock budget for the whole command: after 5 steps the schedule is shortened to fit, "
+                        "and the run stops cleanly (with a checkpoint) if it still runs late")
+    g.add_argument("--stop-at", type=int, default=S, metavar="STEP",
+                   help="stop after this step with a checkpoint, keeping the --steps schedule; --resume continues")
+    g.add_argument("--batch-size", type=int, default=S, help=f"blocks per micro-batch {default('batch_size')}")
+    g.add_argument("--block-size", type=int, default=S, help=f"tokens per block {default('block_size')}")
+    g.add_argument("--grad-accum", type=int, default=S, help=f"micro-batches per step {default('grad_accum')}")
+    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate {default('lr')}")
+    g.add_argument("--min-lr", type=float, default=S, help="final learning rate (default lr/10)")
+    g.add_argument("--warmup", type=int, default=S, help="linear warmup steps (default 5%% of the schedule)")
+    g.add_argument("--weight-decay", type=float, default=S,
+                   help=f"AdamW decay on matrices; never on norms, biases, embeddings {default('weight_decay')}")
+    g.add_argument("--grad-clip", type=float, default=S, help=f"max grad norm, 0 = off {default('grad_clip')}")
+    g.add_argument("--seed", type=int, default=S, help=f"init, split and batch order {default('seed')}")
+    g = p.add_argument_group("run")
+    g.add_argument("--bf16", action="store_true", default=S, help="bf16 autocast on CPU (fp32 weights and loss)")
+    g.add_argument("--threads", type=int, default=S, help="torch threads (default: all cores)")
+    g.add_argument("--eval-interval", type=int, default=S, help=f"steps between evals, 0 = end only {default('eval_interval')}")
+    g.add_argument("--eval-iters", type=int, default=S, help=f"val batches per eval, 0 = all {default('eval_iters')}")
+    g.add_argument("--checkpoint-interval", type=int, default=S,
+                   help=f"steps between checkpoints, 0 = end only {default('checkpoint_interval')}")
+    g.add_argument("--peak-flops", type=float, default=S,
+                   help="peak FLOP/s for MFU (default: measured at start-up by timing a 2048³ matmul "
+                        "in the training dtype on the threads used)")
+    g.add_argument("--prompt", dest="sample_prompt", default=S,
+                   help=f"prompt of the greedy sample printed at the end {default('sample_prompt')!s}")
+    g.add_argument("--sample-tokens", type=int, default=S, help=f"tokens of that sample {default('sample_tokens')}")
+    g = p.add_argument_group("output folder")
+    g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print a summary JSON on stdout (progress goes to stderr)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from the flags the user gave; on --resume the rest comes from the checkpoint."""
+    from ..train.config import TrainConfig
+
+    given = {f: getattr(args, f) for f in _FIELDS if hasattr(args, f)}
+    if "data" in given:
+        given["data"] = given["data"][0] if len(given["data"]) == 1 else tuple(given["data"])
+    if args.resume:
+        saved = _saved_config(args.out)
+        return TrainConfig.from_dict({**saved, **given, "out": args.out, "resume": True, "force": False})
+    return TrainConfig(out=args.out, force=args.force, **given)
+
+
+def _saved_config(out: Path) -> dict:
+    from ..errors import CheckpointError
+    from ..train.state import STATE_JSON
+
+    path = out / STATE_JSON
+    if not path.is_file():
+        what = "does not exist" if not out.exists() else f"has no {STATE_JSON}"
+        raise CheckpointError(f"--resume: {out} {what}",
+                              hint="point --out at a folder written by `deploykit train`, or drop --resume")
+    try:
+        return json.loads(path.read_text())["train_config"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable training state ({e})",
+                              hint="resume from an intact run folder, or start over with --force") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import pretrain
+
+    cfg = build_config(args)
+    # With --json, stdout carries exactly one JSON document; human lines go to stderr.
+    result = pretrain(cfg, progress=not args.no_progress, stream=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        summary = result.to_dict()
+        summary["seconds"] = round(summary["seconds"], 2)
+        print(json.dumps(summary))
+    return 0

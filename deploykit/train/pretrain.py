@@ -1,0 +1,453 @@
+"""Single-process pretraining: ``pretrain(TrainConfig) -> TrainResult``.
+
+One run, top to bottom:
+
+1. tokenizer — trained with byte-level BPE on the data (or loaded from ``--tokenizer``, or from the
+   checkpoint on ``--resume``); the model's vocab_size becomes its size rounded up to 64;
+2. data — documents packed into ``(N, block_size + 1)`` blocks, a seeded share held out for
+   validation, batches from a resumable ``BlockLoader``;
+3. model + AdamW (no decay on 1-D params and embeddings), linear warmup + cosine lr;
+4. the loop — grad accumulation, optional bf16 autocast, grad clipping, MoE aux loss, a progress
+   bar, one JSON record per step and per eval in ``OUT/train_log.jsonl``;
+5. checkpoints — the whole folder (model, tokenizer, optimizer/RNG/loader state, log, loss.png)
+   replaced atomically, so ``OUT`` is always a loadable model and a resumable run.
+
+Bit-for-bit resume holds because everything a step reads is restored exactly: weights (fp32
+safetensors), AdamW moments and step counts, the loader's (epoch, position), the RNG states, and
+the schedule length; and because nothing in a step depends on wall time. Evals and checkpoints
+only read the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_model, save_model
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError, DataError, TargetExistsError
+from ..fsutil import atomic_folder
+from ..model import CausalLM
+from .config import MATH_FIELDS, TrainConfig
+from .optim import build_adamw, lr_at, measure_peak_flops
+from .plots import plot_loss
+from .state import (optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat,
+                    write_state)
+
+LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss.png"
+VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: aligned GEMMs, and HF does the same
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path  # the checkpoint folder (loadable by deploykit and transformers)
+    steps: int  # optimizer steps completed in total (including those before a resume)
+    schedule_steps: int  # length of the lr schedule the run followed
+    stopped: str  # "done", "time_budget" or "stop_at"
+    train_loss: float | None  # cross-entropy of the last step (mean over its micro-batches)
+    val_loss: float | None  # last eval; None when val_fraction == 0
+    val_ppl: float | None
+    tokens_per_second: float  # training tokens / training-loop seconds of this call (evals excluded)
+    mfu: float  # 6 · active params · tokens/s / peak_flops
+    peak_flops: float
+    params: int
+    active_params: int
+    tokens: int  # training tokens seen in total
+    seconds: float  # wall time of this call, set-up and saving included
+    sample: str  # greedy continuation of config.sample_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up helpers
+# ---------------------------------------------------------------------------------------------
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check_out(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Refuse to clobber or to resume from nothing; return the saved config dict on resume."""
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise TargetExistsError(f"--out {out} exists and is a file", hint="choose a folder path for --out")
+    if cfg.resume:
+        if not out.is_dir():
+            raise CheckpointError(f"--resume: {out} does not exist",
+                                  hint="drop --resume to start a new run there, or point --out at a run folder")
+        return None
+    if out.exists() and not cfg.force:
+        raise TargetExistsError(f"--out {out} already exists",
+                                hint="pass --resume to continue that run, --force to replace it, or choose another --out")
+    return None
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict[str, Any], source: Path) -> TrainConfig:
+    saved_cfg = TrainConfig.from_dict({**saved, "out": cfg.out, "resume": False, "force": False})
+    diffs = [f"{name}: saved {getattr(saved_cfg, name)!r}, now {getattr(cfg, name)!r}"
+             for name in MATH_FIELDS if getattr(saved_cfg, name) != getattr(cfg, name)]
+    if diffs:
+        raise ConfigError(f"--resume {source}: these settings differ from the saved run: " + "; ".join(diffs),
+                          hint="resume with the saved settings (the CLI fills them in from the checkpoint when you "
+                               "omit them), or start a new run with another --out")
+    return saved_cfg
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _data_hash(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+
+
+def _read_log(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    """Records of a previous session up to the checkpoint's step. Records written after that
+    checkpoint (the run went on, then died) are dropped: the resumed run writes them again.
+    A torn last line from a killed process is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= upto_step:
+            records.append(rec)
+    return records
+
+
+class _Echo:
+    """Human-readable lines, routed around the progress bar so neither garbles the other."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self.bar = None
+
+    def __call__(self, msg: str) -> None:
+        if self.stream is None:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | None = sys.stdout) -> TrainResult:
+    """Train (or continue training) a model as ``config`` says; see the module docstring.
+
+    ``progress`` shows a tqdm bar on stderr; ``stream`` receives the human-readable log lines
+    (None: silent). Raises ConfigError / DataError / CheckpointError / TargetExistsError with a hint.
+    """
+    from ..data import BlockLoader, build_blocks, eval_batches, load_texts
+    from ..tokenizer import Tokenizer
+
+    t_call = time.perf_counter()
+    echo = _Echo(stream)
+    cfg = config
+    _check_out(cfg)
+    threads = cfg.threads or _available_cores()
+    torch.set_num_threads(threads)
+
+    # -- resume: read state first, so a bad folder fails before minutes of set-up ----------------
+    saved_tensors: dict[str, torch.Tensor] = {}
+    saved: dict[str, Any] = {}
+    if cfg.resume:
+        saved_tensors, saved = read_state(cfg.out)
+        _check_same_run(cfg, saved["train_config"], cfg.out)
+
+    # -- tokenizer and data ---------------------------------------------------------------------
+    texts = load_texts(cfg.data if isinstance(cfg.data, str) else list(cfg.data))
+    base_cfg = cfg.model_config()
+    if cfg.resume:
+        tokenizer = Tokenizer.load(cfg.out)
+    elif cfg.tokenizer is not None:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    else:
+        # The tokenizer sees every document, validation ones included: BPE merges are not labels, so
+        # the validation loss still measures the LM on text it never trained on.
+        tokenizer = Tokenizer.train(texts, cfg.vocab_size or base_cfg.vocab_size)
+    train_blocks, val_blocks = build_blocks(texts, tokenizer, cfg.block_size,
+                                            val_fraction=cfg.val_fraction, seed=cfg.seed)  # (N, T+1) each
+    data_hash = _data_hash(train_blocks)
+    if cfg.resume and saved.get("data_hash") != data_hash:
+        raise DataError(f"--resume {cfg.out}: the training data differ from the saved run's "
+                        f"(hash {data_hash}, saved {saved.get('data_hash')})",
+                        hint="resume with the same --data files, unchanged; or start a new run")
+    loader = BlockLoader(train_blocks, cfg.batch_size, seed=cfg.seed)
+
+    # -- model and optimizer ----------------------------------------------------------------------
+    model_cfg = base_cfg.replace(
+        vocab_size=_round_up(tokenizer.vocab_size, VOCAB_MULTIPLE), bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    if cfg.resume:
+        model = load_model(cfg.out)
+        if model.config != model_cfg:
+            raise CheckpointError(f"--resume {cfg.out}: its config.json describes another model than this run's",
+                                  hint="the folder was modified after training; start a new run")
+    else:
+        torch.manual_seed(cfg.seed)  # the only randomness in a run: the initial weights
+        model = CausalLM(model_cfg)
+    model.train()
+    optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+
+    step = 0
+    schedule_steps = cfg.steps
+    schedule_fixed = cfg.time_budget is None  # with a budget, the schedule is fitted after a few steps
+    tokens_seen = 0
+    records: list[dict[str, Any]] = []
+    peak = cfg.peak_flops
+    if cfg.resume:
+        optimizer_from_flat(optimizer, saved_tensors, saved["optimizer"], cfg.out)
+        rng_from_flat(saved_tensors, saved["rng"])
+        loader.load_state_dict(saved["loader"])
+        step, tokens_seen = saved["step"], saved["tokens"]
+        schedule_steps, schedule_fixed = saved["schedule_steps"], True
+        if cfg.steps != saved["train_config"]["steps"]:
+            # The user extends (or shortens) the run: the remaining schedule changes shape.
+            schedule_steps = cfg.steps
+            echo(f"note: --steps {cfg.steps} differs from the saved run's {saved['train_config']['steps']}: the lr "
+                 "schedule is recomputed, so this is no longer the same run as an uninterrupted one")
+        records = _read_log(cfg.out / LOG_NAME, step)
+        peak = peak or saved.get("peak_flops")  # keep MFU comparable across sessions of one run
+    autocast_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    peak_note = "given by --peak-flops"
+    if peak is None:
+        peak = measure_peak_flops(autocast_dtype)
+        peak_note = (f"measured now: best of 3 {str(autocast_dtype).removeprefix('torch.')} 2048³ matmuls on "
+                     f"{threads} thread(s); pass --peak-flops to compare against a datasheet figure")
+    elif cfg.resume and cfg.peak_flops is None:
+        peak_note = "measured when the run started"
+    n_params, n_active = model.num_params(), model_cfg.active_params_per_token()
+    flops_per_token = 6 * n_active  # forward 2N + backward 4N per token (attention scores ignored)
+
+    echo(f"deploykit train: {model_cfg.variant} model, {n_params / 1e6:.2f}M params"
+         + (f" ({n_active / 1e6:.2f}M active)" if model_cfg.is_moe else "")
+         + f", vocab {tokenizer.vocab_size} (padded to {model_cfg.vocab_size}), {threads} thread(s)"
+         + (", bf16 autocast" if cfg.bf16 else ""))
+    echo(f"data: {train_blocks.shape[0]} train / {val_blocks.shape[0]} val blocks of {cfg.block_size} tokens "
+         f"({train_blocks.shape[0] * cfg.block_size / 1e6:.2f}M train tokens); {cfg.tokens_per_step} tokens/step")
+    echo(f"peak {peak / 1e9:.0f} GFLOP/s for MFU ({peak_note})")
+    if cfg.resume:
+        echo(f"resuming {cfg.out} at step {step}/{schedule_steps}")
+
+    # -- pieces of the loop ------------------------------------------------------------------------
+    live_log = cfg.resume  # OUT/train_log.jsonl is appended to only once OUT is one of our checkpoints
+
+    def emit(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        if live_log:
+            with open(cfg.out / LOG_NAME, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+    @torch.no_grad()
+    def evaluate() -> float | None:
+        if val_blocks.shape[0] == 0:
+            return None
+        model.eval()
+        total, count = 0.0, 0
+        for i, (x, y) in enumerate(eval_batches(val_blocks, cfg.batch_size)):  # (b, T) each
+            if cfg.eval_iters and i >= cfg.eval_iters:
+                break
+            with autocast():
+                logits = model(x)  # (b, T, V)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+        model.train()
+        return total / count
+
+    def save_checkpoint() -> None:
+        nonlocal live_log
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        rng_tensors, rng_meta = rng_to_flat()
+        meta = {
+            "step": step, "schedule_steps": schedule_steps, "tokens": tokens_seen,
+            "train_config": cfg.to_dict(), "loader": loader.state_dict(), "optimizer": opt_meta,
+            "rng": rng_meta, "data_hash": data_hash, "peak_flops": peak,
+        }
+        # One atomic replacement of OUT: the model files, then the training state, log and plot are
+        # written into the temporary folder; only a complete folder is renamed onto OUT.
+        with atomic_folder(cfg.out, overwrite=True) as tmp:
+            save_model(model, tmp, tokenizer, overwrite=True)
+            write_state(tmp, {**opt_tensors, **rng_tensors}, meta)
+            (tmp / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+            plot_loss(records, tmp / PLOT_NAME, title=f"{cfg.out.name}: {model_cfg.variant}, "
+                      f"{n_params / 1e6:.2f}M params, step {step}")
+        live_log = True
+
+    # -- the loop ----------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    deadline = None if cfg.time_budget is None else t_call + cfg.time_budget
+    bar = tqdm(total=schedule_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
+               file=sys.stderr, leave=True)
+    echo.bar = None if bar.disable else bar
+    stopped = "done"
+    last_loss: float | None = None
+    last_val: float | None = None
+    last_eval_step = last_save_step = step
+    loop_seconds, loop_tokens = 0.0, 0
+    step_times: list[float] = []
+    eval_seconds = 0.0
+    ema_tps: float | None = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        while step < schedule_steps:
+            if cfg.stop_at is not None and step >= cfg.stop_at:
+                stopped = "stop_at"
+                break
+            if deadline is not None and step_times:
+                # Stop cleanly if the next step (plus saving) would overrun the budget.
+                if time.perf_counter() + 1.5 * step_times[-1] + 2.0 > deadline:
+                    stopped = "time_budget"
+                    break
+            t0 = time.perf_counter()
+            lr = lr_at(step + 1, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps(schedule_steps),
+                       total=schedule_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ce_sum, aux_sum = 0.0, 0.0
+            counts: torch.Tensor | None = None  # (L, E) tokens per expert, summed over micro-batches
+            for _ in range(cfg.grad_accum):
+                x, y = next(loader)  # (B, T) inputs, (B, T) targets (already shifted by one)
+                with autocast():
+                    logits = model(x)  # (B, T, V)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32 log-softmax
+                loss = ce
+                if model_cfg.is_moe:
+                    aux = model.aux_loss()
+                    loss = ce + model_cfg.router_aux_coef * aux
+                    aux_sum += aux.item()
+                    c = model.expert_counts()
+                    counts = c if counts is None else counts + c
+                (loss / cfg.grad_accum).backward()  # mean over micro-batches = one big batch
+                ce_sum += ce.item()
+            # clip_grad_norm_ returns the pre-clip norm: logged, it shows spikes that clipping hid.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += cfg.tokens_per_step
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            loop_seconds += dt
+            loop_tokens += cfg.tokens_per_step
+            tps = cfg.tokens_per_step / dt
+            ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
+            last_loss = ce_sum / cfg.grad_accum
+            rec: dict[str, Any] = {
+                "kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": tokens_seen, "step_seconds": round(dt, 5), "tok_per_s": round(tps, 1),
+                "mfu": round(flops_per_token * tps / peak, 5), "elapsed": round(time.perf_counter() - t_call, 3),
+            }
+            if model_cfg.is_moe:
+                share = counts.sum(0).float() / counts.sum()  # (E,) share of routed assignments
+                rec["aux_loss"] = aux_sum / cfg.grad_accum
+                rec["expert_share"] = [round(s, 4) for s in share.tolist()]
+            emit(rec)
+            postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{ema_tps:,.0f}"}
+            if model_cfg.is_moe:
+                postfix["aux"] = f"{rec['aux_loss']:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+
+            if not schedule_fixed and len(step_times) >= 5:
+                schedule_steps = _fit_schedule(cfg, step, step_times, deadline)
+                schedule_fixed = True
+                bar.total = schedule_steps
+                bar.refresh()
+                echo(f"time budget {cfg.time_budget:.0f}s: {sum(step_times[1:]) / len(step_times[1:]):.2f}s/step, "
+                     f"schedule fixed at {schedule_steps} steps (warmup {cfg.warmup_steps(schedule_steps)})")
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < schedule_steps:
+                te = time.perf_counter()
+                last_val = evaluate()
+                eval_seconds += time.perf_counter() - te
+                last_eval_step = step
+                if last_val is not None:
+                    emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
+                    echo(f"step {step}: train loss {last_loss:.4f}, val loss {last_val:.4f}, "
+                         f"val ppl {math.exp(last_val):.2f}")
+            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < schedule_steps:
+                save_checkpoint()
+                last_save_step = step
+    finally:
+        bar.close()
+        echo.bar = None
+
+    # -- the end: eval, save, sample ---------------------------------------------------------------
+    if last_eval_step != step or last_val is None:
+        last_val = evaluate()
+        if last_val is not None:
+            emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
+    if last_save_step != step or not (cfg.out / "trainer_state.json").is_file():
+        save_checkpoint()
+    sample = _greedy_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
+    model.train()
+    if last_loss is None:  # nothing trained this call (resumed a finished run)
+        last_loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
+    tps = loop_tokens / loop_seconds if loop_seconds else 0.0
+    result = TrainResult(
+        out=cfg.out, steps=step, schedule_steps=schedule_steps, stopped=stopped, train_loss=last_loss,
+        val_loss=last_val, val_ppl=None if last_val is None else math.exp(last_val), tokens_per_second=tps,
+        mfu=flops_per_token * tps / peak, peak_flops=peak, params=n_params, active_params=n_active,
+        tokens=tokens_seen, seconds=time.perf_counter() - t_call, sample=sample)
+    why = {"done": "", "time_budget": " (time budget reached)", "stop_at": f" (stopped at step {cfg.stop_at})"}[stopped]
+    echo(f"done: step {step}/{schedule_steps}{why} in {result.seconds:.1f}s; {tps:,.0f} tok/s, "
+         f"MFU {result.mfu:.1%} of {peak / 1e9:.0f} GFLOP/s")
+    if last_val is not None:
+        echo(f"eval: val loss {last_val:.4f}, val perplexity {result.val_ppl:.2f}")
+    echo(f"sample (greedy): {cfg.sample_prompt}{sample}")
+    echo(f"checkpoint: {cfg.out}  (deploykit generate {cfg.out} --prompt \"...\")")
+    return result
+
+
+def _fit_schedule(cfg: TrainConfig, step: int, step_times: list[float], deadline: float | None) -> int:
+    """Steps that fit the time budget, fixed once so the cosine still ends at min_lr.
+
+    The first step of a process is slow (allocations, thread pool start), so it is left out of
+    the estimate. Evals are charged as forward-only passes (about 1/3 of a training micro-step each)
+    and a reserve is kept for the final eval, save and sample.
+    """
+    per_step = sum(step_times[1:]) / len(step_times[1:])
+    eval_per_step = 0.0
+    if cfg.eval_interval:
+        eval_per_step = (cfg.eval_iters or 50) * per_step / cfg.grad_accum / 3 / cfg.eval_interval
+    reserve = 3.0 + (cfg.eval_iters or 50) * per_step / cfg.grad_accum / 3
+    left = deadline - time.perf_counter() - reserve
+    fit = step + max(0, int(left / (per_step + eval_per_step)))
+    return max(step + 1, min(cfg.steps, fit))
+
+
+def _greedy_sample(model: CausalLM, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    from ..generation import generate
+
+    ids = tokenizer.encode(prompt, add_bos=True)
+    new = generate(model, ids, max_new_tokens, temperature=0.0)
+    return tokenizer.decode(new)
+
+
+__all__ = ["TrainConfig", "TrainResult", "pretrain", "ModelConfig"]
