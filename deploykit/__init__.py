@@ -1,4 +1,43 @@
-"""deploykit: train a small decoder-only LLM and ship it to every runtime, proving each step."""
+"""deploykit: train a small decoder-only LLM and ship it to every runtime, proving each step.
+
+Public API (stable names; everything else is reachable through the submodules)::
+
+    import deploykit
+    model = deploykit.load_model("runs/nano")                      # CausalLM from a checkpoint folder
+    result = deploykit.convert("runs/nano", "torch", "int8-dynamic", "artifacts/nano-int8")
+    runner = deploykit.load("artifacts/nano-int8")                 # the same Runner API for every backend
+    runner.generate("Once upon a time", max_new_tokens=32)
+
+Imports stay light: torch, numpy and pluggy only. Backends (onnx, transformers...) import their
+libraries when used, and are discovered through the ``deploykit.backends`` entry points on first use.
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .backend import Backend, ConvertContext, Runner, Scheme, Tolerance
+from .checkpoint import load_model, save_model
+from .config import ModelConfig, preset
+from .convert import ConvertResult, convert
+from .errors import (
+    ArtifactError,
+    BackendError,
+    BackendUnavailable,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeploykitError,
+    ParityError,
+    TargetExistsError,
+)
+from .generation import generate
+from .hookspecs import hookimpl
+from .model import CausalLM
+from .runtime import load
+
+__all__ = [
+    "ArtifactError", "Backend", "BackendError", "BackendUnavailable", "CausalLM", "CheckpointError", "ConfigError",
+    "ConvertContext", "ConvertResult", "DataError", "DeploykitError", "ModelConfig", "ParityError", "Runner",
+    "Scheme", "TargetExistsError", "Tolerance", "__version__", "convert", "generate", "hookimpl", "load",
+    "load_model", "preset", "save_model",
+]

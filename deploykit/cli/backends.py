@@ -1,0 +1,76 @@
+"""``deploykit backends``: every backend with its schemes, tolerances and availability, and broken plugins."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+EXAMPLES = """\
+examples:
+  deploykit backends                 # table: backend, schemes (default first), availability
+  deploykit backends --json          # for scripts: schemes with tolerances, missing requirements, plugin errors
+  DEPLOYKIT_TRACE_HOOKS=1 deploykit backends    # print every plugin hook call
+
+Backends come from plugins registered in the `deploykit.backends` entry-point group (deploykit's own
+torch and onnx backends included); install a plugin package and it appears here. See docs/plugins.md."""
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("backends", help="list backends, their schemes and whether they can run here",
+                       description="List every installed backend: schemes (the first is the default), each "
+                       "scheme's parity tolerance, platforms, availability with the reason when unavailable, "
+                       "and plugins that failed to load.", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def describe() -> dict:
+    from ..plugins import plugin_errors, registry
+
+    reg = registry()
+    rows = []
+    for name, be in sorted(reg.backends().items()):
+        try:
+            missing = list(be.missing_requirements())
+        except Exception as e:  # a requirement probe that crashes makes the backend unavailable, not the command
+            missing = [f"missing_requirements() raised {type(e).__name__}: {e}"]
+        rows.append({
+            "name": name, "description": be.description, "plugin": reg.plugin_of(name), "platforms": be.platforms,
+            "default_scheme": be.default_scheme, "available": not missing, "missing": missing,
+            "artifact_files": list(be.artifact_files),
+            "schemes": [{"name": s.name, "description": s.description, "tolerance": asdict(s.tolerance)}
+                        for s in be.schemes],
+        })
+    errors = [asdict(f) for f in plugin_errors()]
+    return {"backends": rows, "plugin_errors": errors}
+
+
+def run(args: argparse.Namespace) -> int:
+    data = describe()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="deploykit backends", title_justify="left")
+    for col in ("backend", "schemes (default first)", "platforms", "available", "plugin"):
+        table.add_column(col)
+    for row in data["backends"]:
+        avail = "[green]yes[/]" if row["available"] else "[red]no[/]: " + "; ".join(row["missing"])
+        table.add_row(row["name"], ", ".join(s["name"] for s in row["schemes"]), row["platforms"], avail, row["plugin"])
+    console = Console()
+    console.print(table)
+    tol = Table(title="parity tolerances (vs fp32 torch)", title_justify="left")
+    for col in ("backend/scheme", "max |Δlogit|", "mean KL", "top-1", "greedy match"):
+        tol.add_column(col, justify="left" if col == "backend/scheme" else "right")
+    for row in data["backends"]:
+        for s in row["schemes"]:
+            t = s["tolerance"]
+            tol.add_row(f"{row['name']}/{s['name']}", f"≤ {t['max_abs_logit']:g}", f"≤ {t['max_kl']:g}",
+                        f"≥ {t['min_top1']:g}", f"≥ {t['min_greedy_match']:g}")
+    console.print(tol)
+    for e in data["plugin_errors"]:
+        console.print(f"[red]broken plugin[/] {e['plugin']} ({e['source']}), at {e['stage']}: {e['error']}")
+    return 0

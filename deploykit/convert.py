@@ -1,0 +1,212 @@
+"""The convert contract: checkpoint -> artifact folder, proven against the fp32 torch model.
+
+deploykit owns everything around a backend's ``convert``: checking the backend can run here, the
+temporary folder and atomic rename, the tokenizer copy, loading the result through the backend's own
+runner, the parity proof and its tolerance, the manifest, and the ``deploykit_after_convert`` event.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import platform
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .artifact import MANIFEST_FORMAT, PICKLE_SUFFIXES, file_entries, write_manifest
+from .backend import ConvertContext
+from .errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError, TargetExistsError
+from .fsutil import atomic_folder, sha256_file
+from .parity import ParityReport, calibration_sequences, make_probes, run_parity
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    backend: str
+    quant: str
+    manifest: dict[str, Any]
+    report: ParityReport | None  # None with verify=False
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.report is None else self.report.passed()
+
+
+def _source_sha256(model: Any, folder: Path | None) -> str:
+    if folder is not None:
+        shards = sorted(folder.glob("model*.safetensors"))
+        if len(shards) == 1:
+            return sha256_file(shards[0])
+        h = hashlib.sha256()  # sharded: hash of the shards' hashes, in name order
+        for shard in shards:
+            h.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
+        return h.hexdigest()
+    # In-memory model: hash the serialized fp32 state, so the same weights give the same id.
+    import torch
+    from safetensors.torch import save
+
+    from .checkpoint import to_hf_state_dict
+
+    tensors = {k: v.to(torch.float32).contiguous() for k, v in to_hf_state_dict(model).items()}
+    return hashlib.sha256(save(tensors)).hexdigest()
+
+
+def _load_source(model: Any, tokenizer: Any) -> tuple[Any, Path | None, Any]:
+    import torch
+
+    from .checkpoint import load_model
+    from .model import CausalLM
+    from .runtime import load_tokenizer
+
+    if isinstance(model, CausalLM):
+        ref = copy.deepcopy(model).float().eval()
+        return ref, None, tokenizer
+    if isinstance(model, (str, Path)):
+        folder = Path(model)
+        ref = load_model(folder)
+        return ref, folder, tokenizer if tokenizer is not None else load_tokenizer(folder)
+    raise ConfigError(f"model must be a checkpoint folder or a deploykit CausalLM, got {type(model).__name__}",
+                      hint="pass the folder written by `deploykit train` / save_model, or a CausalLM instance"
+                      if not isinstance(model, torch.nn.Module) else "convert transformers models by saving them "
+                      "with save_pretrained and passing the folder")
+
+
+def _parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(options or {})
+    for key in out:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"option name {key!r} must be a non-empty string", hint="--option key=value")
+    return out
+
+
+def convert(
+    model: Any,
+    backend: str,
+    quant: str | None = None,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    allow_mismatch: bool = False,
+    calibration: list[list[int]] | None = None,
+    threads: int | None = None,
+    options: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert ``model`` (checkpoint folder or CausalLM) with ``backend``/``quant`` into the folder ``out``.
+
+    Raises BackendError (unknown backend/scheme, or the backend failed), BackendUnavailable (exit 4),
+    TargetExistsError (``out`` exists without ``force``), CheckpointError (bad source) and ParityError
+    (exit 3: the artifact is past its tolerance; pass ``allow_mismatch=True`` to keep it anyway, recorded
+    in the manifest). With ``verify=False`` no proof is run and the manifest says so.
+    """
+    from . import __version__
+    from .plugins import plugin_manager, registry
+
+    say = progress or (lambda message: None)
+    reg = registry()
+    be = reg.get_backend(backend)
+    scheme = be.scheme(quant)
+    plugin = reg.plugin_of(be.name)
+    missing = be.missing_requirements()
+    if missing:
+        raise BackendUnavailable(f"backend {be.name!r} cannot run here: {'; '.join(missing)}",
+                                 hint="install what is missing (the pip command is in the reason above), "
+                                 "or choose another backend: `deploykit backends`")
+    if out is None:
+        raise ConfigError("out is required: the artifact folder to write", hint="e.g. out='artifacts/nano-torch'")
+    out = Path(out)
+    if out.exists() and not force:  # fail before the slow part
+        raise TargetExistsError(f"{out} already exists", hint="pass --force (force=True) or choose another --out")
+    opts = _parse_options(options)
+
+    say("loading model")
+    ref, source, tok = _load_source(model, tokenizer)
+    cfg = ref.config
+    calib = calibration if calibration is not None else calibration_sequences(cfg, tok)
+    ctx = ConvertContext(source=source, tokenizer=tok, calibration=calib, threads=threads, options=opts, progress=say)
+    report: ParityReport | None = None
+    label = f"backend {be.name!r} (plugin {plugin!r})"
+
+    with atomic_folder(out, overwrite=force) as tmp:
+        if source is not None:
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+        elif tok is not None:
+            tok.save(tmp)
+        say(f"converting with {be.name}/{scheme.name}")
+        try:
+            # A deep copy: a backend that quantises or prunes in place must not touch the reference.
+            info = be.convert(copy.deepcopy(ref), scheme, tmp, ctx) or {}
+        except DeploykitError:
+            raise
+        except Exception as e:
+            raise BackendError(f"{label} failed while converting to {scheme.name}: {type(e).__name__}: {e}",
+                               hint="this is a bug in that plugin; rerun with --debug for the traceback and "
+                               "report it to the plugin's authors") from e
+        manifest: dict[str, Any] = {
+            "format_version": MANIFEST_FORMAT,
+            "backend": be.name,
+            "quant": scheme.name,
+            "plugin": plugin,
+            "scheme": {"name": scheme.name, "description": scheme.description, "tolerance": asdict(scheme.tolerance)},
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(source) if source is not None else None,
+                       "sha256": _source_sha256(ref, source), "parameters": ref.num_params()},
+            "versions": {"deploykit": __version__, "python": platform.python_version(), **_safe_versions(be)},
+            "model_config": cfg.to_dict(),
+            "tokenizer": (tmp / "tokenizer.json").is_file(),
+            "backend_info": info,
+        }
+        if verify:
+            say("verifying parity")
+            try:
+                runner = be.load(tmp, manifest, **({"threads": threads} if threads else {}))
+            except DeploykitError:
+                raise
+            except Exception as e:
+                raise BackendError(f"{label} wrote an artifact it cannot load: {type(e).__name__}: {e}",
+                                   hint="rerun with --debug and report it to the plugin's authors") from e
+            probes = make_probes(cfg, tok)
+            notes = tuple(n for n in (info.get("parity_note"),) if n)
+            report = run_parity(ref, runner, probes, backend=be.name, quant=scheme.name,
+                                tolerance=scheme.tolerance, notes=notes)
+            if not report.passed() and not allow_mismatch:
+                raise ParityError(
+                    f"{be.name}/{scheme.name} artifact is past its tolerance: {'; '.join(report.violations())}\n  "
+                    + "\n  ".join(report.per_probe_lines()),
+                    hint="nothing was written. Keep it anyway with --allow-mismatch (recorded in the manifest), "
+                    "or try another scheme") from None
+        files = file_entries(tmp)
+        pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        manifest.update({
+            "files": files,
+            "total_bytes": sum(f["bytes"] for f in files.values()),
+            "pickle_files": pickles,
+            "verified": verify,
+            "allow_mismatch": allow_mismatch,
+            "parity_passed": None if report is None else report.passed(),
+            "parity": None if report is None else report.to_dict(),
+        })
+        write_manifest(tmp, manifest)
+
+    try:
+        plugin_manager().hook.deploykit_after_convert(artifact=out, manifest=manifest)
+    except Exception as e:  # the artifact is complete and renamed; an observer failing must not undo it
+        warnings.warn(f"a deploykit_after_convert hook failed: {type(e).__name__}: {e}", stacklevel=2)
+    return ConvertResult(path=out, backend=be.name, quant=scheme.name, manifest=manifest, report=report)
+
+
+def _safe_versions(backend: Any) -> dict[str, str]:
+    try:
+        return {str(k): str(v) for k, v in backend.versions().items()}
+    except Exception as e:  # a version probe is informational; never fail a convert for it
+        return {"error": f"{type(e).__name__}: {e}"}

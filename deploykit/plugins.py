@@ -1,0 +1,249 @@
+"""The plugin manager: finds backends through the ``deploykit.backends`` entry-point group.
+
+Built on demand (``registry()`` is cached, nothing happens at import), the way pytest and datasette do
+it: hookspecs first, then deploykit's own loader plugin, then every entry point, then
+``check_pending()`` so a misspelt ``deploykit_*`` hook is rejected instead of silently ignored.
+
+Built-in backends (``torch``, ``onnx``) are entry points in deploykit's own pyproject.toml, exactly like a
+third-party package's. One broken plugin (import error, a raising ``deploykit_backends``, an invalid or
+duplicate backend) is recorded in ``plugin_errors()`` with its reason and the others stay usable.
+
+``DEPLOYKIT_TRACE_HOOKS=1`` prints every hook call and result to stderr (pluggy's tracing).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import BackendError
+
+if TYPE_CHECKING:
+    from .backend import Backend, Runner
+
+ENTRY_POINT_GROUP = "deploykit.backends"
+LOADER_PLUGIN_NAME = "deploykit.loader"
+TRACE_ENV = "DEPLOYKIT_TRACE_HOOKS"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be used, and why (shown by ``deploykit backends``)."""
+
+    plugin: str  # entry point name (or the name it was registered under)
+    source: str  # "module:attr" of the entry point, or the distribution
+    stage: str  # "import", "register", "deploykit_backends", "validate"
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} ({self.source}) failed at {self.stage}: {self.error}"
+
+
+class _BuiltinLoader:
+    """deploykit's own ``deploykit_load_artifact``: dispatch on ``manifest["backend"]`` (tried last)."""
+
+    def __init__(self, registry: PluginRegistry) -> None:
+        self._registry = registry
+
+    @hookspecs.hookimpl(trylast=True)
+    def deploykit_load_artifact(self, path: Path, manifest: dict[str, Any], options: dict[str, Any]) -> Runner | None:
+        backend = self._registry.get_backend(str(manifest.get("backend")))
+        return backend.load(Path(path), manifest, **options)
+
+
+class PluginRegistry:
+    """A pluggy PluginManager plus the backends its plugins provided. Build with :func:`registry`."""
+
+    def __init__(self, *, entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager("deploykit")
+        self.pm.add_hookspecs(hookspecs)
+        if os.environ.get(TRACE_ENV, "") not in ("", "0"):
+            self.pm.trace.root.setwriter(lambda line: sys.stderr.write(f"[deploykit hook] {line}"))
+            self.pm.enable_tracing()
+        self._lock = threading.RLock()
+        self._errors: list[PluginFailure] = []
+        self._sources: dict[str, str] = {}  # plugin name -> "module:attr"
+        self._backends: dict[str, Backend] | None = None
+        self._owners: dict[str, str] = {}  # backend name -> plugin name
+        self.pm.register(_BuiltinLoader(self), name=LOADER_PLUGIN_NAME)
+        if entry_points:
+            self._load_entry_points()
+
+    # -- registration ------------------------------------------------------------------------
+    def _load_entry_points(self) -> None:
+        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        seen: set[tuple[str, str]] = set()
+        # deploykit's own entry points first, so a third party cannot shadow "torch" by load order.
+        ordered = sorted(eps, key=lambda ep: (_dist_name(ep) != "deploykit", ep.name))
+        for ep in ordered:
+            if (ep.name, ep.value) in seen:  # editable installs can list one entry point twice
+                continue
+            seen.add((ep.name, ep.value))
+            try:
+                plugin = ep.load()
+            except Exception as e:  # a broken plugin must not take deploykit down with it
+                self._fail(ep.name, ep.value, "import", e)
+                continue
+            self.register(plugin, ep.name, source=ep.value)
+
+    def register(self, plugin: object, name: str, *, source: str | None = None) -> bool:
+        """Register a plugin object/module (tests and embedding apps; entry points use this too).
+
+        Returns False (and records the reason in ``plugin_errors()``) if pluggy rejects it.
+        """
+        source = source or getattr(plugin, "__name__", type(plugin).__name__)
+        with self._lock:
+            try:
+                self.pm.register(plugin, name=name)
+            except Exception as e:  # PluginValidationError, or ValueError for a duplicate name
+                self._fail(name, source, "register", e)
+                return False
+            try:
+                self.pm.check_pending()  # a deploykit_* function that matches no hookspec is a typo
+            except pluggy.PluginValidationError as e:
+                self.pm.unregister(name=name)
+                self._fail(name, source, "register", e)
+                return False
+            self._sources[name] = source
+            self._backends = None  # recollect on next use
+            return True
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if self.pm.get_plugin(name) is not None:
+                self.pm.unregister(name=name)
+            self._sources.pop(name, None)
+            self._errors = [f for f in self._errors if f.plugin != name]
+            self._backends = None
+
+    def _fail(self, name: str, source: str, stage: str, error: BaseException | str) -> None:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self._errors.append(PluginFailure(plugin=name, source=source, stage=stage, error=text))
+
+    # -- backends ----------------------------------------------------------------------------
+    def _collect(self) -> dict[str, Backend]:
+        from .backend import Backend
+
+        self._errors = [f for f in self._errors if f.stage in ("import", "register")]
+        backends: dict[str, Backend] = {}
+        self._owners = {}
+        names = [n for n, _ in self.pm.list_name_plugin() if n != LOADER_PLUGIN_NAME]
+        for name in names:
+            plugin = self.pm.get_plugin(name)
+            source = self._sources.get(name, name)
+            # Call each plugin's hook on its own: one raising plugin must not hide the others' backends.
+            others = [p for n, p in self.pm.list_name_plugin() if n != name]
+            try:
+                results = self.pm.subset_hook_caller("deploykit_backends", remove_plugins=others)()
+            except Exception as e:
+                self._fail(name, source, "deploykit_backends", e)
+                continue
+            for result in results:
+                items = result if isinstance(result, (list, tuple)) else [result]
+                for backend in items:
+                    problem = _validate(backend, Backend)
+                    if problem:
+                        self._fail(name, source, "validate", problem)
+                    elif backend.name in backends:
+                        self._fail(name, source, "validate",
+                                   f"backend name {backend.name!r} is already registered by plugin "
+                                   f"{self._owners[backend.name]!r}; plugin {name!r} must choose another name")
+                    else:
+                        backends[backend.name] = backend
+                        self._owners[backend.name] = name
+            del plugin
+        return backends
+
+    def backends(self) -> dict[str, Backend]:
+        with self._lock:
+            if self._backends is None:
+                self._backends = self._collect()
+            return dict(self._backends)
+
+    def get_backend(self, name: str) -> Backend:
+        found = self.backends()
+        if name not in found:
+            broken = [f.plugin for f in self.plugin_errors()]
+            hint = f"valid backends: {', '.join(sorted(found)) or '(none installed)'}"
+            if broken:
+                hint += f"; plugins that failed to load: {', '.join(broken)} (see `deploykit backends`)"
+            raise BackendError(f"unknown backend {name!r}", hint=hint)
+        return found[name]
+
+    def plugin_of(self, backend_name: str) -> str:
+        """The name of the plugin (entry point) that provides ``backend_name``."""
+        self.backends()
+        return self._owners.get(backend_name, "?")
+
+    def plugin_errors(self) -> list[PluginFailure]:
+        self.backends()
+        return list(self._errors)
+
+
+def _validate(backend: Any, base: type) -> str | None:
+    """Why ``backend`` cannot be used, or None. Checked once at collection, not on every call."""
+    if not isinstance(backend, base):
+        return f"deploykit_backends returned {backend!r}, not a deploykit.backend.Backend instance"
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        return f"backend name {name!r} must be short and lowercase (letters, digits, '-', '_')"
+    schemes = getattr(backend, "schemes", ())
+    if not schemes:
+        return f"backend {name!r} declares no schemes (the first one is its default)"
+    scheme_names = [s.name for s in schemes]
+    if len(set(scheme_names)) != len(scheme_names):
+        return f"backend {name!r} declares a scheme twice: {scheme_names}"
+    return None
+
+
+def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return (dist.metadata["Name"] or "").lower() if dist is not None else ""
+
+
+_REGISTRY: PluginRegistry | None = None
+_REGISTRY_LOCK = threading.Lock()
+
+
+def registry() -> PluginRegistry:
+    """The process-wide registry, built on first use (never at import)."""
+    global _REGISTRY
+    with _REGISTRY_LOCK:
+        if _REGISTRY is None:
+            _REGISTRY = PluginRegistry()
+        return _REGISTRY
+
+
+def reset() -> None:
+    """Forget the registry so the next call rediscovers entry points (after installing a plugin)."""
+    global _REGISTRY
+    with _REGISTRY_LOCK:
+        _REGISTRY = None
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    return registry().pm
+
+
+def backends() -> dict[str, Backend]:
+    """Every usable backend by name."""
+    return registry().backends()
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; BackendError listing the valid names otherwise."""
+    return registry().get_backend(name)
+
+
+def plugin_errors() -> list[PluginFailure]:
+    """Plugins that failed to import, register or provide valid backends, with the reason."""
+    return registry().plugin_errors()

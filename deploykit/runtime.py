@@ -1,0 +1,127 @@
+"""One runtime API for serving code: ``deploykit.load(path) -> Runner``, whatever made the folder.
+
+- An artifact folder (has ``deploykit.json``): the manifest is verified (every file's sha256), then the
+  ``deploykit_load_artifact`` hook opens it; deploykit's built-in implementation, tried last, asks the
+  backend named in the manifest.
+- A checkpoint folder (``config.json`` + safetensors, deploykit's or transformers'): a
+  :class:`CheckpointRunner` over the fp32 CausalLM with its KV cache.
+
+:class:`ModelRunner` (a Runner over any CausalLM-shaped torch module) is public so that torch-based
+backends reuse it instead of writing their own forward/session/thread-safety code.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .artifact import HOW_TO_MAKE, MANIFEST_NAME, read_manifest, verify
+from .backend import Runner, as_int64_batch
+from .errors import ArtifactError, ConfigError
+from .generation import TorchSession
+
+# Files that make a folder a checkpoint rather than an artifact missing its manifest.
+_CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "training_state.json"}
+
+_THREADS_LOCK = threading.Lock()
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op thread count is process-wide: setting it for one runner sets it for all."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads={threads!r} must be a positive integer", hint="e.g. threads=2")
+    with _THREADS_LOCK:
+        torch.set_num_threads(threads)
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, or None when it has no tokenizer.json."""
+    if not (Path(folder) / "tokenizer.json").is_file():
+        return None
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.load(folder)
+
+
+class ModelRunner(Runner):
+    """A Runner over a torch module with the CausalLM interface (``model(ids, kv_cache=)``, ``new_cache``).
+
+    Thread safety: the module's weights are only read; each call builds its own tensors and each decode
+    session owns its KV cache, so concurrent calls need no lock. (MoE layers record routing statistics
+    of their last forward; those are last-writer-wins and never feed the outputs.)
+    """
+
+    def __init__(self, model: torch.nn.Module, *, tokenizer: Any = None, info: dict[str, Any]) -> None:
+        self.model = model.eval()
+        cfg = model.config
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.max_length = cfg.max_seq_len
+        self.config = cfg
+        self.info = {"kv_cache": True, "vocab_size": cfg.vocab_size, "max_length": cfg.max_seq_len, **info}
+
+    def forward(self, input_ids: Any) -> np.ndarray:
+        ids = as_int64_batch(input_ids)
+        if ids.shape[1] > self.max_length:
+            raise ConfigError(f"input length {ids.shape[1]} exceeds the model's max_seq_len={self.max_length}",
+                              hint="truncate the input")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ConfigError(f"input_ids must be in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(ids))  # (B, T, V)
+        return logits.float().numpy()
+
+    def new_session(self) -> TorchSession:
+        return TorchSession(self.model)
+
+
+class CheckpointRunner(ModelRunner):
+    """A checkpoint folder run directly by deploykit's fp32 graph (the reference every artifact meets)."""
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, threads: int | None = None, **options: Any) -> CheckpointRunner:
+        from .checkpoint import load_model
+
+        if options:
+            raise ConfigError(f"unknown option(s) for a checkpoint folder: {', '.join(sorted(options))}",
+                              hint="checkpoint folders accept: threads")
+        set_threads(threads)
+        folder = Path(folder)
+        model = load_model(folder)
+        return cls(model, tokenizer=load_tokenizer(folder),
+                   info={"backend": "checkpoint", "quant": "fp32", "path": str(folder),
+                         "parameters": model.num_params(), "threads": torch.get_num_threads()})
+
+
+def load(path: str | Path, *, verify_files: bool = True, **options: Any) -> Runner:
+    """Open an artifact or checkpoint folder as a Runner.
+
+    ``verify_files=False`` skips hashing the artifact's files (the manifest is still read).
+    ``options`` go to the backend (e.g. ``threads=2``, ``trust_pickle=True``).
+    """
+    from .plugins import plugin_manager
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such folder", hint="pass an artifact folder (deploykit convert --out) "
+                            "or a checkpoint folder (config.json + model.safetensors)")
+    if (path / MANIFEST_NAME).is_file():
+        manifest = verify(path) if verify_files else read_manifest(path)
+        runner = plugin_manager().hook.deploykit_load_artifact(path=path, manifest=manifest, options=dict(options))
+        if runner is None:
+            raise ArtifactError(f"{path}: no plugin could load a {manifest.get('backend')!r} artifact",
+                                hint="install the plugin that provides this backend (see `deploykit backends`)")
+        return runner
+    present = {p.name for p in path.iterdir()}
+    foreign = sorted(n for n in present - _CHECKPOINT_FILES if not n.startswith("."))
+    if "config.json" in present and not foreign:
+        return CheckpointRunner.from_folder(path, **options)
+    what = f"it holds {', '.join(foreign[:5])}" if foreign else "it is empty" if not present else "it has no config.json"
+    raise ArtifactError(f"{path}: not a deploykit artifact (no {MANIFEST_NAME}) and not a checkpoint folder ({what})",
+                        hint=f"{HOW_TO_MAKE}; a manifest cannot be recreated by hand — convert again")
