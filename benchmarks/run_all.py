@@ -1,0 +1,112 @@
+"""Regenerate benchmarks/results/: bench the standard models across every backend available here.
+
+    .venv/bin/python benchmarks/run_all.py                 # micro and micro-moe (what `make bench` runs)
+    .venv/bin/python benchmarks/run_all.py --models small  # the slow one
+    .venv/bin/python benchmarks/run_all.py --models micro --repeat 3 --results /tmp/bench
+
+Each model needs a trained checkpoint: ``runs/<model>`` is reused when it exists, otherwise it is
+trained briefly first with ``deploykit train --preset <model> --data embedded --steps N``. Reports
+(report.md, report.png, results.json, results.csv) go to ``benchmarks/results/<model>/`` and the
+summary tables into ``benchmarks/README.md`` between the RESULTS markers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDARD = ("micro", "micro-moe")
+# Brief training budgets: enough for the model to learn the corpus' shape, so quantization error
+# shows up in perplexity and task accuracy the way it does on real models (random weights exaggerate it).
+DEFAULT_STEPS = {"micro": 600, "micro-moe": 600, "small": 1500, "small-moe": 1500}
+BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+
+
+def ensure_checkpoint(model: str, runs: Path, steps: int | None, threads: int) -> Path:
+    """``runs/<model>`` if it holds a checkpoint, else train one (``deploykit train``) and return it."""
+    ckpt = runs / model
+    if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
+        print(f"[{model}] reusing checkpoint {ckpt}", flush=True)
+        return ckpt
+    n = steps or DEFAULT_STEPS.get(model, 600)
+    cmd = [sys.executable, "-m", "deploykit", "train", "--preset", model, "--data", "embedded",
+           "--steps", str(n), "--out", str(ckpt)]
+    print(f"[{model}] training: {' '.join(cmd[2:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, check=True, env=env)
+    return ckpt
+
+
+def update_readme(readme: Path, results_dir: Path, models: list[str]) -> None:
+    """Replace the block between the RESULTS markers with each model's summary table."""
+    import json
+
+    from deploykit.bench.machine import describe
+    from deploykit.bench.report import seed_table
+
+    parts = [BEGIN, ""]
+    for model in models:
+        path = results_dir / model / "results.json"
+        if not path.is_file():
+            continue
+        results = json.loads(path.read_text())
+        rel = Path(os.path.relpath(path.parent, readme.parent))
+        parts += [f"### `{model}` — {results['model']['params']:,} parameters", "",
+                  f"{describe(results['machine'])}; measured {results['created']}. "
+                  f"Full table: [{rel}/report.md]({rel}/report.md).", "",
+                  seed_table(results), "", f"![{model}: decode tokens/s vs size]({rel}/report.png)", ""]
+    parts.append(END)
+    text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(head + "\n".join(parts) + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deploykit.bench.machine import available_cpus
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(STANDARD), help="comma-separated presets (default micro,micro-moe)")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where checkpoints are reused or trained (default runs/)")
+    p.add_argument("--steps", type=int, default=None, help="training steps when a checkpoint must be trained")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="report root")
+    p.add_argument("--threads", type=int, default=available_cpus())
+    p.add_argument("--backends", default="all")
+    p.add_argument("--schemes", default="all")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=64)
+    args = p.parse_args(argv)
+
+    from rich.console import Console
+
+    from deploykit.bench import BenchConfig, run_bench
+    from deploykit.bench.report import rich_table
+    from deploykit.cli.bench import _RichReporter
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    console = Console()
+    for model in models:
+        ckpt = ensure_checkpoint(model, args.runs, args.steps, args.threads)
+        cfg = BenchConfig(model=ckpt, out=args.results / model, threads=args.threads,
+                          backends=tuple(args.backends.split(",")), schemes=tuple(args.schemes.split(",")),
+                          repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len)
+        reporter = _RichReporter(Console(stderr=True))
+        try:
+            results = run_bench(cfg, reporter)
+        finally:
+            if reporter.task is not None:
+                reporter.stop()
+        console.print(rich_table(results))
+        console.print(f"[{model}] {results['outputs']['md']}")
+    update_readme(ROOT / "benchmarks" / "README.md", args.results, models)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The artifact cache: converting every scheme takes minutes, re-benching should not.
+
+An artifact is reused only when everything that could change it is unchanged: the source checkpoint's
+bytes, the backend and scheme, the backend's library versions and deploykit's own version. Those go
+into one key; the artifact lives at ``CACHE/<model>-<source sha[:12]>/<backend>-<scheme>-<key[:12]>``.
+A changed checkpoint hashes differently and so can never hit an old artifact; stale entries are left
+for the user to delete (``rm -r ~/.cache/deploykit/artifacts``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..fsutil import sha256_file
+
+CACHE_ENV = "DEPLOYKIT_CACHE"
+MANIFEST = "deploykit.json"
+KEY_VERSION = 1  # bump when the key's contents change meaning
+
+# Files of a checkpoint folder that determine the model (weights, config, tokenizer); others such as
+# loss curves or training logs do not invalidate artifacts.
+_SOURCE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "deploykit" / "artifacts"
+
+
+def source_sha256(folder: Path) -> str:
+    """One digest over the files that define a checkpoint: its weights, config and tokenizer."""
+    names = [n for n in _SOURCE_FILES if (folder / n).is_file()]
+    names += sorted(p.name for p in folder.glob("*.safetensors"))
+    if (folder / "model.safetensors.index.json").is_file():
+        names.append("model.safetensors.index.json")
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(f"{name}\0{sha256_file(folder / name)}\n".encode())
+    return h.hexdigest()
+
+
+def artifact_key(source_sha: str, backend: str, scheme: str, versions: dict[str, str]) -> str:
+    from .. import __version__
+
+    payload = {"key_version": KEY_VERSION, "source_sha256": source_sha, "backend": backend, "scheme": scheme,
+               "backend_versions": dict(sorted(versions.items())), "deploykit": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def artifact_path(cache: Path, model_name: str, source_sha: str, backend: str, scheme: str, key: str) -> Path:
+    return cache / f"{model_name}-{source_sha[:12]}" / f"{backend}-{scheme}-{key[:12]}"
+
+
+def read_manifest(artifact: Path) -> dict[str, Any] | None:
+    """The artifact's manifest, or None when the folder is missing or incomplete (then: rebuild)."""
+    try:
+        return json.loads((artifact / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# Files every artifact carries besides the model itself; they are not counted in its size.
+NON_MODEL_FILES = frozenset({MANIFEST, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                             "generation_config.json"})
+
+
+def model_bytes(artifact: Path) -> int:
+    """Bytes of the files that hold the model (weights, graphs, configs); manifest and tokenizer excluded."""
+    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file() and p.name not in NON_MODEL_FILES)

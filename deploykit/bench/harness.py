@@ -1,0 +1,347 @@
+"""Orchestration of ``deploykit bench``: plan the rows, convert (or reuse), measure each in a subprocess,
+derive ratios against fp32 torch, and write the reports.
+
+Reading order: the config → planning rows → running one subprocess → one row → the whole bench.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import BackendError, ConfigError
+from . import cache
+from .machine import ALLOCATOR_ENV, available_cpus, library_versions, load_average, machine_info
+from .schema import COLUMN_NAMES, SCHEMA_VERSION, empty_row
+
+BASELINE = ("torch", "fp32")  # the first row, always: every ratio and delta is against it
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a bench run depends on; validated on construction (errors name the option)."""
+
+    model: Path
+    out: Path
+    backends: tuple[str, ...] | None = None  # None: every registered backend
+    schemes: tuple[str, ...] | None = None  # None: every scheme; items "scheme" or "backend:scheme"
+    prompt_len: int = 128
+    gen_len: int = 64
+    batch: int = 1
+    threads: int = field(default_factory=available_cpus)
+    repeat: int = 10
+    warmup: int = 2
+    eval_data: str | None = None
+    eval_tokens: int = 2048
+    n_tasks: int = 60
+    cache_dir: Path = field(default_factory=cache.default_cache_dir)
+    use_cache: bool = True
+    timeout_s: float = 1200.0  # per subprocess (one conversion or one measurement)
+    keep_work: bool = False  # keep the temporary folder with inputs, specs and worker logs
+
+    def __post_init__(self) -> None:
+        for name, low in (("prompt_len", 1), ("gen_len", 1), ("batch", 1), ("threads", 1), ("repeat", 1),
+                          ("warmup", 0), ("eval_tokens", 16), ("n_tasks", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= {low}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"--timeout {self.timeout_s} must be > 0 seconds")
+        if not (self.model / "config.json").is_file():
+            raise ConfigError(f"{self.model}: not a checkpoint folder (no config.json)",
+                              hint="pass the folder written by `deploykit train` (e.g. runs/micro)")
+
+
+class Reporter(Protocol):
+    """Progress callbacks; the CLI draws them with rich, tests pass nothing."""
+
+    def start(self, total: int) -> None: ...
+    def stage(self, index: int, label: str, stage: str) -> None: ...
+    def done(self, index: int, row: dict[str, Any]) -> None: ...
+
+
+class _Silent:
+    def start(self, total: int) -> None: pass
+    def stage(self, index: int, label: str, stage: str) -> None: pass
+    def done(self, index: int, row: dict[str, Any]) -> None: pass
+
+
+# -- planning ------------------------------------------------------------------------------------------
+@dataclass
+class Planned:
+    backend: str
+    scheme: str
+    reason: str | None = None  # set: the row is unavailable
+
+
+def _registered() -> dict[str, Any]:
+    from .. import plugins
+
+    return plugins.backends()
+
+
+def plan_rows(registered: dict[str, Any], backends: tuple[str, ...] | None,
+              schemes: tuple[str, ...] | None) -> list[Planned]:
+    """Rows in table order: fp32 torch first, then each backend's schemes in its declared order."""
+    if BASELINE[0] not in registered:
+        raise BackendError("the torch backend is not registered; bench needs it for the fp32 baseline row",
+                           hint="reinstall deploykit (`pip install -e .`) so its built-in backends are registered")
+    names = list(registered) if backends is None or backends == ("all",) else list(backends)
+    unknown = [b for b in names if b not in registered]
+    if unknown:
+        raise BackendError(f"unknown backend(s) {', '.join(unknown)} in --backends",
+                           hint=f"valid: all, {', '.join(sorted(registered))}")
+    wanted: dict[str, list[str]] = {b: [] for b in names}
+    if schemes is None or schemes == ("all",):
+        for b in names:
+            wanted[b] = [s.name for s in registered[b].schemes]
+    else:
+        for item in schemes:
+            b, _, s = item.rpartition(":")
+            targets = [b] if b else names
+            if b and b not in wanted:
+                raise ConfigError(f"--schemes {item!r}: backend {b!r} is not among --backends {','.join(names)}",
+                                  hint=f"add it to --backends or write just {s!r}")
+            offered = [t for t in targets if s in {x.name for x in registered[t].schemes}]
+            if not offered:
+                valid = sorted({f"{t}:{x.name}" for t in targets for x in registered[t].schemes})
+                raise ConfigError(f"--schemes {item!r}: no selected backend offers scheme {s!r}",
+                                  hint=f"valid: {', '.join(valid)}")
+            for t in offered:
+                if s not in wanted[t]:
+                    wanted[t].append(s)
+    # Backends in a stable order: torch first, then by name; schemes in the backend's own order.
+    order = sorted(wanted, key=lambda b: (b != BASELINE[0], b))
+    rows = [Planned(*BASELINE)]
+    for b in order:
+        declared = [x.name for x in registered[b].schemes]
+        chosen = sorted(wanted[b], key=declared.index)
+        try:
+            missing = list(registered[b].missing_requirements())
+        except Exception as e:  # a broken plugin must not take the other rows down
+            missing = [f"missing_requirements() raised {type(e).__name__}: {e}"]
+        if missing:
+            if chosen:
+                rows.append(Planned(b, ",".join(chosen), reason="; ".join(missing)))
+            continue
+        rows += [Planned(b, s) for s in chosen if (b, s) != BASELINE]
+    return rows
+
+
+# -- subprocesses -----------------------------------------------------------------------------------------
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of every worker: identical allocator settings and thread counts for every row."""
+    env = dict(os.environ)
+    env.update(ALLOCATOR_ENV)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_worker(spec: dict[str, Any], work: Path, name: str, timeout_s: float, threads: int) -> dict[str, Any]:
+    """Run ``deploykit.bench.worker`` on ``spec``; a crash, timeout or exception becomes {"ok": False, ...}."""
+    spec_path, log_path, result_path = work / f"{name}.spec.json", work / f"{name}.log", work / f"{name}.result.json"
+    spec = {**spec, "result": str(result_path)}
+    spec_path.write_text(json.dumps(spec, indent=1))
+    result_path.unlink(missing_ok=True)
+    with open(log_path, "wb") as log:
+        # A session of its own, so a timeout can end the worker and anything it started, and nothing else.
+        proc = subprocess.Popen([sys.executable, "-m", "deploykit.bench.worker", str(spec_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=worker_env(threads),
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"ok": False, "error": f"timed out after {timeout_s:.0f} s (raise --timeout if it is just slow)",
+                    "log": str(log_path)}
+    if result_path.is_file():
+        return {**json.loads(result_path.read_text()), "log": str(log_path)}
+    tail = _tail(log_path)
+    detail = _tail(log_path, lines=20, sep="\n")
+    if rc < 0:
+        what = f"worker crashed ({signal.Signals(-rc).name})"
+    else:
+        what = f"worker exited with code {rc} without a result"
+    return {"ok": False, "error": f"{what}{': ' + tail if tail else ''}", "log": str(log_path), "traceback": detail}
+
+
+def _tail(path: Path, lines: int = 1, sep: str = " | ") -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return sep.join(line.rstrip() for line in text[-lines:])
+
+
+# -- one row --------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    cfg: BenchConfig
+    registered: dict[str, Any]
+    source_sha: str
+    model_name: str
+    work: Path
+    reporter: Reporter
+
+
+def ensure_artifact(ctx: Context, backend: str, scheme: str, index: int = 0) -> tuple[Path, dict[str, Any]]:
+    """The cached artifact for (backend, scheme), converting it in a worker when missing.
+
+    Returns the folder and {"cached": bool, "convert_s": float | None} or {"ok": False, "error": ...}.
+    """
+    versions = _backend_versions(ctx.registered[backend])
+    key = cache.artifact_key(ctx.source_sha, backend, scheme, versions)
+    artifact = cache.artifact_path(ctx.cfg.cache_dir, ctx.model_name, ctx.source_sha, backend, scheme, key)
+    if ctx.cfg.use_cache and cache.read_manifest(artifact) is not None:
+        return artifact, {"ok": True, "cached": True, "convert_s": None}
+    ctx.reporter.stage(index, f"{backend}/{scheme}", "converting")
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"phase": "convert", "backend": backend, "scheme": scheme, "source": str(ctx.cfg.model),
+            "artifact": str(artifact), "threads": ctx.cfg.threads}
+    result = run_worker(spec, ctx.work, f"{index:02d}-{backend}-{scheme}-convert", ctx.cfg.timeout_s, ctx.cfg.threads)
+    if result["ok"] and cache.read_manifest(artifact) is None:
+        result = {"ok": False, "error": f"convert reported success but wrote no manifest in {artifact}"}
+    return artifact, {**result, "cached": False}
+
+
+def _backend_versions(backend: Any) -> dict[str, str]:
+    try:
+        return {str(k): str(v) for k, v in backend.versions().items()}
+    except Exception as e:  # noqa: BLE001 - an unknown version just means no reuse across it
+        return {"versions_error": f"{type(e).__name__}: {e}"}
+
+
+def _parity_verdict(manifest: dict[str, Any]) -> bool | None:
+    """The manifest's verdict against the scheme's tolerance (None: conversion was not verified)."""
+    verdict = manifest.get("parity_passed")
+    return verdict if isinstance(verdict, bool) else None
+
+
+def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Convert (or reuse) and measure one row; never raises for a failure of the backend itself."""
+    from .inputs import score_tasks
+
+    row = empty_row(planned.backend, planned.scheme)
+    backend = ctx.registered[planned.backend]
+    row["platform"] = getattr(backend, "platforms", None)
+    if planned.reason is not None:
+        row.update(status="unavailable", reason=planned.reason)
+        return row
+    artifact, conv = ensure_artifact(ctx, planned.backend, planned.scheme, index)
+    row.update(cached=conv["cached"], convert_s=conv.get("convert_s"), artifact=str(artifact))
+    if not conv["ok"]:
+        row.update(status="error", reason=f"convert: {conv['error']}", error_detail=conv.get("traceback"))
+        return row
+    manifest = cache.read_manifest(artifact) or {}
+    row.update(size_bytes=cache.model_bytes(artifact), convert_parity_ok=_parity_verdict(manifest))
+    row["convert_parity"] = manifest.get("parity")
+
+    ctx.reporter.stage(index, f"{planned.backend}/{planned.scheme}", "measuring")
+    spec = {"phase": "measure", "backend": planned.backend, "scheme": planned.scheme, "artifact": str(artifact),
+            "threads": ctx.cfg.threads, "repeat": ctx.cfg.repeat, "warmup": ctx.cfg.warmup,
+            "inputs": str(ctx.work / "inputs.npz"), "tasks": str(ctx.work / "tasks.json")}
+    result = run_worker(spec, ctx.work, f"{index:02d}-{planned.backend}-{planned.scheme}-measure",
+                        ctx.cfg.timeout_s, ctx.cfg.threads)
+    if not result["ok"]:
+        row.update(status="error", reason=f"measure: {result['error']}", error_detail=result.get("traceback"))
+        return row
+    completions = result.pop("task_completions", [])
+    extra = result.pop("extra", {}) or {}
+    for key in ("ok", "log", "traceback"):
+        result.pop(key, None)
+    row.update(result)
+    if tasks:
+        scores = score_tasks(tasks, completions, tokenizer)
+        row["task_accuracy"] = scores.pop("overall")
+        row["task_accuracy_by_kind"] = scores
+    # Plugin metrics join the row, but never overwrite a measured column.
+    row.update({(k if k not in COLUMN_NAMES else f"plugin_{k}"): v for k, v in extra.items()})
+    row["extra_columns"] = sorted(k if k not in COLUMN_NAMES else f"plugin_{k}" for k in extra)
+    return row
+
+
+# -- derived columns ----------------------------------------------------------------------------------------
+def derive(rows: list[dict[str, Any]], params: int) -> None:
+    """Ratios and deltas against the first row (fp32 torch), in place."""
+    base = rows[0]
+    ok = base.get("status") == "ok"
+
+    def ratio(value: Any, ref: Any) -> float | None:
+        return value / ref if ok and value is not None and ref else None
+
+    for row in rows:
+        if row.get("size_bytes") is not None:
+            row["bits_per_weight"] = 8 * row["size_bytes"] / params
+        row["size_ratio"] = ratio(row.get("size_bytes"), base.get("size_bytes"))
+        row["prefill_speedup"] = ratio(row.get("prefill_tok_s"), base.get("prefill_tok_s"))
+        row["decode_speedup"] = ratio(row.get("decode_tok_s"), base.get("decode_tok_s"))
+        r = ratio(row.get("perplexity"), base.get("perplexity"))
+        row["ppl_delta_pct"] = None if r is None else 100.0 * (r - 1.0)
+        if ok and row.get("task_accuracy") is not None and base.get("task_accuracy") is not None:
+            row["task_accuracy_delta"] = 100.0 * (row["task_accuracy"] - base["task_accuracy"])
+    from .report import best_for
+
+    for row, tags in zip(rows, best_for(rows)):
+        row["best_for"] = tags
+
+
+# -- the whole bench ------------------------------------------------------------------------------------------
+def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run the bench and write results.json, results.csv, report.md and report.png into ``cfg.out``."""
+    from ..tokenizer import Tokenizer
+    from .inputs import InputSpec, prepare_inputs
+    from .report import write_reports
+
+    reporter = reporter or _Silent()
+    started = time.time()
+    registered = _registered()
+    planned = plan_rows(registered, cfg.backends, cfg.schemes)
+    source = cfg.model.resolve()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=cfg.out))
+    try:
+        machine = machine_info(cfg.threads)  # before measuring: its load average is the "start" one
+        reporter.start(len(planned))
+        reporter.stage(0, "inputs", "preparing held-out text, tasks and the fp32 reference")
+        ref = prepare_inputs(source, InputSpec(cfg.prompt_len, cfg.gen_len, cfg.batch, cfg.eval_tokens,
+                                               cfg.n_tasks, cfg.eval_data), work)
+        tasks = json.loads((work / "tasks.json").read_text())
+        tokenizer = Tokenizer.load(source)
+        ctx = Context(cfg, registered, cache.source_sha256(source), source.name, work, reporter)
+        rows: list[dict[str, Any]] = []
+        for i, p in enumerate(planned):
+            rows.append(bench_row(ctx, p, i, tokenizer, tasks))
+            reporter.done(i, rows[-1])
+        derive(rows, ref["params"])
+        results = {
+            "schema_version": SCHEMA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "wall_s": None,
+            "model": {"path": str(source), "name": source.name, "sha256": ctx.source_sha, **ref},
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                         if k not in ("model", "out", "keep_work")},
+            "machine": machine,
+            "versions": library_versions({f"backend:{b}": json.dumps(_backend_versions(be), sort_keys=True)
+                                          for b, be in registered.items()}),
+            "columns": list(COLUMN_NAMES),
+            "rows": rows,
+        }
+        results["machine"]["load_average_end"] = load_average()
+        results["wall_s"] = time.time() - started
+        results["outputs"] = {k: str(v) for k, v in write_reports(results, cfg.out).items()}
+        return results
+    finally:
+        if not cfg.keep_work:
+            shutil.rmtree(work, ignore_errors=True)

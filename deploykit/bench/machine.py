@@ -1,0 +1,127 @@
+"""What machine a benchmark ran on: CPU model and flags, cores, threads, memory, library versions.
+
+Every bench report carries this block, because a speed table means nothing without it: the same
+int8 artifact is 4x faster on a CPU with AVX-512 VNNI than on one with AVX2 only.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# /proc/cpuinfo flags worth a line in a report: they decide which int8/bf16 kernels can run.
+CPU_FLAGS: tuple[str, ...] = (
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+    "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+)
+
+# Libraries whose versions change measurements; missing ones are simply left out.
+LIBRARIES: tuple[str, ...] = (
+    "deploykit", "torch", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "safetensors",
+    "tokenizers", "torchao", "llama_cpp_python", "gguf", "tensorflow-cpu", "coremltools",
+)
+
+# glibc returns large freed blocks to the OS, so the next call page-faults them back in; with these
+# thresholds every worker keeps its memory and timings measure kernels, not page faults
+# (see /work/shared/FACTS.md "Page faults decide benchmarks"). Set identically for every row.
+ALLOCATOR_ENV: dict[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": "1073741824",
+    "MALLOC_TRIM_THRESHOLD_": "2147483648",
+}
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS/Windows
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """1-minute load average: other processes on the cores make timings meaningless, so record it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(info: dict[str, Any]) -> str | None:
+    """A sentence for reports when the machine was busy while measuring, else None."""
+    loads = [x for x in (info.get("load_average_start"), info.get("load_average_end")) if x is not None]
+    cpus = info.get("available_cpus") or 1
+    if loads and max(loads) > 0.5 * cpus + 0.5:
+        return (f"the machine was busy while measuring (1-min load average up to {max(loads):.1f} on {cpus} CPUs): "
+                "other processes competed for the cores, so absolute speeds are unreliable; rerun on an idle machine")
+    return None
+
+
+def library_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    versions.update(extra or {})
+    return dict(sorted(versions.items()))
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    path = Path("/proc/cpuinfo")
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    return model, flags
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """The machine block of results.json."""
+    import psutil
+
+    model, flags = _cpuinfo()
+    info: dict[str, Any] = {
+        "cpu_model": model,
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cpus": psutil.cpu_count(logical=True),
+        "available_cpus": available_cpus(),
+        "threads": threads,
+        "memory_bytes": psutil.virtual_memory().total,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "allocator_env": dict(ALLOCATOR_ENV),
+        "load_average_start": load_average(),
+    }
+    # The native extension's own cpuid report, when built: it is what the native kernels dispatch on.
+    try:
+        from deploykit import native
+
+        if native.available():
+            info["native_cpu_features"] = native.cpu_features()
+        else:
+            info["native_cpu_features"] = {"unavailable": native.unavailable_reason()}
+    except Exception as e:  # the native package may be mid-rebuild; the report must still be written
+        info["native_cpu_features"] = {"unavailable": f"{type(e).__name__}: {e}"}
+    return info
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for report headers: 'AMD EPYC, 2 CPUs, 2 threads, AVX2, no AVX-512 VNNI'."""
+    flags = info.get("cpu_flags", {})
+    isa = ["AVX-512 VNNI" if flags.get("avx512_vnni") else None, "AVX-512 BF16" if flags.get("avx512_bf16") else None,
+           "AMX" if flags.get("amx_tile") else None, "AVX2" if flags.get("avx2") else None]
+    shown = ", ".join(x for x in isa if x) or "no AVX2"
+    if not flags.get("avx512_vnni"):
+        shown += ", no AVX-512 VNNI"
+    return (f"{info.get('cpu_model', '?')}, {info.get('available_cpus', '?')} CPUs, "
+            f"{info.get('threads', '?')} threads, {shown}")

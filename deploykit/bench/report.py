@@ -1,0 +1,273 @@
+"""Bench outputs: results.json, results.csv, report.md (the seed-style table, measured), report.png,
+and the rich table printed to the terminal. Everything here reads the results dict; nothing measures.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .machine import busy_warning, describe
+from .schema import COLUMN_NAMES, COLUMNS
+
+PPL_BUDGET_PCT = 1.0  # "within 1 % Δppl": the accuracy budget most deployments accept
+COMPRESSED_RATIO = 0.6  # a row counts as compressed below 0.6x the fp32 size
+
+
+# -- "best for", derived from the measurements ----------------------------------------------------------
+def best_for(rows: list[dict[str, Any]]) -> list[str]:
+    """Tags per row: what the measurements of this run make it the best choice for."""
+    ok = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
+    tags: list[list[str]] = [[] for _ in rows]
+    if rows and rows[0].get("status") == "ok":
+        tags[0].append("reference")
+
+    def pick(candidates: list[int], key: str, largest: bool) -> int | None:
+        have = [i for i in candidates if rows[i].get(key) is not None]
+        if len(have) < 2:  # "best" of one row says nothing
+            return None
+        return (max if largest else min)(have, key=lambda i: rows[i][key])
+
+    within = [i for i in ok if rows[i].get("ppl_delta_pct") is not None and abs(rows[i]["ppl_delta_pct"]) <= PPL_BUDGET_PCT]
+    for label, candidates, key, largest in (
+        ("fastest decode", ok, "decode_tok_s", True),
+        ("fastest prefill", ok, "prefill_tok_s", True),
+        ("smallest", ok, "size_bytes", False),
+        ("least memory", ok, "peak_rss_bytes", False),
+        ("fastest load", ok, "load_s", False),
+    ):
+        i = pick(candidates, key, largest)
+        if i is not None:
+            tags[i].append(label)
+    for label, key, largest in (("fastest decode", "decode_tok_s", True), ("smallest", "size_bytes", False)):
+        i = pick(within, key, largest)
+        if i is not None and label not in tags[i]:
+            tags[i].append(f"{label} within {PPL_BUDGET_PCT:g} % Δppl")
+    compressed = [i for i in ok if rows[i].get("size_ratio") is not None and rows[i]["size_ratio"] <= COMPRESSED_RATIO
+                  and rows[i].get("ppl_delta_pct") is not None]
+    if compressed:
+        i = min(compressed, key=lambda i: abs(rows[i]["ppl_delta_pct"]))
+        tags[i].append("most accurate compressed")
+    for i in ok:
+        d = rows[i].get("ppl_delta_pct")
+        if not tags[i] and d is not None and d > 5 * PPL_BUDGET_PCT:
+            tags[i].append(f"nothing here (Δppl {d:+.1f} %)")
+    return [", ".join(t) for t in tags]
+
+
+# -- formatting ------------------------------------------------------------------------------------------
+def _num(v: Any, fmt: str, suffix: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:{fmt}}{suffix}"
+
+
+def _mb(v: Any) -> str:
+    return _num(None if v is None else v / 2**20, ".2f", " MiB")
+
+
+def _method(row: dict[str, Any]) -> str:
+    return f"{row['backend']} {row['scheme']}"
+
+
+def _reason(row: dict[str, Any]) -> str:
+    return str(row.get("reason") or "").replace("|", "/").replace("\n", " ")
+
+
+def _routing(row: dict[str, Any]) -> str:
+    if row.get("moe_routing_agreement") is not None:
+        return f"{100 * row['moe_routing_agreement']:.1f} %"
+    note = str(row.get("moe_routing_note") or "n/a")
+    return "dense" if note.endswith("dense model") else "n/a"
+
+
+def _speed(row: dict[str, Any], key: str, ratio: str) -> str:
+    if row.get(key) is None:
+        return "n/a"
+    return f"{row[key]:,.0f} ({_num(row.get(ratio), '.2f', '×')})"
+
+
+def seed_table(results: dict[str, Any]) -> str:
+    """Method | Speedup | Size reduction | Δ perplexity | Platform | Best for — every cell measured."""
+    lines = ["| Method | Speedup (decode) | Size reduction | Δ perplexity | Platform | Best for |",
+             "|---|---:|---:|---:|---|---|"]
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {_method(r)} | n/a | n/a | n/a | {r.get('platform') or 'n/a'} | "
+                         f"{r['status']}: {_reason(r)} |")
+            continue
+        reduction = None if not r.get("size_ratio") else 1.0 / r["size_ratio"]
+        lines.append(f"| {_method(r)} | {_num(r.get('decode_speedup'), '.2f', '×')} | {_num(reduction, '.2f', '×')} | "
+                     f"{_num(r.get('ppl_delta_pct'), '+.2f', ' %')} | {r.get('platform') or 'n/a'} | "
+                     f"{r.get('best_for') or '—'} |")
+    return "\n".join(lines)
+
+
+def full_table(results: dict[str, Any]) -> str:
+    header = ("| Method | Size | bits/w | Load | Prefill tok/s (×) | Prefill ms (min–max) | Decode tok/s (×) | "
+              "Decode min–max | KV | Peak RSS | max abs Δlogit | Top-1 | KL | PPL (Δ %) | Task acc (Δ pp) | MoE same top-k |")
+    n_cols = header.count("|") - 1
+    lines = [header, "|" + "---|" * n_cols]
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            cells = [_method(r)] + ["n/a"] * (n_cols - 1)
+            cells[1] = f"{r['status']}: {_reason(r)}"
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        kv = "yes" if r.get("kv_cache") else "recompute"
+        ppl = f"{_num(r.get('perplexity'), '.3f')} ({_num(r.get('ppl_delta_pct'), '+.2f')})"
+        acc = f"{_num(None if r.get('task_accuracy') is None else 100 * r['task_accuracy'], '.1f', ' %')} " \
+              f"({_num(r.get('task_accuracy_delta'), '+.1f')})"
+        cells = [_method(r), _mb(r.get("size_bytes")), _num(r.get("bits_per_weight"), ".2f"),
+                 _num(r.get("load_s"), ".2f", " s"), _speed(r, "prefill_tok_s", "prefill_speedup"),
+                 f"{_num(r.get('prefill_ms'), '.2f')} ({_num(r.get('prefill_ms_min'), '.2f')}–{_num(r.get('prefill_ms_max'), '.2f')})",
+                 _speed(r, "decode_tok_s", "decode_speedup"),
+                 f"{_num(r.get('decode_tok_s_min'), ',.0f')}–{_num(r.get('decode_tok_s_max'), ',.0f')}",
+                 kv, _mb(r.get("peak_rss_bytes")), _num(r.get("parity_max_abs_logit"), ".2e"),
+                 _num(None if r.get("parity_top1") is None else 100 * r["parity_top1"], ".1f", " %"),
+                 _num(r.get("parity_kl"), ".2e"), ppl, acc, _routing(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, s, model = results["machine"], results["settings"], results["model"]
+    moe = f", MoE {model['n_experts']} experts top-{model['top_k']}" if model.get("variant") == "moe" else ""
+    lines = [
+        f"# deploykit bench: `{model['name']}`",
+        "",
+        f"Model: {model['params']:,} parameters ({model['variant']}{moe}), source sha256 `{model['sha256'][:16]}…`.  ",
+        f"Machine: {describe(m)}; {m.get('os')}, Python {m.get('python')}.  ",
+        f"Settings: prompt {s['prompt_len']} tokens × batch {s['batch']}, decode {s['gen_len']} tokens, "
+        f"{s['warmup']} warm-up + {s['repeat']} timed runs (median, min–max), {s['threads']} threads, "
+        f"perplexity on {model['ppl_tokens']:,} held-out tokens, {model['n_tasks']} exact-match tasks.  ",
+        f"Run {results['created']}, {results.get('wall_s') or 0:.0f} s.",
+        "",
+        *([f"> **Warning:** {busy_warning(m)}.", ""] if busy_warning(m) else []),
+        "## Summary",
+        "",
+        seed_table(results),
+        "",
+        "Speedup is decode tokens/s relative to fp32 torch in the same run; size reduction is fp32 bytes / "
+        "artifact bytes; Δ perplexity is relative to fp32 torch on the same held-out text. "
+        f"\"Best for\" is derived from this table (Δppl budget {PPL_BUDGET_PCT:g} %).",
+        "",
+        "## Measurements",
+        "",
+        full_table(results),
+        "",
+        "Prefill: one forward over the prompt (median, min–max over the timed runs). Decode: the prompt is "
+        "fed once (untimed), then the same held-out tokens one at a time through the runner's session; "
+        "`recompute` means the runner has no KV cache and re-runs the whole sequence per token. Peak RSS is "
+        "the worker process's (load + timing), each row in its own process with the same allocator settings "
+        f"({', '.join(f'{k}={v}' for k, v in m.get('allocator_env', {}).items())}). Parity is against the fp32 torch "
+        f"model on {len(model['probe_lengths'])} probes of lengths {', '.join(map(str, model['probe_lengths']))}.",
+    ]
+    problems = [r for r in results["rows"] if r["status"] != "ok"]
+    failed_parity = [r for r in results["rows"] if r.get("convert_parity_ok") is False]
+    if problems or failed_parity:
+        lines += ["", "## Not measured / notes", ""]
+        lines += [f"- **{_method(r)}** — {r['status']}: {_reason(r)}" for r in problems]
+        lines += [f"- **{_method(r)}** exceeded its declared parity tolerance at conversion (kept with "
+                  "--allow-mismatch; see `convert_parity` in results.json)." for r in failed_parity]
+    lines += ["", "Files: `results.json` (all numbers, raw timings, machine and versions), `results.csv`, "
+              "`report.png` (decode tokens/s vs size, coloured by Δ perplexity).", ""]
+    return "\n".join(lines)
+
+
+# -- files ------------------------------------------------------------------------------------------------
+def csv_columns(results: dict[str, Any]) -> list[str]:
+    extra = sorted({k for r in results["rows"] for k in r.get("extra_columns", [])})
+    return list(COLUMN_NAMES) + extra
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    cols = csv_columns(results)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in results["rows"]:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+
+
+def write_png(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["status"] == "ok" and r.get("decode_tok_s") and r.get("size_bytes")]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    if rows:
+        x = [r["size_bytes"] / 2**20 for r in rows]
+        y = [r["decode_tok_s"] for r in rows]
+        d = [r.get("ppl_delta_pct") if r.get("ppl_delta_pct") is not None else float("nan") for r in rows]
+        finite = [abs(v) for v in d if math.isfinite(v)]
+        lim = max([1.0] + finite)
+        # Diverging colours centred on 0: white-ish is "as accurate as fp32", red worse, blue better.
+        sc = ax.scatter(x, y, c=d, cmap="coolwarm", vmin=-lim, vmax=lim, s=70, edgecolors="black", linewidths=0.6)
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(_method(r), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        fig.colorbar(sc, ax=ax, label="Δ perplexity vs fp32 torch (%)")
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no measured rows", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("artifact size (MiB, log scale)")
+    ax.set_ylabel("decode tokens/s (median)")
+    m = results["machine"]
+    ax.set_title(f"{results['model']['name']}: decode speed vs size\n{describe(m)}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "report.md",
+             "png": out / "report.png"}
+    results["outputs"] = {k: str(v) for k, v in paths.items()}
+    paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_csv(results, paths["csv"])
+    paths["md"].write_text(markdown(results))
+    write_png(results, paths["png"])
+    return paths
+
+
+# -- terminal ----------------------------------------------------------------------------------------------
+def rich_table(results: dict[str, Any]) -> Any:
+    """The terminal summary: the columns that decide a choice; report.md and results.json hold the rest."""
+    from rich.table import Table
+
+    t = Table(title=f"deploykit bench: {results['model']['name']}", caption=describe(results["machine"]),
+              title_style="bold", header_style="bold")
+    for name, justify in (("method", "left"), ("size (×fp32)", "right"), ("decode tok/s (×)", "right"),
+                          ("prefill tok/s (×)", "right"), ("peak RSS", "right"), ("top-1", "right"),
+                          ("Δppl", "right"), ("task acc (Δpp)", "right"), ("MoE top-k", "right"),
+                          ("best for", "left")):
+        t.add_column(name, justify=justify)
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            style = "yellow" if r["status"] == "unavailable" else "red"
+            t.add_row(_method(r), f"[{style}]{r['status']}[/{style}]", *[""] * 8)
+            continue
+        acc = "n/a" if r.get("task_accuracy") is None else \
+            f"{100 * r['task_accuracy']:.0f} % ({_num(r.get('task_accuracy_delta'), '+.0f')})"
+        kv = "" if r.get("kv_cache") else " [dim]recompute[/dim]"
+        t.add_row(_method(r), f"{_mb(r.get('size_bytes'))} ({_num(r.get('size_ratio'), '.2f')})",
+                  _speed(r, "decode_tok_s", "decode_speedup") + kv, _speed(r, "prefill_tok_s", "prefill_speedup"),
+                  _mb(r.get("peak_rss_bytes")),
+                  _num(None if r.get("parity_top1") is None else 100 * r["parity_top1"], ".1f", " %"),
+                  _num(r.get("ppl_delta_pct"), "+.2f", " %"), acc, _routing(r), r.get("best_for") or "")
+    return t
+
+
+def notes(results: dict[str, Any]) -> list[str]:
+    """One line per row that was not measured, with its reason (printed under the terminal table)."""
+    lines = [f"{_method(r)}: {r['status']}: {_reason(r)}" for r in results["rows"] if r["status"] != "ok"]
+    warning = busy_warning(results["machine"])
+    return lines + ([f"warning: {warning}"] if warning else [])
+
+
+__all__ = ["COLUMNS", "best_for", "markdown", "notes", "rich_table", "seed_table", "write_reports"]

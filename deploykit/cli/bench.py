@@ -1,0 +1,127 @@
+"""``deploykit bench``: convert a checkpoint to every backend/scheme and measure speed, size and accuracy."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  deploykit bench runs/micro                                  # every available backend and scheme
+  deploykit bench runs/micro --backends torch,onnx --schemes fp32,int8-dynamic
+  deploykit bench runs/micro --schemes torch:bf16,onnx:int8-static --threads 2
+  deploykit bench runs/micro-moe --prompt-len 64 --gen-len 32 --repeat 5 --out bench/micro-moe
+  deploykit bench runs/micro --eval-data held_out.jsonl --json > results.json
+
+Every row is measured in its own subprocess (a crashing runtime becomes an error row); the first row
+is always fp32 torch and every speed, size and accuracy change is relative to it, in the same run.
+Artifacts are cached by source sha256 + backend + scheme + library versions in
+~/.cache/deploykit/artifacts (or --cache / $DEPLOYKIT_CACHE); a changed checkpoint converts afresh.
+Writes OUT/results.json, results.csv, report.md (the summary table) and report.png."""
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in value.split(",") if x.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expects a comma-separated list, e.g. torch,onnx")
+    return items
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="measure speed, size and accuracy across backends and schemes",
+                       description="Convert MODEL to each requested backend/scheme (or reuse cached artifacts), "
+                       "measure load time, prefill and decode speed, peak memory, parity with fp32 torch, "
+                       "perplexity on held-out text and exact-match task accuracy, and write a report.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="checkpoint folder (e.g. runs/micro from `deploykit train`)")
+    p.add_argument("--backends", type=_csv, default=("all",), metavar="all|A,B",
+                   help="backends to bench (default: all registered; unavailable ones become rows with the reason)")
+    p.add_argument("--schemes", type=_csv, default=("all",), metavar="all|S,B:S",
+                   help="schemes: 'all' (default), names applied to every backend offering them, or backend:scheme")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill timing (default 128)")
+    p.add_argument("--gen-len", type=int, default=64, help="tokens decoded one at a time (default 64)")
+    p.add_argument("--batch", type=int, default=1, help="prefill batch size (decode is one sequence; default 1)")
+    p.add_argument("--threads", type=int, default=None, help="threads per runtime (default: CPUs available)")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs after warm-up; median and min-max reported (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    p.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="held-out text for perplexity (text/JSONL file, folder or glob; default: generated held-out text)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored for perplexity (default 2048)")
+    p.add_argument("--tasks", type=int, default=60, dest="n_tasks",
+                   help="exact-match task examples from the held-out task set (default 60; 0 = skip)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: bench/<model name>)")
+    p.add_argument("--cache", type=Path, default=None, help="artifact cache (default ~/.cache/deploykit/artifacts)")
+    p.add_argument("--no-cache", action="store_true", help="convert every row again, replacing cached artifacts")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds per conversion or measurement (default 1200)")
+    p.add_argument("--keep-work", action="store_true", help="keep the worker specs and logs (in OUT/bench-*)")
+    p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
+    return p
+
+
+class _RichReporter:
+    """A progress bar over rows with the current row and stage (converting / measuring)."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self.task: Any = None
+        self.console = console
+
+    def start(self, total: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("starting", total=total)
+
+    def stage(self, index: int, label: str, stage: str) -> None:
+        self.progress.update(self.task, description=f"{label}: {stage}")
+
+    def done(self, index: int, row: dict[str, Any]) -> None:
+        self.progress.advance(self.task)
+        status = row["status"]
+        detail = "cached" if row.get("cached") else ("converted" if status == "ok" else row.get("reason", ""))
+        mark = {"ok": "[green]ok[/green]", "unavailable": "[yellow]unavailable[/yellow]"}.get(status, "[red]error[/red]")
+        self.console.print(f"  {row['backend']}/{row['scheme']}: {mark} {detail if status != 'ok' else ''}".rstrip())
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..bench import BenchConfig, run_bench
+    from ..bench.cache import default_cache_dir
+    from ..bench.machine import available_cpus
+    from ..bench.report import notes, rich_table
+
+    out = args.out or Path("bench") / args.model.name
+    cfg = BenchConfig(model=args.model, out=out, backends=args.backends, schemes=args.schemes,
+                      prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
+                      threads=args.threads or available_cpus(), repeat=args.repeat, warmup=args.warmup,
+                      eval_data=args.eval_data, eval_tokens=args.eval_tokens, n_tasks=args.n_tasks,
+                      cache_dir=args.cache or default_cache_dir(), use_cache=not args.no_cache,
+                      timeout_s=args.timeout, keep_work=args.keep_work)
+    # Progress goes to stderr so `--json > file` stays clean.
+    err = Console(stderr=True)
+    reporter = _RichReporter(err)
+    try:
+        results = run_bench(cfg, reporter)
+    finally:
+        if reporter.task is not None:
+            reporter.stop()
+    if args.json:
+        json.dump(results, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: no terminal width to respect, keep columns readable
+            console = Console(width=200)
+        console.print(rich_table(results))
+        for line in notes(results):
+            console.print(f"  {line}", markup=False, highlight=False)
+        print(f"report: {results['outputs']['md']}\nplot:   {results['outputs']['png']}")
+    failed = [r for r in results["rows"] if r["status"] == "error"]
+    return 1 if failed and len(failed) == len(results["rows"]) else 0

@@ -1,0 +1,345 @@
+"""deploykit bench: the harness end to end on the trained nano model, plus its planning and reporting rules.
+
+One module-scoped bench run (two real backends, tiny lengths, one thread) feeds most tests. Two fake
+backends come from a plugin installed the way a third party's is, through an entry point on the path
+(so the worker subprocesses see it too): ``ghost`` is never available here, and ``crashy`` converts
+fine but its bench worker dies with SIGABRT, like a native runtime crashing mid-measurement.
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploykit.bench import COLUMN_NAMES, BenchConfig, run_bench
+from deploykit.bench.schema import SCHEMA_VERSION
+
+FAKE_PLUGIN = '''
+"""Test-only backends for tests/test_bench.py."""
+import os
+from pathlib import Path
+
+import deploykit
+from deploykit.backend import EXACT, Backend, Scheme
+from deploykit.checkpoint import load_model, save_model
+from deploykit.runtime import ModelRunner
+
+
+class Ghost(Backend):
+    name = "ghost"
+    description = "needs hardware this machine lacks"
+    schemes = (Scheme("fp32", "plain", EXACT), Scheme("int4", "packed", EXACT))
+    artifact_files = ("ghost.bin",)
+    platforms = "Ghost NPU"
+
+    def missing_requirements(self):
+        return ["no Ghost NPU found on this machine"]
+
+    def convert(self, model, scheme, out, ctx):
+        raise AssertionError("an unavailable backend must never be asked to convert")
+
+    def load(self, artifact, manifest, **options):
+        raise AssertionError("an unavailable backend must never be asked to load")
+
+
+class Crashy(Backend):
+    name = "crashy"
+    description = "converts fine; its bench worker dies"
+    schemes = (Scheme("fp32", "plain", EXACT),)
+    artifact_files = ("model/*",)
+
+    def convert(self, model, scheme, out, ctx):
+        save_model(model, Path(out) / "model")
+        return {}
+
+    def load(self, artifact, manifest, **options):
+        return ModelRunner(load_model(Path(artifact) / "model"), info={"backend": "crashy", "quant": "fp32"})
+
+
+@deploykit.hookimpl
+def deploykit_backends():
+    return [Ghost(), Crashy()]
+
+
+@deploykit.hookimpl
+def deploykit_bench_metrics(runner, row):
+    if row["backend"] == "crashy":
+        os.abort()  # a native runtime dying mid-measurement: SIGABRT, no Python traceback
+    return {"fake_metric": 42.0}
+'''
+
+
+@pytest.fixture(scope="module")
+def fake_plugin(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Install the fake plugin through an entry point, visible to this process and to the workers."""
+    from deploykit import plugins
+
+    root = tmp_path_factory.mktemp("fake_plugin")
+    (root / "bench_fake_backends.py").write_text(FAKE_PLUGIN)
+    dist = root / "bench_fake_backends-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bench-fake-backends\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[deploykit.backends]\nbench-fakes = bench_fake_backends\n")
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(str(root))
+    mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    importlib.invalidate_caches()
+    plugins.reset()
+    yield root
+    mp.undo()
+    sys.modules.pop("bench_fake_backends", None)
+    importlib.invalidate_caches()
+    plugins.reset()
+
+
+def _second_backend() -> str:
+    """The second real backend: onnx where it is installed and registered, else another torch scheme."""
+    from deploykit import plugins
+
+    found = plugins.backends()
+    return "onnx:fp32" if "onnx" in found and not found["onnx"].missing_requirements() else "torch:bf16"
+
+
+def tiny_config(model: Path, out: Path, cache: Path, schemes: tuple[str, ...], **kw: Any) -> BenchConfig:
+    # One thread: the suite shares two cores with other tests, and oversubscribed OpenMP threads
+    # spin-wait; these tests check the harness, not speed.
+    return BenchConfig(model=model, out=out, cache_dir=cache, schemes=schemes, prompt_len=8, gen_len=4, batch=2,
+                       threads=1, repeat=2, warmup=1, eval_tokens=64, n_tasks=6, timeout_s=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def bench(nano_checkpoint: Path, fake_plugin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("bench")
+    second = _second_backend()
+    backends = ("torch", second.split(":")[0], "ghost", "crashy")
+    cfg = tiny_config(nano_checkpoint, tmp / "out", tmp / "cache", ("torch:fp32", second, "ghost:fp32",
+                      "ghost:int4", "crashy:fp32"), backends=tuple(dict.fromkeys(backends)))
+    results = run_bench(cfg)
+    return {"results": results, "cfg": cfg, "second": second}
+
+
+def _row(results: dict[str, Any], backend: str, scheme: str) -> dict[str, Any]:
+    return next(r for r in results["rows"] if r["backend"] == backend and r["scheme"] == scheme)
+
+
+# -- the harness end to end -------------------------------------------------------------------------------------
+def test_results_json_schema_and_every_column(bench: dict[str, Any]) -> None:
+    results, out = bench["results"], bench["cfg"].out
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["schema_version"] == SCHEMA_VERSION
+    assert on_disk["columns"] == list(COLUMN_NAMES)
+    for key in ("model", "settings", "machine", "versions", "rows", "created", "outputs"):
+        assert key in on_disk, key
+    machine = on_disk["machine"]
+    for key in ("cpu_model", "cpu_flags", "physical_cores", "available_cpus", "threads", "allocator_env"):
+        assert key in machine, key
+    assert {"avx2", "avx512_vnni"} <= set(machine["cpu_flags"])
+    assert machine["threads"] == 1 and on_disk["settings"]["threads"] == 1
+    assert "torch" in on_disk["versions"]
+    for row in on_disk["rows"]:
+        missing = [c for c in COLUMN_NAMES if c not in row]
+        assert not missing, f"{row['backend']}/{row['scheme']} lacks {missing}"
+    assert len(on_disk["rows"]) == len(results["rows"]) == 4  # fp32, second backend, ghost, crashy
+
+
+def test_measured_rows_have_numbers(bench: dict[str, Any]) -> None:
+    results = bench["results"]
+    ok = [r for r in results["rows"] if r["status"] == "ok"]
+    assert [(r["backend"], r["scheme"]) for r in ok][0] == ("torch", "fp32")
+    assert len(ok) == 2
+    for r in ok:
+        for col in ("size_bytes", "bits_per_weight", "load_s", "prefill_ms", "prefill_tok_s", "decode_tok_s",
+                    "peak_rss_bytes", "parity_max_abs_logit", "parity_top1", "parity_kl", "perplexity",
+                    "task_accuracy"):
+            assert isinstance(r[col], (int, float)) and math.isfinite(r[col]) and r[col] >= 0, (r["backend"], col)
+        assert r["kv_cache"] is True and r["decode_recomputed"] is False
+        assert r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]
+        assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+        assert r["peak_rss_bytes"] >= r["base_rss_bytes"] > 0
+        assert r["moe_routing_agreement"] is None and "dense" in r["moe_routing_note"]
+        assert r["fake_metric"] == 42.0  # the deploykit_bench_metrics hook's column joined the row
+    base = ok[0]
+    # The fp32 torch artifact is the reference itself.
+    assert base["parity_max_abs_logit"] < 1e-4 and base["parity_top1"] == 1.0 and base["parity_kl"] < 1e-8
+    # Bits per weight of an fp32 artifact: 32 plus a little for config files.
+    assert 32.0 <= base["bits_per_weight"] < 33.0
+
+
+def test_ratios_are_consistent_with_the_medians(bench: dict[str, Any]) -> None:
+    results, cfg = bench["results"], bench["cfg"]
+    base = results["rows"][0]
+    assert (base["backend"], base["scheme"]) == ("torch", "fp32")
+    for r in (r for r in results["rows"] if r["status"] == "ok"):
+        samples = r["samples"]
+        assert len(samples["prefill_s"]) == len(samples["decode_s"]) == cfg.repeat
+        # Medians come from the raw timed runs...
+        med_prefill = sorted(samples["prefill_s"])[cfg.repeat // 2 - 1: cfg.repeat // 2 + 1]
+        assert r["prefill_ms"] == pytest.approx(1e3 * sum(med_prefill) / len(med_prefill))
+        assert r["prefill_tok_s"] == pytest.approx(cfg.batch * cfg.prompt_len / (r["prefill_ms"] / 1e3))
+        tok_s = sorted(cfg.gen_len / s for s in samples["decode_s"])
+        assert r["decode_tok_s"] == pytest.approx(sum(tok_s[cfg.repeat // 2 - 1: cfg.repeat // 2 + 1]) / 2)
+        # ...and every ratio is that row's median over the fp32 torch row's, from the same run.
+        assert r["decode_speedup"] == pytest.approx(r["decode_tok_s"] / base["decode_tok_s"])
+        assert r["prefill_speedup"] == pytest.approx(r["prefill_tok_s"] / base["prefill_tok_s"])
+        assert r["size_ratio"] == pytest.approx(r["size_bytes"] / base["size_bytes"])
+        assert r["ppl_delta_pct"] == pytest.approx(100 * (r["perplexity"] / base["perplexity"] - 1))
+        assert r["task_accuracy_delta"] == pytest.approx(100 * (r["task_accuracy"] - base["task_accuracy"]))
+    assert base["decode_speedup"] == 1.0 and base["size_ratio"] == 1.0 and base["ppl_delta_pct"] == 0.0
+
+
+def test_unavailable_backend_is_a_row_with_its_reason(bench: dict[str, Any]) -> None:
+    ghost = _row(bench["results"], "ghost", "fp32,int4")
+    assert ghost["status"] == "unavailable"
+    assert "no Ghost NPU found" in ghost["reason"]
+    assert ghost["platform"] == "Ghost NPU"
+    assert ghost["decode_tok_s"] is None and ghost["artifact"] is None
+
+
+def test_crashing_worker_is_an_error_row_and_the_bench_goes_on(bench: dict[str, Any]) -> None:
+    results = bench["results"]
+    crashy = _row(results, "crashy", "fp32")
+    assert crashy["status"] == "error"
+    assert crashy["reason"].startswith("measure: worker crashed (SIGABRT)")
+    assert crashy["decode_tok_s"] is None
+    # Rows are ordered torch, crashy, ghost, onnx: a row after the crash was still measured.
+    names = [r["backend"] for r in results["rows"]]
+    assert names.index("crashy") < names.index("ghost")
+    if bench["second"].startswith("onnx"):
+        assert names.index("crashy") < names.index("onnx")
+        assert _row(results, "onnx", "fp32")["status"] == "ok"
+
+
+def test_report_files(bench: dict[str, Any]) -> None:
+    out = bench["cfg"].out
+    md = (out / "report.md").read_text()
+    assert "| Method | Speedup (decode) | Size reduction | Δ perplexity | Platform | Best for |" in md
+    assert "| torch fp32 | 1.00× | 1.00× | +0.00 % | CPU | reference" in md
+    assert "no Ghost NPU found" in md and "SIGABRT" in md
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[: len(COLUMN_NAMES)] == list(COLUMN_NAMES) and "fake_metric" in rows[0]
+    assert [r["backend"] for r in rows] == [r["backend"] for r in bench["results"]["rows"]]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("bench-*")), "the temporary work folder must be removed"
+
+
+def test_artifacts_are_reused_then_rebuilt_when_the_checkpoint_changes(bench: dict[str, Any], tmp_path: Path) -> None:
+    import torch
+
+    from deploykit import plugins
+    from deploykit.bench import cache
+    from deploykit.bench.harness import Context, ensure_artifact
+    from deploykit.checkpoint import load_model, save_model
+    from deploykit.tokenizer import Tokenizer
+
+    cfg = bench["cfg"]
+    first = _row(bench["results"], "torch", "fp32")
+    assert first["cached"] is False and first["convert_s"] > 0  # converted in the bench run
+
+    def ctx_for(model: Path) -> Context:
+        from deploykit.bench.harness import _Silent
+
+        return Context(BenchConfig(model=model, out=tmp_path / "out", cache_dir=cfg.cache_dir, threads=1),
+                       plugins.backends(), cache.source_sha256(model), model.name, tmp_path, _Silent())
+
+    # Nothing changed: the same folder comes back without a conversion.
+    path, info = ensure_artifact(ctx_for(cfg.model), "torch", "fp32")
+    assert info["cached"] is True and str(path) == first["artifact"]
+
+    # Same name, different weights: a new key, so a fresh conversion into a new folder.
+    changed = tmp_path / cfg.model.name
+    model = load_model(cfg.model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)
+    save_model(model, changed, Tokenizer.load(cfg.model))
+    new_path, new_info = ensure_artifact(ctx_for(changed), "torch", "fp32")
+    assert new_info["ok"] and new_info["cached"] is False
+    assert new_path != path and (new_path / "deploykit.json").is_file()
+    assert json.loads((new_path / "deploykit.json").read_text())["source"]["sha256"] != \
+        json.loads((path / "deploykit.json").read_text())["source"]["sha256"]
+    shutil.rmtree(new_path.parent)
+
+
+# -- planning and reporting rules (no subprocesses) ---------------------------------------------------------------
+class _FakeBackend:
+    def __init__(self, name: str, schemes: list[str], missing: list[str] | None = None) -> None:
+        from deploykit.backend import EXACT, Scheme
+
+        self.name, self.platforms = name, "CPU"
+        self.schemes = tuple(Scheme(s, s, EXACT) for s in schemes)
+        self._missing = missing or []
+
+    def missing_requirements(self) -> list[str]:
+        return self._missing
+
+
+REGISTERED = {"torch": _FakeBackend("torch", ["fp32", "bf16", "int8-dynamic"]),
+              "onnx": _FakeBackend("onnx", ["fp32", "fp16", "int8-dynamic"]),
+              "tensorrt": _FakeBackend("tensorrt", ["fp16", "int8"], ["no CUDA GPU"])}
+
+
+def _plan(backends: tuple[str, ...] | None, schemes: tuple[str, ...] | None) -> list[tuple[str, str, str | None]]:
+    from deploykit.bench.harness import plan_rows
+
+    return [(p.backend, p.scheme, p.reason) for p in plan_rows(REGISTERED, backends, schemes)]
+
+
+def test_plan_puts_fp32_torch_first_and_keeps_declared_order() -> None:
+    assert _plan(("onnx",), ("int8-dynamic", "fp32")) == [
+        ("torch", "fp32", None), ("onnx", "fp32", None), ("onnx", "int8-dynamic", None)]
+    assert _plan(None, None) == [
+        ("torch", "fp32", None), ("torch", "bf16", None), ("torch", "int8-dynamic", None),
+        ("onnx", "fp32", None), ("onnx", "fp16", None), ("onnx", "int8-dynamic", None),
+        ("tensorrt", "fp16,int8", "no CUDA GPU")]
+    assert _plan(("all",), ("torch:bf16", "onnx:fp16")) == [
+        ("torch", "fp32", None), ("torch", "bf16", None), ("onnx", "fp16", None)]
+
+
+def test_plan_rejects_unknown_names_listing_valid_ones() -> None:
+    from deploykit.errors import BackendError, ConfigError
+
+    with pytest.raises(BackendError, match="unknown backend.*gguf") as e:
+        _plan(("gguf",), None)
+    assert "onnx" in str(e.value) and "torch" in str(e.value)
+    with pytest.raises(ConfigError, match="no selected backend offers scheme 'int4'") as e:
+        _plan(("torch", "onnx"), ("int4",))
+    assert "onnx:fp16" in str(e.value)
+    with pytest.raises(ConfigError, match="not among --backends"):
+        _plan(("torch",), ("onnx:fp32",))
+
+
+def test_best_for_is_derived_from_the_measurements() -> None:
+    from deploykit.bench.report import best_for
+
+    def row(decode: float, size: int, ppl: float, rss: int = 100) -> dict[str, Any]:
+        return {"status": "ok", "decode_tok_s": decode, "prefill_tok_s": decode, "size_bytes": size,
+                "size_ratio": size / 400, "ppl_delta_pct": ppl, "peak_rss_bytes": rss, "load_s": 1.0}
+
+    rows = [row(100, 400, 0.0), row(300, 100, 0.5, rss=90), row(400, 80, 8.0), {"status": "unavailable"}]
+    tags = best_for(rows)
+    assert tags[0].startswith("reference")
+    assert "fastest decode" in tags[2] and "smallest" in tags[2]
+    assert "fastest decode within 1 % Δppl" in tags[1] and "smallest within 1 % Δppl" in tags[1]
+    assert "most accurate compressed" in tags[1] and "least memory" in tags[1]
+    assert tags[3] == ""
+
+
+def test_cli_help_teaches_with_examples() -> None:
+    import argparse
+
+    from deploykit.cli import bench as bench_cli
+
+    parser = argparse.ArgumentParser(prog="deploykit")
+    p = bench_cli.register(parser.add_subparsers())
+    text = p.format_help()
+    for needle in ("examples:", "deploykit bench runs/micro", "--backends", "--schemes", "--prompt-len",
+                   "--gen-len", "--batch", "--threads", "--repeat", "--eval-data", "--out", "--json", "--cache"):
+        assert needle in text, needle
