@@ -382,7 +382,7 @@ def _moe_ffn_impl(x: Tensor, logits: Tensor, experts: PackedMoEExperts, k: int, 
     sm_all = _softmax_all(softmax)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, experts.d_model).contiguous()
-    lg = logits.reshape(x2.shape[0], -1).contiguous()
+    lg = logits.reshape(x2.shape[0], logits.shape[-1]).contiguous()
     out = torch.empty_like(x2)
     C.moe_ffn(_np(x2, "moe_ffn", "x", torch.float32), _np(lg, "moe_ffn", "logits", torch.float32),
               k, sm_all, experts.w13.numpy(), experts.s13.numpy(), experts.c13.numpy(),
