@@ -74,6 +74,23 @@ def test_loss_falls_and_outputs_are_written(corpus, tmp_path):
                  "trainer_state.safetensors"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # nothing pickled
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)
+
+
+def test_generate_command_reads_a_run_folder(corpus, tmp_path, capsys):
+    out = tmp_path / "gen"
+    pretrain(_cfg(corpus, out, steps=2), progress=False, stream=None)
+    from deploykit.cli.main import main
+
+    rc = main(["generate", str(out), "--prompt", "Mia has", "--max-new-tokens", "3", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["prompt"] == "Mia has"
 
 
 def test_resume_is_bit_exact(corpus, tmp_path):

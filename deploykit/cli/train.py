@@ -110,7 +110,7 @@ def build_config(args: argparse.Namespace):
 
 def _saved_config(out: Path) -> dict:
     from ..errors import CheckpointError
-    from ..train.state import STATE_JSON
+    from ..train.config import STATE_JSON
 
     path = out / STATE_JSON
     if not path.is_file():

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import MATH_FIELDS, TrainConfig
+from .config import MATH_FIELDS, RUN_FILES, TrainConfig
 
 if TYPE_CHECKING:
     from .pretrain import TrainResult, pretrain
 
-__all__ = ["MATH_FIELDS", "TrainConfig", "TrainResult", "pretrain"]
+__all__ = ["MATH_FIELDS", "RUN_FILES", "TrainConfig", "TrainResult", "pretrain"]
 
 
 def __getattr__(name: str) -> Any:

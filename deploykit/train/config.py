@@ -12,6 +12,14 @@ from typing import Any
 from ..config import PRESETS, ModelConfig, preset
 from ..errors import ConfigError
 
+# Files `deploykit train` adds to a checkpoint folder next to the Hugging Face files. Tools that
+# check a folder for foreign files (deploykit.runtime) should accept these.
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss.png"
+RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME)
+
 # Fields that decide the numbers a run computes. Resuming with any of them changed would not
 # continue the same run, so `--resume` refuses it; the other fields (how long, how often to
 # eval/save, threads, output) may change between sessions.
@@ -154,4 +162,4 @@ def _fail(field: str, value: Any, rule: str) -> None:
     raise ConfigError(f"TrainConfig.{field}={value!r} {rule}")
 
 
-__all__ = ["MATH_FIELDS", "PRESETS", "TrainConfig"]
+__all__ = ["LOG_NAME", "MATH_FIELDS", "PLOT_NAME", "RUN_FILES", "STATE_JSON", "STATE_TENSORS", "TrainConfig"]

@@ -38,14 +38,12 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, DataError, TargetExistsError
 from ..fsutil import atomic_folder
 from ..model import CausalLM
-from .config import MATH_FIELDS, TrainConfig
+from .config import LOG_NAME, MATH_FIELDS, PLOT_NAME, STATE_JSON, TrainConfig
 from .optim import build_adamw, lr_at, measure_peak_flops
 from .plots import plot_loss
 from .state import (optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat,
                     write_state)
 
-LOG_NAME = "train_log.jsonl"
-PLOT_NAME = "loss.png"
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: aligned GEMMs, and HF does the same
 
 
@@ -83,8 +81,8 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _check_out(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Refuse to clobber or to resume from nothing; return the saved config dict on resume."""
+def _check_out(cfg: TrainConfig) -> None:
+    """Refuse to clobber an existing folder, or to resume from nothing."""
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise TargetExistsError(f"--out {out} exists and is a file", hint="choose a folder path for --out")
@@ -92,11 +90,9 @@ def _check_out(cfg: TrainConfig) -> dict[str, Any] | None:
         if not out.is_dir():
             raise CheckpointError(f"--resume: {out} does not exist",
                                   hint="drop --resume to start a new run there, or point --out at a run folder")
-        return None
-    if out.exists() and not cfg.force:
+    elif out.exists() and not cfg.force:
         raise TargetExistsError(f"--out {out} already exists",
                                 hint="pass --resume to continue that run, --force to replace it, or choose another --out")
-    return None
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict[str, Any], source: Path) -> TrainConfig:
@@ -214,7 +210,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
 
     step = 0
     schedule_steps = cfg.steps
-    schedule_fixed = cfg.time_budget is None  # with a budget, the schedule is fitted after a few steps
+    schedule_fixed = cfg.time_budget is None  # with a budget, the schedule is fitted to it before step 1
     tokens_seen = 0
     records: list[dict[str, Any]] = []
     peak = cfg.peak_flops
@@ -315,6 +311,14 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     eval_seconds = 0.0
     ema_tps: float | None = None
     params = [p for p in model.parameters() if p.requires_grad]
+    if not schedule_fixed:
+        per_step = _time_one_step(model, train_blocks, cfg, autocast)
+        schedule_steps = _fit_schedule(cfg, step, per_step, deadline)
+        schedule_fixed = True
+        bar.total = schedule_steps
+        bar.refresh()
+        echo(f"time budget {cfg.time_budget:.0f}s: about {per_step:.2f}s/step, so the schedule is "
+             f"{schedule_steps} steps (warmup {cfg.warmup_steps(schedule_steps)})")
     try:
         while step < schedule_steps:
             if cfg.stop_at is not None and step >= cfg.stop_at:
@@ -375,13 +379,6 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
 
-            if not schedule_fixed and len(step_times) >= 5:
-                schedule_steps = _fit_schedule(cfg, step, step_times, deadline)
-                schedule_fixed = True
-                bar.total = schedule_steps
-                bar.refresh()
-                echo(f"time budget {cfg.time_budget:.0f}s: {sum(step_times[1:]) / len(step_times[1:]):.2f}s/step, "
-                     f"schedule fixed at {schedule_steps} steps (warmup {cfg.warmup_steps(schedule_steps)})")
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < schedule_steps:
                 te = time.perf_counter()
                 last_val = evaluate()
@@ -403,7 +400,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
         last_val = evaluate()
         if last_val is not None:
             emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
-    if last_save_step != step or not (cfg.out / "trainer_state.json").is_file():
+    if last_save_step != step or not (cfg.out / STATE_JSON).is_file():
         save_checkpoint()
     sample = _greedy_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
     model.train()
@@ -425,18 +422,35 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     return result
 
 
-def _fit_schedule(cfg: TrainConfig, step: int, step_times: list[float], deadline: float | None) -> int:
+def _time_one_step(model: CausalLM, blocks: torch.Tensor, cfg: TrainConfig, autocast) -> float:
+    """Seconds of one optimizer step, from two timed forward+backward passes on the first blocks.
+
+    Run before step 1 so the lr schedule is fitted to the budget from the start. It changes nothing
+    a training step reads: no optimizer step, gradients dropped, no loader batch or RNG draw taken.
+    The first pass is a warm-up (allocations, thread pool), so only the second is timed.
+    """
+    x, y = blocks[:cfg.batch_size, :-1], blocks[:cfg.batch_size, 1:]  # (B, T) each
+    seconds = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with autocast():
+            logits = model(x)  # (B, T, V)
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds * cfg.grad_accum * 1.1  # + ~10% for clipping and the AdamW update
+
+
+def _fit_schedule(cfg: TrainConfig, step: int, per_step: float, deadline: float) -> int:
     """Steps that fit the time budget, fixed once so the cosine still ends at min_lr.
 
-    The first step of a process is slow (allocations, thread pool start), so it is left out of
-    the estimate. Evals are charged as forward-only passes (about 1/3 of a training micro-step each)
-    and a reserve is kept for the final eval, save and sample.
+    Evals are charged as forward-only passes (about 1/3 of a training micro-step each), and a
+    reserve is kept for the final eval, the save and the sample. If the machine slows down later,
+    the loop still stops cleanly at the deadline (with a checkpoint) before the schedule ends.
     """
-    per_step = sum(step_times[1:]) / len(step_times[1:])
-    eval_per_step = 0.0
-    if cfg.eval_interval:
-        eval_per_step = (cfg.eval_iters or 50) * per_step / cfg.grad_accum / 3 / cfg.eval_interval
-    reserve = 3.0 + (cfg.eval_iters or 50) * per_step / cfg.grad_accum / 3
+    eval_batch = per_step / cfg.grad_accum / 3
+    eval_per_step = (cfg.eval_iters or 50) * eval_batch / cfg.eval_interval if cfg.eval_interval else 0.0
+    reserve = 3.0 + (cfg.eval_iters or 50) * eval_batch
     left = deadline - time.perf_counter() - reserve
     fit = step + max(0, int(left / (per_step + eval_per_step)))
     return max(step + 1, min(cfg.steps, fit))

@@ -20,9 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
+from .config import STATE_JSON, STATE_TENSORS
 STATE_VERSION = 1
 
 
