@@ -1,0 +1,509 @@
+"""ONNX backend: dynamo export with a KV-cache graph, run by ONNX Runtime on the CPU.
+
+The artifact is one graph, ``model.onnx`` (+ ``model.onnx.data`` when the weights pass 2 GB), in the
+style of Optimum's "with past" decoder, but merged: it always takes a past and returns the present.
+
+    inputs   input_ids                    int64 (batch, seq)
+             past_key_values.{i}.key      float32 (batch, kv_heads, past, head_dim)   i = 0..L-1
+             past_key_values.{i}.value    float32 (batch, kv_heads, past, head_dim)
+    outputs  logits                       float32 (batch, seq, vocab)
+             present.{i}.key / .value     float32 (batch, kv_heads, past + seq, head_dim)
+
+``past`` may be 0: a full forward (prefill) feeds empty past tensors, a decode step feeds the
+previous step's present and one new token, so each step costs O(1) new tokens. Why one merged graph
+rather than prefill + with-past: deploykit's decoder already computes positions and the causal mask
+from ``past`` with no branch on it, so a single trace is exact for every past length (the tests check
+0 and > 0), and one graph halves file size, export time and the quantization work.
+
+Schemes, all derived from the one fp32 export:
+
+- ``fp32``: the exported graph as is.
+- ``fp16``: weights and compute in fp16 via onnxruntime's float16 converter, inputs and outputs
+  stay fp32. The rotary-angle subgraph and the RMSNorm statistics stay fp32 (fp16 angles are off
+  by ~0.1 rad at position 256; squares of activations overflow fp16 past 256).
+- ``int8-dynamic``: ``quantize_dynamic``, int8 per-channel weights of every weight MatMul and the
+  embedding Gather; activations are quantized per call.
+- ``int8-static``: QDQ int8 with MinMax ranges calibrated on ``ctx.calibration``. The calibration
+  feeds run the merged graph both ways (prefill with empty past, decode steps with a real past
+  computed by the fp32 graph), so one set of ranges covers both uses. Only weight MatMuls and the
+  embedding are quantized: the attention products and the KV cache stay fp32, which keeps the
+  cache exact across steps.
+
+Before quantizing, two graph rewrites expose weights to ORT's quantizers (which only quantize a
+MatMul whose weight is an initializer): a Transpose of an initializer (the tied lm_head) is folded
+into a new initializer, and the MoE experts' ``Einsum("nd,efd->enf")`` becomes a batched MatMul.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploykit.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, Scheme, as_int64_batch
+from deploykit.errors import ArtifactError, BackendError, ConfigError
+from deploykit.hookspecs import hookimpl
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # external weights, written only when the graph would pass protobuf's 2 GB
+EXTERNAL_DATA_BYTES = 1_800_000_000  # fp32 weight bytes above which weights go to DATA_FILE
+META_CONFIG = "deploykit.config"  # metadata_props key: ModelConfig as JSON, so the .onnx file is self-describing
+META_QUANT = "deploykit.quant"
+INSTALL_HINT = "pip install 'deploykit[onnx]'"
+_REQUIREMENTS = ("onnx", "onnxruntime", "onnxscript")
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    description = "ONNX graph with a KV cache (dynamo export), run by ONNX Runtime on the CPU"
+    # Tolerances measured on briefly trained nano / nano-moe models (see tests/test_onnx_backend.py):
+    # fp32 ~1e-6, fp16 ~1e-2, int8 ~0.1-0.5 max |Δlogit|.
+    schemes = (
+        Scheme("fp32", "exported graph, fp32 weights and compute", EXACT),
+        Scheme("fp16", "fp16 weights and compute, fp32 inputs/outputs and KV cache", HALF),
+        Scheme("int8-dynamic", "int8 per-channel weights, activations quantized per call (quantize_dynamic)", INT8),
+        Scheme("int8-static", "int8 QDQ weights and activations, ranges calibrated on token sequences", INT8),
+    )
+    artifact_files = (MODEL_FILE, DATA_FILE)
+    platforms = "CPU"
+
+    def missing_requirements(self) -> list[str]:
+        return [f"{pkg} is not installed: {INSTALL_HINT}" for pkg in _REQUIREMENTS if importlib.util.find_spec(pkg) is None]
+
+    def versions(self) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        found = {}
+        for pkg in _REQUIREMENTS:
+            try:
+                found[pkg] = version(pkg)
+            except PackageNotFoundError:
+                pass
+        return found
+
+    def convert(self, model: Any, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+        out = Path(out)
+        work = out / ".export"  # intermediate fp32 graph for derived schemes; removed below
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            ctx.progress("exporting (torch.onnx dynamo)")
+            t0 = time.perf_counter()
+            src = work / MODEL_FILE if scheme.name != "fp32" else out / MODEL_FILE
+            facts = export_onnx(model, src)
+            facts["export_seconds"] = round(time.perf_counter() - t0, 2)
+            if scheme.name != "fp32":
+                ctx.progress(f"converting to {scheme.name}")
+                t0 = time.perf_counter()
+                facts.update(derive_scheme(src, out / MODEL_FILE, scheme.name, ctx.calibration))
+                facts["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ctx.progress("checking the graph (onnx.checker)")
+        check_graph(out / MODEL_FILE)
+        facts["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name.startswith("model.onnx")}
+        return facts
+
+    def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
+        return OnnxRunner(artifact, threads=options.get("threads"))
+
+
+@hookimpl
+def deploykit_backends() -> list[Backend]:
+    return [OnnxBackend()]
+
+
+# -- export ----------------------------------------------------------------------------------------
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, Optimum's vocabulary (past_key_values.{i}.key, present.{i}.key)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", *past], ["logits", *present]
+
+
+def export_onnx(model: Any, path: Path) -> dict[str, Any]:
+    """Export a deploykit CausalLM as the merged KV-cache graph at ``path`` (fp32). Leaves ``model`` unchanged."""
+    import torch
+    from torch.export import Dim
+
+    from deploykit.model import CausalLM, KVCache
+
+    if not isinstance(model, CausalLM):
+        raise BackendError(f"onnx export expects a deploykit CausalLM, got {type(model).__name__}",
+                           hint="load the checkpoint with deploykit.checkpoint.load_model(folder)")
+    cfg = model.config
+    # The sorted MoE dispatch has data-dependent shapes (.tolist()); the dense one computes the same
+    # function with static shapes. Switch on a copy so the caller's model keeps its fast path.
+    work = _shallow_copy(model)
+    work.set_moe_dispatch("dense")
+    L = cfg.n_layers
+
+    class WithPast(torch.nn.Module):
+        def __init__(self, lm: CausalLM) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            cache = KVCache(L)
+            cache.keys[:] = past[0::2]  # each (B, kv, P, hd)
+            cache.values[:] = past[1::2]
+            logits = self.lm(input_ids, kv_cache=cache)  # (B, T, V)
+            present = [t for i in range(L) for t in (cache.keys[i], cache.values[i])]  # (B, kv, P+T, hd)
+            return (logits, *present)
+
+    # Sample sizes avoid 0 and 1, which torch.export would specialise; the graph still runs with
+    # past = 0 and seq = 1 because nothing in it branches on them (tests cover both).
+    B, T, P = 2, 3, 2
+    input_ids = torch.randint(0, cfg.vocab_size, (B, T))
+    past = tuple(torch.zeros(B, cfg.n_kv_heads, P, cfg.head_dim) for _ in range(2 * L))
+    batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
+    dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in range(2 * L)))
+    inputs, outputs = io_names(L)
+    with torch.no_grad():
+        program = torch.onnx.export(WithPast(work), (input_ids, past), dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=inputs, output_names=outputs, optimize=True, verbose=False)
+    weight_bytes = sum(p.numel() * 4 for p in work.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    opset = stamp_metadata(path, cfg.to_dict(), "fp32")
+    return {"opset": opset, "graph": "merged (past >= 0)", "inputs": inputs, "outputs": outputs}
+
+
+def _shallow_copy(model: Any) -> Any:
+    """A new CausalLM sharing ``model``'s weights, in fp32 eval mode.
+
+    Not copy.deepcopy: a model fresh from a training step holds non-leaf tensors (the MoE layers'
+    last_aux_loss) that deepcopy refuses; and sharing weights costs no memory.
+    """
+    import torch
+
+    from deploykit.model import CausalLM
+
+    with torch.device("meta"):
+        work = CausalLM(model.config)
+    work.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+    if model.config.tie_embeddings:
+        work.lm_head.weight = work.model.embed_tokens.weight  # assign=True loaded two separate tensors
+    for name, buf in model.named_buffers(recurse=False):  # non-persistent buffers (inv_freq) are not in state_dict
+        work.register_buffer(name, buf.float().clone(), persistent=False)
+    return work.eval()
+
+
+def stamp_metadata(path: Path, config: dict[str, Any], quant: str) -> int:
+    """Record the model config and scheme inside the .onnx file; returns the default-domain opset."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)  # external tensors keep pointing at .data
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({META_CONFIG: json.dumps(config), META_QUANT: quant})
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(path))
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker on the path (not the proto), which works past 2 GB with external data."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise BackendError(f"{path}: onnx.checker rejected the graph ({e})",
+                           hint="report this with the model config; try another opset or torch version") from e
+
+
+# -- schemes derived from the fp32 graph ------------------------------------------------------------
+def derive_scheme(src: Path, dst: Path, scheme: str, calibration: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
+    """Write ``scheme``'s graph at ``dst`` from the fp32 graph at ``src``; returns facts for the manifest."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    config = json.loads({p.key: p.value for p in proto.metadata_props}[META_CONFIG])
+    external = _weight_bytes(proto) > EXTERNAL_DATA_BYTES
+    if scheme == "fp16":
+        facts = _to_fp16(proto, dst, external)
+    elif scheme in ("int8-dynamic", "int8-static"):
+        proto, rewrites = _expose_weights(proto)
+        facts = {"rewrites": rewrites}
+        if scheme == "int8-dynamic":
+            facts |= _quantize_dynamic(proto, dst, external)
+        else:
+            facts |= _quantize_static(proto, src, dst, external, calibration, config)
+    else:
+        raise BackendError(f"onnx backend has no scheme {scheme!r}",
+                           hint=f"valid schemes: {', '.join(s.name for s in OnnxBackend.schemes)}")
+    stamp_metadata(dst, config, scheme)
+    return facts
+
+
+def _weight_bytes(proto: Any) -> int:
+    return sum(int(np.prod(t.dims)) * 4 for t in proto.graph.initializer)
+
+
+def _save(proto: Any, dst: Path, external: bool) -> None:
+    import onnx
+
+    onnx.save(proto, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=dst.name + ".data" if external else None)
+
+
+def _rotary_nodes(proto: Any) -> list[str]:
+    """Names of Cos/Sin nodes and everything upstream of them (the rotary-angle computation)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    todo = [n for n in proto.graph.node if n.op_type in ("Cos", "Sin")]
+    seen: dict[str, Any] = {}
+    while todo:
+        node = todo.pop()
+        if node.name not in seen:
+            seen[node.name] = node
+            todo.extend(producer[i] for i in node.input if i in producer)
+    return list(seen)
+
+
+# RMSNorm statistics (mean of squares) and softmax run in fp32; matmuls and elementwise ops in fp16.
+_FP16_BLOCKED_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LayerNormalization", "TopK"]
+
+
+def _to_fp16(proto: Any, dst: Path, external: bool) -> dict[str, Any]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    blocked_nodes = _rotary_nodes(proto)
+    proto = convert_float_to_float16(proto, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP16_BLOCKED_OPS,
+                                     node_block_list=blocked_nodes)
+    _toposort(proto.graph)  # the converter appends its input casts at the end of the node list
+    # Some intermediate value_info entries keep their pre-conversion types, which full_check rejects;
+    # they are only hints, and shape inference recomputes them.
+    del proto.graph.value_info[:]
+    _save(proto, dst, external)
+    return {"fp32_nodes": len(blocked_nodes)}
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder graph.node so every node comes after the producers of its inputs (onnx.checker's rule)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise BackendError(f"graph has a cycle or a missing input at node {rest[0].name!r}",
+                               hint="report this with the model config")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _expose_weights(proto: Any) -> tuple[Any, dict[str, int]]:
+    """Rewrite the graph so every weight is a plain initializer operand of a MatMul (see module doc)."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    keep, folded, einsums = [], 0, 0
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            # Tied lm_head: MatMul(x, Transpose(embedding)). Store the transposed copy: int8 it costs a
+            # quarter of the fp32 embedding, and MatMul can then be quantized.
+            w = numpy_helper.to_array(inits[node.input[0]])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(w, perm)), node.output[0]))
+            folded += 1
+            continue
+        if node.op_type == "Einsum" and len(node.input) == 2 and node.input[1] in inits:
+            equation = next(a.s.decode() for a in node.attribute if a.name == "equation")
+            m = re.fullmatch(r"(\w+),(\w)(\w)(\w)->(\w+)", equation)
+            if m:
+                lhs, e, o, i, rhs = m.groups()
+                n = lhs.replace(e, "").replace(i, "")
+                # Per-expert linear: lhs (N, I) or (E, N, I) times W (E, O, I) -> (E, N, O) equals
+                # matmul(lhs, W^T) with W^T (E, I, O), lhs broadcast over experts.
+                if lhs[-1] == i and len(n) == 1 and lhs in (n + i, e + n + i) and rhs == e + n + o:
+                    w = numpy_helper.to_array(inits[node.input[1]])
+                    name = node.input[1] + ".T"
+                    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 2, 1)), name))
+                    keep.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
+                    einsums += 1
+                    continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    live = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return proto, {"folded_transposes": folded, "einsum_to_matmul": einsums}
+
+
+def _weight_nodes(proto: Any) -> list[str]:
+    """MatMul/Gemm/Gather nodes whose weight is an initializer: the layers worth quantizing.
+
+    Activation x activation MatMuls (attention scores, attention x values) stay fp32.
+    """
+    inits = {t.name for t in proto.graph.initializer}
+    names = []
+    for n in proto.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits:
+            names.append(n.name)
+        elif n.op_type == "Gather" and n.input[0] in inits:
+            names.append(n.name)
+    return names
+
+
+def _quantize_dynamic(proto: Any, dst: Path, external: bool) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = _weight_nodes(proto)
+    quantize_dynamic(proto, str(dst), op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_quantize=nodes,
+                     per_channel=False, weight_type=QuantType.QInt8, use_external_data_format=external)
+    return {"quantized_nodes": len(nodes)}
+
+
+class _CalibrationFeeds:
+    """A CalibrationDataReader over token sequences: each gives one prefill feed (empty past) and
+    one decode feed (the last token, with the past of the rest computed by the fp32 graph)."""
+
+    def __init__(self, fp32_path: Path, sequences: Sequence[Sequence[int]], max_len: int) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        self.sequences = [list(s)[:max_len] for s in sequences if len(s) >= 2]
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+
+    def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
+        for seq in self.sequences:
+            ids = np.asarray([seq], dtype=np.int64)  # (1, T)
+            empty = _empty_past(self.session, 1)
+            yield {"input_ids": ids} | empty
+            present = self.session.run(None, {"input_ids": ids[:, :-1]} | empty)[1:]
+            yield {"input_ids": ids[:, -1:]} | dict(zip(empty, present))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = self._feeds()
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+
+def _quantize_static(proto: Any, fp32_path: Path, dst: Path, external: bool,
+                     calibration: Sequence[Sequence[int]], config: dict[str, Any]) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not any(len(s) >= 2 for s in calibration):
+        raise ConfigError("int8-static needs calibration token sequences (ctx.calibration), got none of length >= 2",
+                          hint="pass calibration data (deploykit convert draws it from the eval corpus) or use int8-dynamic")
+    feeds = _CalibrationFeeds(fp32_path, calibration, config["max_seq_len"])
+    reader = type("Reader", (CalibrationDataReader,), {"get_next": lambda s: feeds.get_next(), "rewind": lambda s: feeds.rewind()})()
+    nodes = _weight_nodes(proto)
+    quantize_static(proto, str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+                    nodes_to_quantize=nodes, per_channel=False, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    use_external_data_format=external,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return {"quantized_nodes": len(nodes), "calibration_sequences": len(feeds.sequences)}
+
+
+# -- runtime ---------------------------------------------------------------------------------------
+def _empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past for every past_key_values input: (batch, kv_heads, 0, head_dim) float32."""
+    feeds = {}
+    for i in session.get_inputs()[1:]:
+        kv_heads, head_dim = i.shape[1], i.shape[3]
+        feeds[i.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=np.float32)
+    return feeds
+
+
+class OnnxRunner(Runner):
+    """An ONNX artifact opened in one onnxruntime InferenceSession (CPU EP).
+
+    ``InferenceSession.run`` is thread-safe, and each DecodeSession keeps its own past, so one
+    runner serves many threads.
+    """
+
+    def __init__(self, artifact: Path, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        artifact = Path(artifact)
+        path = artifact / MODEL_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{artifact}: no {MODEL_FILE}", hint="re-run deploykit convert --backend onnx")
+        if threads is not None and (not isinstance(threads, int) or threads < 0):
+            raise ConfigError(f"threads={threads!r} must be a non-negative integer (0 = onnxruntime's default)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.inter_op_num_threads = 1  # the graph is a chain; parallelism lives inside ops
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if META_CONFIG not in meta:
+            raise ArtifactError(f"{path}: no {META_CONFIG} metadata; not written by deploykit's onnx backend",
+                                hint="re-run deploykit convert --backend onnx")
+        from deploykit.config import ModelConfig
+
+        self.config = ModelConfig.from_dict(json.loads(meta[META_CONFIG]))
+        self.eos_token_id = self.config.eos_token_id
+        self.max_length = self.config.max_seq_len
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.tokenizer = None
+        if (artifact / "tokenizer.json").is_file():
+            from deploykit.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.load(artifact)
+        files = {p.name: p.stat().st_size for p in sorted(artifact.iterdir()) if p.name.startswith("model.onnx")}
+        import onnx
+
+        opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                      if o.domain in ("", "ai.onnx")), 0)
+        self.info = {
+            "backend": "onnx", "quant": meta.get(META_QUANT, "fp32"), "kv_cache": True,
+            "files": files, "size_bytes": sum(files.values()), "providers": self.session.get_providers(),
+            "threads": threads or 0, "opset": opset, "onnxruntime": ort.__version__,
+            "graph": "merged: past_key_values (past >= 0) -> present",
+        }
+
+    def run(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One graph call: input_ids (B, T), past (B, kv, P, hd) per name (None = empty) ->
+        logits (B, T, V), present keyed by the past input names (B, kv, P+T, hd)."""
+        B, T = input_ids.shape
+        past = past if past is not None else _empty_past(self.session, B)
+        P = next(iter(past.values())).shape[2]
+        if P + T > self.max_length:
+            raise ConfigError(f"sequence of {P + T} tokens exceeds this model's max_seq_len={self.max_length}",
+                              hint="shorten the prompt or max_new_tokens")
+        outputs = self.session.run(self.output_names, {"input_ids": input_ids, **past})
+        return outputs[0], dict(zip(past, outputs[1:]))
+
+    def forward(self, input_ids: Any) -> np.ndarray:
+        logits, _ = self.run(as_int64_batch(input_ids), None)
+        return logits.astype(np.float32, copy=False)
+
+    def new_session(self) -> OnnxDecodeSession:
+        return OnnxDecodeSession(self)
+
+
+class OnnxDecodeSession:
+    """One sequence's KV cache: feed() runs only the new tokens against the cached past."""
+
+    def __init__(self, runner: OnnxRunner) -> None:
+        self.runner = runner
+        self.past: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()  # a session is one sequence; serialise accidental concurrent feeds
+
+    def feed(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = as_int64_batch(list(token_ids))  # (1, T_new)
+        with self._lock:
+            logits, self.past = self.runner.run(ids, self.past)
+        return logits[0, -1].astype(np.float32, copy=False)  # (V,)

@@ -1,0 +1,330 @@
+"""The ONNX backend: export, every scheme's parity against torch, the KV-cache graph, the runner.
+
+Models: tiny dense and MoE decoders trained for a few seconds on noisy permutation chains (token
+t+1 = perm_k[token t] 90% of the time, k = first token mod 2), so their logits are confident and
+top-1 / greedy agreement means something (random-weight models have near-ties everywhere and
+exaggerate quantization error), and the next token depends on the start of the sequence, so a
+decoder that loses its KV cache is visibly wrong. Each model is exported once per module; every scheme is derived from that
+export exactly as ``OnnxBackend.convert`` does after its own export.
+
+deploykit.convert (the core) had not landed when this was written, so these tests drive the
+backend's ``convert`` / ``load`` directly with a temporary folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+
+from deploykit.backend import ConvertContext, Scheme  # noqa: E402
+from deploykit.config import ModelConfig  # noqa: E402
+from deploykit.generation import generate as torch_generate  # noqa: E402
+from deploykit.model import CausalLM  # noqa: E402
+from deploykit_plugins import onnx_backend as ob  # noqa: E402
+
+VOCAB = 320
+PERMS = torch.stack([torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed)) for seed in (123, 456)])
+SCHEMES = [s.name for s in ob.OnnxBackend.schemes]
+BACKEND = ob.OnnxBackend()
+
+
+def chain(n: int, T: int, seed: int) -> torch.Tensor:
+    """(n, T) token ids: a chain through perm_k, k = first token mod 2, with 10% uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, T, dtype=torch.long)
+    x[:, 0] = torch.randint(3, VOCAB, (n,), generator=g)
+    perm = PERMS[x[:, 0] % 2]  # (n, V)
+    for t in range(1, T):
+        noise = torch.rand(n, generator=g) < 0.1
+        nxt = perm.gather(1, x[:, t - 1:t])[:, 0]  # (n,)
+        x[:, t] = torch.where(noise, torch.randint(3, VOCAB, (n,), generator=g), nxt)
+    return x
+
+
+def tiny_config(variant: str) -> ModelConfig:
+    return ModelConfig(variant=variant, vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4,
+                       n_kv_heads=2 if variant != "legacy" else 4, ffn_dim=128, max_seq_len=64,
+                       n_experts=4 if variant == "moe" else 0, tie_embeddings=variant != "moe")
+
+
+def train_tiny(variant: str, steps: int = 160) -> CausalLM:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs: more threads only add contention on a shared CI box
+    try:
+        torch.manual_seed(0)
+        model = CausalLM(tiny_config(variant))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(steps):
+            x = chain(16, 33, seed=step)
+            logits = model(x[:, :-1])  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+            if model.aux_loss() is not None:
+                loss = loss + 0.01 * model.aux_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """max |Δlogit|, mean KL(p_ref ‖ p_got) per position, top-1 agreement."""
+    lp = torch.log_softmax(torch.from_numpy(ref).double(), -1)
+    lq = torch.log_softmax(torch.from_numpy(got).double(), -1)
+    return {"max_abs": float(np.abs(ref - got).max()),
+            "kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+            "top1": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+
+
+def within(scheme: Scheme, p: dict[str, float]) -> bool:
+    t = scheme.tolerance
+    return p["max_abs"] <= t.max_abs_logit and p["kl"] <= t.max_kl and p["top1"] >= t.min_top1
+
+
+# -- fixtures: one trained model, one export and every derived scheme per variant --------------------
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def variant(request) -> str:
+    return request.param
+
+
+_MODELS: dict[str, CausalLM] = {}
+
+
+@pytest.fixture(scope="module")
+def model(variant) -> CausalLM:
+    if variant not in _MODELS:
+        _MODELS[variant] = train_tiny(variant)
+    return _MODELS[variant]
+
+
+@pytest.fixture(scope="module")
+def artifacts(variant, model, tmp_path_factory) -> dict[str, Path]:
+    """scheme name -> artifact folder. fp32 via Backend.convert, the others derived from its graph."""
+    root = tmp_path_factory.mktemp(f"onnx-{variant}")
+    out = {"fp32": root / "fp32"}
+    out["fp32"].mkdir()
+    ctx = ConvertContext(source=None, tokenizer=None)
+    facts = BACKEND.convert(model, BACKEND.scheme("fp32"), out["fp32"], ctx)
+    assert facts["graph"].startswith("merged") and facts["opset"] >= 17
+    calibration = [s.tolist() for s in chain(8, 32, seed=999)]
+    for name in SCHEMES[1:]:
+        out[name] = root / name
+        out[name].mkdir()
+        ob.derive_scheme(out["fp32"] / ob.MODEL_FILE, out[name] / ob.MODEL_FILE, name, calibration)
+    return out
+
+
+_RUNNERS: dict[tuple[str, str], ob.OnnxRunner] = {}
+
+
+def runner_for(artifacts: dict[str, Path], variant: str, scheme: str) -> ob.OnnxRunner:
+    key = (variant, scheme)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = BACKEND.load(artifacts[scheme], {}, threads=1)
+    return _RUNNERS[key]
+
+
+PROBE = chain(4, 40, seed=10_007)  # (4, 40): seeds 0..119 are the training batches
+
+
+# -- requirements and registration (no onnx needed) ---------------------------------------------------
+def test_missing_requirements_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    missing = ob.OnnxBackend().missing_requirements()
+    assert missing == ["onnxruntime is not installed: pip install 'deploykit[onnx]'"]
+
+
+def test_available_here_and_registered_through_the_hook():
+    assert BACKEND.missing_requirements() == []
+    (backend,) = ob.deploykit_backends()
+    assert backend.name == "onnx" and backend.default_scheme == "fp32"
+    assert SCHEMES == ["fp32", "fp16", "int8-dynamic", "int8-static"]
+    assert set(backend.versions()) == {"onnx", "onnxruntime", "onnxscript"}
+
+
+# -- every scheme, dense and MoE ----------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_artifact_is_a_checked_onnx_graph(artifacts, scheme):
+    folder = artifacts[scheme]
+    assert sorted(p.name for p in folder.iterdir()) == [ob.MODEL_FILE]  # no pickle, no leftovers
+    onnx.checker.check_model(str(folder / ob.MODEL_FILE), full_check=True)
+    proto = onnx.load(str(folder / ob.MODEL_FILE), load_external_data=False)
+    assert [i.name for i in proto.graph.input][:3] == ["input_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in proto.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert {p.key: p.value for p in proto.metadata_props}[ob.META_QUANT] == scheme
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_logits_match_torch_within_the_scheme_tolerance(artifacts, model, variant, scheme):
+    runner = runner_for(artifacts, variant, scheme)
+    with torch.no_grad():
+        ref = model(PROBE).numpy()  # (4, 40, V) with the model's own (sorted) MoE dispatch
+    got = runner.forward(PROBE.numpy())
+    assert got.shape == ref.shape and got.dtype == np.float32
+    p = parity(ref, got)
+    print(f"{variant} {scheme}: {p}")
+    assert within(BACKEND.scheme(scheme), p), p
+    if scheme == "fp32":
+        assert p["max_abs"] < 1e-4  # the export itself is exact up to float reordering
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_kv_cache_decoding_equals_full_recompute(artifacts, model, variant, scheme):
+    runner = runner_for(artifacts, variant, scheme)
+    prompt = PROBE[0, :6].tolist()
+    cached = runner.generate(prompt, max_new_tokens=16)
+    # Recompute: the whole sequence through forward (empty past) at every step.
+    ids = list(prompt)
+    recomputed = []
+    for _ in range(16):
+        nxt = int(runner.forward([ids])[0, -1].argmax())
+        if nxt == runner.eos_token_id:
+            break
+        recomputed.append(nxt)
+        ids.append(nxt)
+    assert cached == recomputed
+    reference = torch_generate(model, prompt, 16, eos_token_id=model.config.eos_token_id)
+    if scheme == "fp32":
+        assert cached == reference
+    else:
+        match = np.mean([a == b for a, b in zip(cached, reference)]) if reference else 1.0
+        assert match >= BACKEND.scheme(scheme).tolerance.min_greedy_match, (cached, reference)
+    # Logits of each decode step against the same position of a full forward.
+    session = runner.new_session()
+    steps = [session.feed(prompt)] + [session.feed([t]) for t in cached[:-1]]
+    full = runner.forward([prompt + cached[:-1]])[0, len(prompt) - 1:]  # (n, V)
+    if scheme == "int8-dynamic":
+        # Activations are quantized per call with the call's own range, so a 1-token step and a
+        # 22-token forward round differently: the two agree to the scheme's tolerance, not exactly.
+        assert within(BACKEND.scheme(scheme), parity(full, np.stack(steps)))
+    else:
+        np.testing.assert_allclose(np.stack(steps), full, atol=1e-3, rtol=0)
+
+
+def test_int8_artifacts_are_smaller_than_fp32(artifacts, variant):
+    size = {s: (artifacts[s] / ob.MODEL_FILE).stat().st_size for s in SCHEMES}
+    print(f"{variant} sizes vs fp32: " + ", ".join(f"{s} {size[s] / size['fp32']:.2f}" for s in SCHEMES))
+    assert size["fp16"] < 0.8 * size["fp32"]
+    assert size["int8-dynamic"] < 0.7 * size["fp32"]
+    assert size["int8-static"] < 0.7 * size["fp32"]
+
+
+# -- the KV graph, dynamic shapes ---------------------------------------------------------------------
+@pytest.mark.parametrize("T", [1, 2, 17, 64])
+def test_dynamic_batch_and_sequence(artifacts, model, variant, T):
+    runner = runner_for(artifacts, variant, "fp32")
+    ids = chain(2, T, seed=T)  # (2, T)
+    with torch.no_grad():
+        ref = model(ids).numpy()
+    np.testing.assert_allclose(runner.forward(ids), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(runner.forward(ids[1]), ref[1:], atol=1e-4, rtol=0)  # (T,) input
+
+
+def test_chunked_prefill_with_past_zero_and_positive(artifacts, model, variant):
+    """Past lengths 0, 5, 9 and chunks of 5, 4, 1, batch 2: presents and logits equal the full pass."""
+    runner = runner_for(artifacts, variant, "fp32")
+    ids = PROBE[:2, :10].numpy()
+    past, logits = None, []
+    for a, b in [(0, 5), (5, 9), (9, 10)]:
+        out, past = runner.run(ids[:, a:b], past)
+        logits.append(out)
+    full, present = runner.run(ids, None)
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), full, atol=1e-4, rtol=0)
+    assert list(past) == list(present) and past["past_key_values.1.value"].shape == (2, 2, 10, 16)
+    for name in past:
+        np.testing.assert_allclose(past[name], present[name], atol=1e-5, rtol=0)
+
+
+def test_tier_catches_a_decoder_that_ignores_its_past(artifacts, model, variant):
+    """The declared tolerances are not vacuous: dropping the KV cache fails even the int8 tier."""
+    runner = runner_for(artifacts, variant, "fp32")
+    ids = PROBE[:1, :20].numpy()
+    forgetful = np.concatenate([runner.run(ids[:, t:t + 1], None)[0] for t in range(20)], axis=1)  # (1, 20, V)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).numpy()
+    assert not within(BACKEND.scheme("int8-static"), parity(ref, forgetful))
+
+
+# -- the runner -------------------------------------------------------------------------------------
+def test_runner_info(artifacts, variant):
+    info = runner_for(artifacts, variant, "int8-dynamic").info
+    assert info["backend"] == "onnx" and info["quant"] == "int8-dynamic" and info["kv_cache"] is True
+    assert info["files"] == {ob.MODEL_FILE: (artifacts["int8-dynamic"] / ob.MODEL_FILE).stat().st_size}
+    assert info["providers"] == ["CPUExecutionProvider"] and info["threads"] == 1 and info["opset"] >= 17
+
+
+def test_runner_is_thread_safe(artifacts, variant):
+    runner = BACKEND.load(artifacts["fp32"], {}, threads=2)
+    inputs = [chain(1 + i % 2, 3 + i % 7, seed=i).numpy() for i in range(20)]
+    serial = [runner.forward(x) for x in inputs]
+    results: dict[tuple[int, int], np.ndarray] = {}
+
+    def work(t: int) -> None:
+        for i, x in enumerate(inputs):
+            results[t, i] = runner.forward(x)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 * 20
+    for (t, i), got in results.items():
+        np.testing.assert_array_equal(got, serial[i])
+
+
+def test_bad_input_is_named(artifacts, variant, tmp_path):
+    from deploykit.errors import ArtifactError, ConfigError
+
+    runner = runner_for(artifacts, variant, "fp32")
+    with pytest.raises(ConfigError, match="max_seq_len=64"):
+        runner.forward(np.zeros((1, 65), dtype=np.int64))
+    with pytest.raises(ConfigError, match="threads"):
+        BACKEND.load(artifacts["fp32"], {}, threads=-1)
+    with pytest.raises(ArtifactError, match="no model.onnx"):
+        BACKEND.load(tmp_path, {})
+    with pytest.raises(ConfigError, match="calibration"):
+        ob.derive_scheme(artifacts["fp32"] / ob.MODEL_FILE, tmp_path / ob.MODEL_FILE, "int8-static", [])
+
+
+def test_tokenizer_in_the_artifact_enables_text_generation(artifacts, variant, tmp_path):
+    if importlib.util.find_spec("deploykit.tokenizer") is None:
+        pytest.skip("deploykit.tokenizer has not landed")
+    from deploykit.tokenizer import Tokenizer
+
+    folder = tmp_path / "with-tokenizer"
+    shutil.copytree(artifacts["fp32"], folder)
+    Tokenizer.train(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300).save(folder)
+    runner = BACKEND.load(folder, {}, threads=1)
+    assert isinstance(runner.generate("the quick", max_new_tokens=5), str)
+
+
+# -- slower: full convert() of a derived scheme, the legacy variant -------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("variant_name", ["legacy", "dense"])
+def test_convert_end_to_end(tmp_path, variant_name):
+    model = train_tiny(variant_name, steps=60)
+    stages: list[str] = []
+    ctx = ConvertContext(source=None, tokenizer=None, calibration=[s.tolist() for s in chain(8, 32, seed=5)],
+                         progress=stages.append)
+    for scheme in ("fp32", "int8-static"):
+        out = tmp_path / scheme
+        out.mkdir()
+        facts = BACKEND.convert(model, BACKEND.scheme(scheme), out, ctx)
+        assert sorted(p.name for p in out.iterdir()) == [ob.MODEL_FILE]  # the .export work folder is gone
+        assert facts["files"][ob.MODEL_FILE] > 0 and facts["export_seconds"] > 0
+        with torch.no_grad():
+            ref = model(PROBE).numpy()
+        assert within(BACKEND.scheme(scheme), parity(ref, BACKEND.load(out, {}, threads=1).forward(PROBE.numpy())))
+    assert stages[0].startswith("exporting")
