@@ -308,7 +308,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     last_eval_step = last_save_step = step
     loop_seconds, loop_tokens = 0.0, 0
     step_times: list[float] = []
-    eval_seconds = 0.0
+    last_eval_seconds = 0.0  # measured cost of one eval, reserved for the final one
     ema_tps: float | None = None
     params = [p for p in model.parameters() if p.requires_grad]
     if not schedule_fixed:
@@ -325,8 +325,8 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
                 stopped = "stop_at"
                 break
             if deadline is not None and step_times:
-                # Stop cleanly if the next step (plus saving) would overrun the budget.
-                if time.perf_counter() + 1.5 * step_times[-1] + 2.0 > deadline:
+                # Stop cleanly if the next step plus the final eval and save would overrun the budget.
+                if time.perf_counter() + 1.5 * step_times[-1] + last_eval_seconds + 2.0 > deadline:
                     stopped = "time_budget"
                     break
             t0 = time.perf_counter()
@@ -382,7 +382,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < schedule_steps:
                 te = time.perf_counter()
                 last_val = evaluate()
-                eval_seconds += time.perf_counter() - te
+                last_eval_seconds = time.perf_counter() - te
                 last_eval_step = step
                 if last_val is not None:
                     emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
