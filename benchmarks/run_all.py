@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run_all.py --models micro --repeat 3 --results /tmp/bench
 
 Each model needs a trained checkpoint: ``runs/<model>`` is reused when it exists, otherwise it is
-trained briefly first with ``deploykit train --preset <model> --data embedded --steps N``. Reports
+trained briefly first with ``deploykit train --preset <model> --data embedded --time-budget S``. Reports
 (report.md, report.png, results.json, results.csv) go to ``benchmarks/results/<model>/`` and the
 summary tables into ``benchmarks/README.md`` between the RESULTS markers.
 """
@@ -19,21 +19,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDARD = ("micro", "micro-moe")
-# Brief training budgets: enough for the model to learn the corpus' shape, so quantization error
-# shows up in perplexity and task accuracy the way it does on real models (random weights exaggerate it).
-DEFAULT_STEPS = {"micro": 600, "micro-moe": 600, "small": 1500, "small-moe": 1500}
+# Brief training budgets (seconds of `deploykit train --time-budget`, which shortens its schedule to fit):
+# enough for the model to learn the corpus' shape, so quantization error shows in perplexity and task
+# accuracy the way it does on real models (random weights exaggerate it).
+TRAIN_SECONDS = {"micro": 240, "micro-moe": 240, "small": 900, "small-moe": 900}
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
 
 
-def ensure_checkpoint(model: str, runs: Path, steps: int | None, threads: int) -> Path:
+def ensure_checkpoint(model: str, runs: Path, steps: int | None, threads: int, seconds: float | None = None) -> Path:
     """``runs/<model>`` if it holds a checkpoint, else train one (``deploykit train``) and return it."""
     ckpt = runs / model
     if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
         print(f"[{model}] reusing checkpoint {ckpt}", flush=True)
         return ckpt
-    n = steps or DEFAULT_STEPS.get(model, 600)
+    budget = seconds or TRAIN_SECONDS.get(model, 240)
     cmd = [sys.executable, "-m", "deploykit", "train", "--preset", model, "--data", "embedded",
-           "--steps", str(n), "--out", str(ckpt)]
+           "--time-budget", str(budget), "--threads", str(threads), "--out", str(ckpt)]
+    if steps:
+        cmd += ["--steps", str(steps)]
     print(f"[{model}] training: {' '.join(cmd[2:])}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env)
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(STANDARD), help="comma-separated presets (default micro,micro-moe)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where checkpoints are reused or trained (default runs/)")
     p.add_argument("--steps", type=int, default=None, help="training steps when a checkpoint must be trained")
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help=f"training time budget when a checkpoint must be trained (default {TRAIN_SECONDS})")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="report root")
     p.add_argument("--threads", type=int, default=available_cpus())
     p.add_argument("--backends", default="all")
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     console = Console()
     for model in models:
-        ckpt = ensure_checkpoint(model, args.runs, args.steps, args.threads)
+        ckpt = ensure_checkpoint(model, args.runs, args.steps, args.threads, args.train_seconds)
         cfg = BenchConfig(model=ckpt, out=args.results / model, threads=args.threads,
                           backends=tuple(args.backends.split(",")), schemes=tuple(args.schemes.split(",")),
                           repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len)

@@ -21,7 +21,7 @@ MANIFEST = "deploykit.json"
 KEY_VERSION = 1  # bump when the key's contents change meaning
 
 # Files of a checkpoint folder that determine the model (weights, config, tokenizer); others such as
-# loss curves or training logs do not invalidate artifacts.
+# loss curves, training logs or optimizer state do not invalidate artifacts.
 _SOURCE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -35,7 +35,8 @@ def default_cache_dir() -> Path:
 def source_sha256(folder: Path) -> str:
     """One digest over the files that define a checkpoint: its weights, config and tokenizer."""
     names = [n for n in _SOURCE_FILES if (folder / n).is_file()]
-    names += sorted(p.name for p in folder.glob("*.safetensors"))
+    # model*.safetensors only: trainer_state.safetensors (optimizer moments) does not change the model.
+    names += sorted(p.name for p in folder.glob("model*.safetensors"))
     if (folder / "model.safetensors.index.json").is_file():
         names.append("model.safetensors.index.json")
     h = hashlib.sha256()

@@ -21,7 +21,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("size_bytes", "bytes of the model files (manifest and tokenizer excluded)"),
     ("size_ratio", "size_bytes / fp32 torch size_bytes"),
     ("bits_per_weight", "8 * size_bytes / parameters of the source model"),
-    ("load_s", "seconds for deploykit.load() in a fresh process"),
+    ("load_s", "seconds for deploykit.load() in a fresh process (includes checking the manifest's file hashes)"),
     ("prefill_ms", "median latency of one forward over batch x prompt_len tokens"),
     ("prefill_ms_min", "fastest prefill run"),
     ("prefill_ms_max", "slowest prefill run"),

@@ -123,5 +123,5 @@ def run(args: argparse.Namespace) -> int:
         for line in notes(results):
             console.print(f"  {line}", markup=False, highlight=False)
         print(f"report: {results['outputs']['md']}\nplot:   {results['outputs']['png']}")
-    failed = [r for r in results["rows"] if r["status"] == "error"]
-    return 1 if failed and len(failed) == len(results["rows"]) else 0
+    # Other rows failing is a finding the report shows; without the fp32 baseline nothing compares.
+    return 0 if results["rows"][0]["status"] == "ok" else 1

@@ -1,0 +1,67 @@
+"""The main job behind `make demo`: train the demo model briefly (or reuse it), show a sample, then
+convert it to every available backend/scheme and bench them, ending with the measured table.
+
+    .venv/bin/python benchmarks/demo.py --out runs/demo --threads 2
+
+Budget: about 10 minutes on 2 cores from a fresh machine (training ~2.5 min, conversions and
+measurements the rest); a second run reuses the checkpoint and the cached artifacts.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deploykit.bench.machine import available_cpus
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoint folder (reused if present)")
+    p.add_argument("--preset", default="micro")
+    p.add_argument("--threads", type=int, default=available_cpus())
+    p.add_argument("--train-seconds", type=float, default=150.0, help="training time budget (default 150)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per row (default 5, to fit the demo budget)")
+    args = p.parse_args(argv)
+
+    if (args.out / "config.json").is_file() and (args.out / "model.safetensors").is_file():
+        print(f"reusing the trained checkpoint {args.out} (delete it to train again)", flush=True)
+        ckpt = args.out
+    else:
+        ckpt = _train(args)
+    print("\nsample (greedy):", flush=True)
+    subprocess.run([sys.executable, "-m", "deploykit", "generate", str(ckpt), "--prompt", "Once upon a time",
+                    "--max-new-tokens", "40"], check=True)
+
+    from rich.console import Console
+
+    from deploykit.bench import BenchConfig, run_bench
+    from deploykit.bench.report import notes, rich_table
+    from deploykit.cli.bench import _RichReporter
+
+    cfg = BenchConfig(model=ckpt, out=ckpt.parent / f"{ckpt.name}-bench", threads=args.threads, repeat=args.repeat)
+    reporter = _RichReporter(Console(stderr=True))
+    try:
+        results = run_bench(cfg, reporter)
+    finally:
+        if reporter.task is not None:
+            reporter.stop()
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(rich_table(results))
+    for line in notes(results):
+        console.print(f"  {line}", markup=False, highlight=False)
+    console.print(f"\nreport: {results['outputs']['md']}\nplot:   {results['outputs']['png']}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> Path:
+    cmd = [sys.executable, "-m", "deploykit", "train", "--preset", args.preset, "--data", "embedded",
+           "--time-budget", str(args.train_seconds), "--threads", str(args.threads), "--out", str(args.out)]
+    print("training:", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return args.out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
