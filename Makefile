@@ -12,6 +12,10 @@ PIPC   := $(PIP) install --disable-pip-version-check -c constraints.txt
 DEPS_STAMP := $(VENV)/.stamp-deps
 EXT_STAMP  := $(VENV)/.stamp-ext
 NATIVE_SRC := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt
+# scikit-build-core's editable install maps the package's files at install time, so adding a Python
+# module needs a reinstall: key a stamp on the list of module paths.
+PY_LIST    := $(shell find deploykit plugins -name '*.py' 2>/dev/null | sort | cksum | cut -d' ' -f1)
+FILES_STAMP := $(VENV)/.stamp-files-$(PY_LIST)
 DEMO_DIR   ?= runs/demo
 THREADS    ?= 2
 
@@ -27,20 +31,24 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q --upgrade pip wheel
 
-# torch first, by exact pin (a CPU wheel is available for it); then build tools, then the project's
-# dependencies with every extra it uses so far.
-$(DEPS_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+# torch first, by exact pin (a CPU wheel is available for it), then the build tools.
+$(DEPS_STAMP): constraints.txt | $(BIN)/python
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
 	$(PIPC) -q "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(PIPC) -q --no-build-isolation -e ".[all]"
-	touch $@ $(EXT_STAMP)
-
-# Rebuild the extension (and re-register entry points) when native sources or metadata change.
-$(EXT_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
-	$(PIPC) -q --no-build-isolation --no-deps -e .
 	touch $@
 
-setup: $(EXT_STAMP)
+# The project with every extra it uses (editable: builds the C++ extension); rerun when native
+# sources or metadata (dependencies, entry points) change.
+$(EXT_STAMP): $(DEPS_STAMP) pyproject.toml $(NATIVE_SRC)
+	$(PIPC) -q --no-build-isolation -e ".[all]"
+	touch $@
+
+$(FILES_STAMP): $(EXT_STAMP)
+	@if ls $(VENV)/.stamp-files-* >/dev/null 2>&1; then $(PIPC) -q --no-build-isolation --no-deps -e .; fi
+	rm -f $(VENV)/.stamp-files-*
+	touch $@
+
+setup: $(FILES_STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q
