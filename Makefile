@@ -41,6 +41,7 @@ $(DEPS_STAMP): constraints.txt | $(BIN)/python
 # sources or metadata (dependencies, entry points) change.
 $(EXT_STAMP): $(DEPS_STAMP) pyproject.toml $(NATIVE_SRC)
 	$(PIPC) -q --no-build-isolation -e ".[all]"
+	rm -f $(VENV)/.stamp-files-*
 	touch $@
 
 $(FILES_STAMP): $(EXT_STAMP)
