@@ -31,15 +31,17 @@ void run_gemm(const GemmArgs& a, Isa isa, int nthreads) {
   // Split output tiles: over channel units when there are enough (each thread then streams
   // only its own weights), else over rows.
   const bool split_n = units >= 2 * nthreads || a.M < 2 * nthreads;
-  parallel_run(nthreads, [&](int tid, int nth) {
+  // A few chunks per thread, handed out dynamically (see thread_pool.h).
+  const long long n = split_n ? units : a.M;
+  const long long chunks = nthreads == 1 ? 1 : std::min<long long>(n, 4LL * nthreads);
+  parallel_chunks(nthreads, chunks, [&](long long c) {
     long long b, e;
-    if (split_n) {
-      split_range(units, tid, nth, b, e);
-      if (b < e) gemm_block(isa, a, 0, a.M, b, e);
-    } else {
-      split_range(a.M, tid, nth, b, e);
-      if (b < e) gemm_block(isa, a, b, e, 0, units);
-    }
+    split_range(n, c, chunks, b, e);
+    if (b >= e) return;
+    if (split_n)
+      gemm_block(isa, a, 0, a.M, b, e);
+    else
+      gemm_block(isa, a, b, e, 0, units);
   });
 }
 
@@ -55,9 +57,10 @@ void quantize_rows(Isa isa, const float* x, int64_t ldx, int64_t M, int64_t K, i
     body(0, M);
     return;
   }
-  parallel_run(nthreads, [&](int tid, int nth) {
+  const long long chunks = std::min<long long>(M, 4LL * nthreads);
+  parallel_chunks(nthreads, chunks, [&](long long c) {
     long long b, e;
-    split_range(M, tid, nth, b, e);
+    split_range(M, c, chunks, b, e);
     if (b < e) body(b, e);
   });
 }

@@ -84,9 +84,10 @@ void scatter(const float* ys, const int32_t* inv, const float* w, int64_t T, int
     }
   };
   if (T * k * D < (1 << 15) || nthreads <= 1) return body(0, T);
-  parallel_run(nthreads, [&](int tid, int nth) {
+  const long long chunks = std::min<long long>(T, 4LL * nthreads);
+  parallel_chunks(nthreads, chunks, [&](long long c) {
     long long b, e;
-    split_range(T, tid, nth, b, e);
+    split_range(T, c, chunks, b, e);
     body(b, e);
   });
 }
@@ -99,47 +100,41 @@ void gather(const Tv* x, const int32_t* perm, int64_t k, int64_t rows, int64_t D
       std::memcpy(out + j * D, x + static_cast<int64_t>(perm[j] / k) * D, sizeof(Tv) * D);
   };
   if (rows * D * static_cast<int64_t>(sizeof(Tv)) < (1 << 17) || nthreads <= 1) return body(0, rows);
-  parallel_run(nthreads, [&](int tid, int nth) {
+  const long long chunks = std::min<long long>(rows, 4LL * nthreads);
+  parallel_chunks(nthreads, chunks, [&](long long c) {
     long long b, e;
-    split_range(rows, tid, nth, b, e);
+    split_range(rows, c, chunks, b, e);
     body(b, e);
   });
 }
 
-// Run one GEMM stage over all experts in one parallel region: work items are (expert, unit)
-// pairs weighted by the expert's token count, split into equal-cost contiguous ranges.
-void run_experts(const std::vector<GemmArgs>& args, const std::vector<int64_t>& row0, Isa isa,
-                 int nthreads) {
-  struct Item { int64_t e, units; double cost; };
-  std::vector<Item> items;
+// Run one GEMM stage over all experts in one parallel call: work items are (expert, unit
+// range) pieces of about equal cost (rows x units), handed out dynamically.
+void run_experts(const std::vector<GemmArgs>& args, Isa isa, int nthreads) {
+  struct Piece { int64_t e, u0, u1; };
   double total = 0;
+  for (const GemmArgs& a : args)
+    if (a.M) total += static_cast<double>(a.M + 2) * n_units(a);  // +2: weight streaming cost
+  if (total == 0) return;
+  nthreads = std::max(1, nthreads);
+  if (total * args[0].Kp * kPanel < 65536.0) nthreads = 1;
+  const double target = total / (4.0 * nthreads);
+  std::vector<Piece> pieces;
   for (size_t e = 0; e < args.size(); ++e) {
-    if (args[e].M == 0) continue;
-    const int64_t u = n_units(args[e]);
-    items.push_back({static_cast<int64_t>(e), u, static_cast<double>(args[e].M + 2) * u});
-    total += items.back().cost;  // +2: each row tile also streams the expert's weights
-  }
-  if (items.empty()) return;
-  const double macs = total * args[items[0].e].Kp * kPanel;
-  if (macs < 65536.0) nthreads = 1;
-  parallel_run(std::max(1, nthreads), [&](int tid, int nth) {
-    const double lo = total * tid / nth, hi = total * (tid + 1) / nth;
-    double acc = 0;
-    for (const Item& it : items) {
-      const double per_unit = it.cost / it.units;
-      // units of this item whose cost interval starts in [lo, hi)
-      const int64_t b = std::clamp<int64_t>(static_cast<int64_t>(std::ceil((lo - acc) / per_unit - 1e-9)), 0, it.units);
-      const int64_t e = std::clamp<int64_t>(static_cast<int64_t>(std::ceil((hi - acc) / per_unit - 1e-9)), 0, it.units);
-      if (tid == nth - 1 && acc + it.cost >= total - 1e-6) {
-        // the last thread takes everything up to the end (no rounding loss)
-        if (b < it.units) gemm_block(isa, args[it.e], 0, args[it.e].M, b, it.units);
-      } else if (b < e) {
-        gemm_block(isa, args[it.e], 0, args[it.e].M, b, e);
-      }
-      acc += it.cost;
+    if (!args[e].M) continue;
+    const int64_t units = n_units(args[e]);
+    const double cost = static_cast<double>(args[e].M + 2) * units;
+    const int64_t parts = std::min<int64_t>(units, std::max<int64_t>(1, static_cast<int64_t>(cost / target + 0.5)));
+    for (int64_t i = 0; i < parts; ++i) {
+      long long b, en;
+      split_range(units, i, parts, b, en);
+      pieces.push_back({static_cast<int64_t>(e), b, en});
     }
+  }
+  parallel_chunks(nthreads, static_cast<long long>(pieces.size()), [&](long long c) {
+    const Piece& p = pieces[c];
+    gemm_block(isa, args[p.e], 0, args[p.e].M, p.u0, p.u1);
   });
-  (void)row0;
 }
 
 }  // namespace
@@ -247,17 +242,15 @@ void register_moe(py::module_& m) {
         for (int64_t j = 0; j < R; ++j) sxs[j] = sx[perm[j] / k];
         // Stage 1: h = silu(x W1^T) * (x W3^T) per expert slice.
         std::vector<GemmArgs> a1(E), a2(E);
-        std::vector<int64_t> row0(E);
         for (int64_t e = 0; e < E; ++e) {
           GemmArgs& a = a1[e];
-          row0[e] = offsets[e];
           a.qa = qxs.data() + offsets[e] * Dp; a.lda = Dp; a.sa = sxs.data() + offsets[e];
           a.w = W13 + e * np13 * Dp * kPanel; a.sw = S13 + e * np13 * kPanel;
           a.colsum = C13 + e * np13 * kPanel;
           a.M = counts[e]; a.Kp = Dp; a.n_panels = np13; a.N = F; a.epi = Epilogue::SwiGlu;
           a.out = h.data() + offsets[e] * F; a.ldo = F;
         }
-        run_experts(a1, row0, isa, nthreads);
+        run_experts(a1, isa, nthreads);
         // Stage 2: ys = h W2^T per expert slice, on freshly quantized h rows.
         quantize_rows(isa, h.data(), F, R, F, Fp, qh.data(), Fp, sh.data(), nthreads);
         for (int64_t e = 0; e < E; ++e) {
@@ -268,7 +261,7 @@ void register_moe(py::module_& m) {
           a.M = counts[e]; a.Kp = Fp; a.n_panels = np2; a.N = D; a.epi = Epilogue::Float;
           a.out = ys.data() + offsets[e] * D; a.ldo = D;
         }
-        run_experts(a2, row0, isa, nthreads);
+        run_experts(a2, isa, nthreads);
         scatter(ys.data(), inv.data(), wts.data(), T, k, D, o, nthreads);
       },
       py::arg("x"), py::arg("logits"), py::arg("k"), py::arg("softmax_all"), py::arg("w13"),

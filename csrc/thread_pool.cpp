@@ -4,6 +4,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -21,57 +22,67 @@ namespace {
 // linears of one decode step, short enough not to steal a core from torch between layers.
 constexpr auto kSpin = std::chrono::microseconds(100);
 
+// One parallel call. Shared-owned: a worker that wakes late still holds a valid Job, finds no
+// chunk left and never touches fn (which lives on the caller's stack).
+struct Job {
+  const std::function<void(long long)>* fn = nullptr;
+  long long total = 0;
+  int max_workers = 0;  // workers with index < max_workers take part
+  std::atomic<long long> next{0}, done{0};
+  std::mutex err_mu;
+  std::exception_ptr error;
+
+  void work() {
+    for (;;) {
+      const long long c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= total) return;
+      try {
+        (*fn)(c);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_mu);
+        if (!error) error = std::current_exception();
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+
 class Pool {
  public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-      gen_.fetch_add(1);
-    }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
-  void run(int nthreads, const std::function<void(int, int)>& fn) {
+  void run(int nthreads, long long n_chunks, const std::function<void(long long)>& fn) {
     std::lock_guard<std::mutex> job_lock(job_mu_);  // one job at a time (callers from 2 threads)
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->total = n_chunks;
+    job->max_workers = nthreads - 1;
     ensure_workers(nthreads - 1);
-    fn_ = &fn;
-    nthreads_ = nthreads;
-    error_ = nullptr;
-    // Every worker acknowledges every generation (idle ones just decrement), so no worker can
-    // skip or repeat a job: the next job is published only after all have acknowledged.
-    pending_.store(static_cast<int>(workers_.size()));
     {
       std::lock_guard<std::mutex> lk(mu_);
+      job_ = job;
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    try {
-      fn(0, nthreads);
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(err_mu_);
-      if (!error_) error_ = std::current_exception();
+    job->work();
+    // Wait only for chunks that other threads have started.
+    unsigned spins = 0;
+    while (job->done.load(std::memory_order_acquire) != job->total) {
+      if (++spins < 4096) DK_PAUSE(); else std::this_thread::yield();
     }
-    while (pending_.load(std::memory_order_acquire) != 0) DK_PAUSE();
-    fn_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    if (job->error) std::rethrow_exception(job->error);
   }
 
  private:
   void ensure_workers(int n) {
     while (static_cast<int>(workers_.size()) < n) {
-      int idx = static_cast<int>(workers_.size()) + 1;  // tid of this worker
-      // The worker starts from the generation current now, before run() publishes the next
-      // one; reading it inside the new thread could miss that job and deadlock.
-      const unsigned long long g = gen_.load();
+      const int idx = static_cast<int>(workers_.size());
+      const unsigned long long g = gen_.load();  // start from the generation current now
       workers_.emplace_back([this, idx, g] { loop(idx, g); });
+      workers_.back().detach();  // the pool lives for the whole process
     }
   }
 
-  void loop(int tid, unsigned long long seen) {
+  void loop(int idx, unsigned long long seen) {
     for (;;) {
-      // Spin, then sleep, until a new generation is published.
       auto t0 = std::chrono::steady_clock::now();
       unsigned spins = 0;
       while (gen_.load(std::memory_order_acquire) == seen) {
@@ -81,45 +92,37 @@ class Pool {
           cv_.wait(lk, [&] { return gen_.load() != seen; });
         }
       }
-      seen = gen_.load(std::memory_order_acquire);
-      if (stop_) return;
-      if (tid < nthreads_) {
-        try {
-          (*fn_)(tid, nthreads_);
-        } catch (...) {
-          std::lock_guard<std::mutex> lk(err_mu_);
-          if (!error_) error_ = std::current_exception();
-        }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        seen = gen_.load();
+        job = job_;
       }
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      if (job && idx < job->max_workers) job->work();
     }
   }
 
   std::vector<std::thread> workers_;
-  std::mutex job_mu_, mu_, err_mu_;
+  std::mutex job_mu_, mu_;
   std::condition_variable cv_;
   std::atomic<unsigned long long> gen_{0};
-  std::atomic<int> pending_{0};
-  const std::function<void(int, int)>* fn_ = nullptr;
-  int nthreads_ = 1;
-  std::exception_ptr error_;
-  bool stop_ = false;
+  std::shared_ptr<Job> job_;
 };
 
 thread_local bool tl_inside = false;
 
 }  // namespace
 
-void parallel_run(int nthreads, const std::function<void(int, int)>& fn) {
-  if (nthreads <= 1 || tl_inside) {
-    for (int t = 0; t < (nthreads < 1 ? 1 : nthreads); ++t) fn(t, nthreads < 1 ? 1 : nthreads);
+void parallel_chunks(int nthreads, long long n_chunks, const std::function<void(long long)>& fn) {
+  if (n_chunks <= 0) return;
+  if (nthreads <= 1 || n_chunks == 1 || tl_inside) {
+    for (long long c = 0; c < n_chunks; ++c) fn(c);
     return;
   }
-  // Leaked on purpose: joining threads during interpreter shutdown can deadlock.
-  static Pool* pool = new Pool();
+  static Pool* pool = new Pool();  // leaked on purpose: no joins during interpreter shutdown
   tl_inside = true;
   try {
-    pool->run(nthreads, fn);
+    pool->run(nthreads, n_chunks, fn);
   } catch (...) {
     tl_inside = false;
     throw;

@@ -5,16 +5,18 @@
 
 namespace deploykit {
 
-// Runs fn(tid, nthreads) for tid in [0, nthreads) and returns when all are done. The calling
-// thread runs tid 0. Workers spin briefly after a job (decode calls kernels back to back) and
-// then sleep. Not reentrant: a nested call runs serially on the caller.
-void parallel_run(int nthreads, const std::function<void(int, int)>& fn);
+// Runs fn(c) for every chunk c in [0, n_chunks) on up to nthreads threads (the caller is one of
+// them) and returns when all chunks are done. Chunks are handed out dynamically: if a worker is
+// descheduled (a shared, oversubscribed machine), the others take its chunks instead of
+// waiting for it, and the caller never waits for a worker that has not started a chunk.
+// Not reentrant: a nested call runs serially on the caller.
+void parallel_chunks(int nthreads, long long n_chunks, const std::function<void(long long)>& fn);
 
-// Split [0, n) into nthreads near-equal contiguous chunks; returns chunk tid.
-inline void split_range(long long n, int tid, int nthreads, long long& b, long long& e) {
-  long long q = n / nthreads, r = n % nthreads;
-  b = tid * q + (tid < r ? tid : r);
-  e = b + q + (tid < r ? 1 : 0);
+// Split [0, n) into parts near-equal contiguous chunks; returns chunk i.
+inline void split_range(long long n, long long i, long long parts, long long& b, long long& e) {
+  long long q = n / parts, r = n % parts;
+  b = i * q + (i < r ? i : r);
+  e = b + q + (i < r ? 1 : 0);
 }
 
 }  // namespace deploykit

@@ -233,31 +233,53 @@ def int8_gemm_s32(qa: Tensor, packed: PackedInt8Weight, *, threads: int | None =
 
 
 class Int8Linear(nn.Module):
-    """Drop-in for nn.Linear running the fused int8 kernel (dynamic per-token activations)."""
+    """Drop-in for nn.Linear running the fused int8 kernel (dynamic per-token activations).
+
+    The packed weight lives in buffers (``packed``, ``scales``, ``colsum``), so ``state_dict()``
+    / safetensors carry the prepacked layout and loading needs no re-packing.
+    """
 
     def __init__(self, packed: PackedInt8Weight, bias: Tensor | None = None) -> None:
         super().__init__()
-        self.packed = packed
+        if packed.swiglu:
+            raise ValueError("Int8Linear: got a SwiGLU pack; use Int8SwiGLU")
         self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.register_buffer("packed", packed.packed)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("colsum", packed.colsum)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
         return cls(pack_int8_weight(linear.weight), linear.bias)
 
+    @property
+    def weight_packed(self) -> PackedInt8Weight:
+        return PackedInt8Weight(self.packed, self.scales, self.colsum, self.out_features,
+                                self.in_features, False)
+
     def forward(self, x: Tensor) -> Tensor:
-        return int8_linear(x, self.packed, self.bias)
+        return int8_linear(x, self.weight_packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 class Int8SwiGLU(nn.Module):
-    """SwiGLU MLP y = down(silu(gate x) * up x) with the gate product fused into one kernel."""
+    """SwiGLU MLP y = down(silu(gate x) * up x), the gate product fused into the first kernel.
+
+    Buffers: ``gate_up_{packed,scales,colsum}`` and ``down_{packed,scales,colsum}``.
+    """
 
     def __init__(self, gate_up: PackedInt8Weight, down: PackedInt8Weight) -> None:
         super().__init__()
-        self.gate_up, self.down = gate_up, down
+        if not gate_up.swiglu or down.swiglu or down.in_features != gate_up.out_features:
+            raise ValueError("Int8SwiGLU: expected a SwiGLU pack (F, D) and a plain pack (D, F)")
+        self.d_model, self.d_ff = gate_up.in_features, gate_up.out_features
+        for name, p in (("gate_up", gate_up), ("down", down)):
+            self.register_buffer(f"{name}_packed", p.packed)
+            self.register_buffer(f"{name}_scales", p.scales)
+            self.register_buffer(f"{name}_colsum", p.colsum)
 
     @classmethod
     def from_float(cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> Int8SwiGLU:
@@ -268,7 +290,11 @@ class Int8SwiGLU(nn.Module):
         return cls(pack_int8_swiglu(gate.weight, up.weight), pack_int8_weight(down.weight))
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_linear(int8_linear(x, self.gate_up), self.down)
+        gu = PackedInt8Weight(self.gate_up_packed, self.gate_up_scales, self.gate_up_colsum,
+                              self.d_ff, self.d_model, True)
+        dn = PackedInt8Weight(self.down_packed, self.down_scales, self.down_colsum,
+                              self.d_model, self.d_ff, False)
+        return int8_linear(int8_linear(x, gu), dn)
 
 
 # -------------------------------------------------------------------------------------- MoE
@@ -299,12 +325,10 @@ def moe_route(logits: Tensor, k: int, softmax: str = "topk") -> MoERouting:
     sm_all = _softmax_all(softmax)
     lg = logits.contiguous()
     T, E = lg.shape
-    ids = torch.empty(T, k, dtype=torch.int32)
+    buf = torch.empty(3 * T * k + 2 * E + 1, dtype=torch.int32)  # one allocation, split below
+    ids, counts, offsets, perm, inv = torch.split(buf, [T * k, E, E + 1, T * k, T * k])
+    ids = ids.view(T, k)
     w = torch.empty(T, k, dtype=torch.float32)
-    counts = torch.empty(E, dtype=torch.int32)
-    offsets = torch.empty(E + 1, dtype=torch.int32)
-    perm = torch.empty(T * k, dtype=torch.int32)
-    inv = torch.empty(T * k, dtype=torch.int32)
     C.moe_route(_np(lg, "moe_route", "logits", torch.float32), k, sm_all, ids.numpy(), w.numpy(),
                 counts.numpy(), offsets.numpy(), perm.numpy(), inv.numpy())
     return MoERouting(ids, w, counts, offsets, perm, inv)

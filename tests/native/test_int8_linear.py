@@ -202,3 +202,19 @@ def test_custom_op_opcheck():
     p = native.pack_int8_weight(torch.randn(24, 40))
     args = (torch.randn(5, 40), p.packed, p.scales, p.colsum, torch.randn(24), 24, 40, False)
     torch.library.opcheck(torch.ops.deploykit.int8_linear.default, args)
+
+
+def test_modules_state_dict_roundtrip():
+    torch.manual_seed(0)
+    gate, up, down = (torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(32, 48, bias=False),
+                      torch.nn.Linear(48, 32, bias=False))
+    m = native.Int8SwiGLU.from_float(gate, up, down)
+    x = torch.randn(4, 32)
+    ref = down(torch.nn.functional.silu(gate(x)) * up(x))
+    assert (m(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    sd = m.state_dict()
+    assert set(sd) == {f"{a}_{b}" for a in ("gate_up", "down") for b in ("packed", "scales", "colsum")}
+    lin = native.Int8Linear.from_float(torch.nn.Linear(32, 20))
+    assert {"packed", "scales", "colsum", "bias"} <= set(lin.state_dict())
+    with pytest.raises(ValueError, match="bias"):
+        native.Int8SwiGLU.from_float(torch.nn.Linear(32, 48), up, down)
