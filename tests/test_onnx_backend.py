@@ -7,8 +7,8 @@ exaggerate quantization error), and the next token depends on the start of the s
 decoder that loses its KV cache is visibly wrong. Each model is exported once per module; every scheme is derived from that
 export exactly as ``OnnxBackend.convert`` does after its own export.
 
-deploykit.convert (the core) had not landed when this was written, so these tests drive the
-backend's ``convert`` / ``load`` directly with a temporary folder.
+The end-to-end tests at the bottom go through ``deploykit.convert`` / ``deploykit.load`` (its parity
+proof included) on the shared trained ``nano`` / ``nano-moe`` checkpoints from conftest.py.
 """
 from __future__ import annotations
 
@@ -308,6 +308,33 @@ def test_tokenizer_in_the_artifact_enables_text_generation(artifacts, variant, t
     Tokenizer.train(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300).save(folder)
     runner = BACKEND.load(folder, {}, threads=1)
     assert isinstance(runner.generate("the quick", max_new_tokens=5), str)
+
+
+# -- end to end: deploykit.convert (with its parity proof) and deploykit.load ----------------------------
+@pytest.mark.parametrize("which, quant", [("nano", "int8-static"), ("nano-moe", "int8-dynamic")])
+def test_deploykit_convert_and_load(request, tmp_path, which, quant):
+    import deploykit
+
+    checkpoint = request.getfixturevalue({"nano": "nano_checkpoint", "nano-moe": "nano_moe_checkpoint"}[which])
+    result = deploykit.convert(checkpoint, backend="onnx", quant=quant, out=tmp_path / "artifact")
+    print(f"{which} {quant}: max {result.report.max_abs_logit:.3g} kl {result.report.mean_kl:.3g} "
+          f"top1 {result.report.top1:.3f} greedy {result.report.greedy_match:.3f}")
+    assert result.report.passed()
+    assert {ob.MODEL_FILE, "tokenizer.json"} <= set(result.manifest["files"]) and not result.manifest["pickle_files"]
+    runner = deploykit.load(tmp_path / "artifact", threads=1)
+    assert runner.info["quant"] == quant and runner.info["kv_cache"] is True
+    assert isinstance(runner.generate("The", max_new_tokens=8), str)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", SCHEMES)
+@pytest.mark.parametrize("which", ["nano", "nano-moe"])
+def test_deploykit_convert_every_scheme(request, tmp_path, which, quant):
+    import deploykit
+
+    checkpoint = request.getfixturevalue({"nano": "nano_checkpoint", "nano-moe": "nano_moe_checkpoint"}[which])
+    result = deploykit.convert(checkpoint, backend="onnx", quant=quant, out=tmp_path / "artifact")
+    assert result.report.passed(), result.report.per_probe_lines()
 
 
 # -- slower: full convert() of a derived scheme, the legacy variant -------------------------------------

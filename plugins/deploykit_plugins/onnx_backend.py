@@ -172,7 +172,11 @@ def export_onnx(model: Any, path: Path) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     opset = stamp_metadata(path, cfg.to_dict(), "fp32")
-    return {"opset": opset, "graph": "merged (past >= 0)", "inputs": inputs, "outputs": outputs}
+    facts = {"opset": opset, "graph": "merged (past >= 0)", "inputs": inputs, "outputs": outputs}
+    if cfg.is_moe:
+        facts["parity_note"] = ("MoE exported with dense dispatch: every expert runs on every token and the "
+                                "router's top-k weights combine them (same function, E/k x the expert FLOPs)")
+    return facts
 
 
 def _shallow_copy(model: Any) -> Any:
