@@ -47,14 +47,15 @@ def _source_sha256(model: Any, folder: Path | None) -> str:
         for shard in shards:
             h.update(f"{shard.name}:{sha256_file(shard)}\n".encode())
         return h.hexdigest()
-    # In-memory model: hash the serialized fp32 state, so the same weights give the same id.
+    # In-memory model: hash the fp32 state serialized exactly as save_model writes it, so the same
+    # weights get the same id whether they come from memory or from a checkpoint folder.
     import torch
     from safetensors.torch import save
 
     from .checkpoint import to_hf_state_dict
 
     tensors = {k: v.to(torch.float32).contiguous() for k, v in to_hf_state_dict(model).items()}
-    return hashlib.sha256(save(tensors)).hexdigest()
+    return hashlib.sha256(save(tensors, metadata={"format": "pt"})).hexdigest()
 
 
 def _load_source(model: Any, tokenizer: Any) -> tuple[Any, Path | None, Any]:
@@ -108,7 +109,7 @@ def convert(
     in the manifest). With ``verify=False`` no proof is run and the manifest says so.
     """
     from . import __version__
-    from .plugins import plugin_manager, registry
+    from .plugins import registry
 
     say = progress or (lambda message: None)
     reg = registry()
@@ -198,10 +199,12 @@ def convert(
         })
         write_manifest(tmp, manifest)
 
-    try:
-        plugin_manager().hook.deploykit_after_convert(artifact=out, manifest=manifest)
-    except Exception as e:  # the artifact is complete and renamed; an observer failing must not undo it
-        warnings.warn(f"a deploykit_after_convert hook failed: {type(e).__name__}: {e}", stacklevel=2)
+    # Each observer is called on its own: one failing (an upload, say) must not silence the others,
+    # and none of them can undo the artifact, which is complete and renamed into place.
+    for name, _, error in reg.call_isolated("deploykit_after_convert", artifact=out, manifest=manifest):
+        if error is not None:
+            warnings.warn(f"deploykit_after_convert of plugin {name!r} failed: {type(error).__name__}: {error}",
+                          stacklevel=2)
     return ConvertResult(path=out, backend=be.name, quant=scheme.name, manifest=manifest, report=report)
 
 

@@ -10,8 +10,12 @@ How the numbers meet a :class:`~deploykit.backend.Tolerance`:
 - KL and top-1 are pooled over all probe positions, so a one-position probe cannot flip the verdict
   on a single near-tie; greedy match is pooled over all generated tokens.
 
-Greedy match counts the tokens up to the first divergence (``common_prefix / N``): after the first
-different token the two sides continue different texts, and counting later coincidences would flatter.
+Greedy decoding: the fp32 model decodes N tokens greedily from each prompt; the artifact's own decode
+session (its KV cache) is fed the same tokens and its next-token choice is compared at every step.
+``greedy_match`` is the share of steps where the choices agree (token for token, same context). The
+free-running agreement follows exactly: both sides decode the same text up to the first disagreement,
+reported as ``prefix`` per prompt. The decision uses the per-step rate because after one near-tie
+flip two free-running decodes continue different texts, and a barely trained model has near-ties.
 """
 from __future__ import annotations
 
@@ -140,7 +144,8 @@ class ProbeResult:
     greedy_match: float | None = None
     kl_sum: float = 0.0  # for pooling: KL summed over positions
     top1_hits: int = 0
-    matched: int = 0  # greedy: tokens before the first divergence
+    matched: int = 0  # greedy: steps where both sides chose the same next token
+    prefix: int = 0  # greedy: tokens both sides decode identically when running free
     detail: str = ""  # greedy: where it diverged
 
 
@@ -176,6 +181,12 @@ class ParityReport:
         n = sum(p.tokens for p in self.probes if p.kind == "greedy")
         return sum(p.matched for p in self.probes if p.kind == "greedy") / n if n else 1.0
 
+    @property
+    def greedy_prefix(self) -> float:
+        """Informational: share of greedy tokens decoded identically before the first free-running divergence."""
+        n = sum(p.tokens for p in self.probes if p.kind == "greedy")
+        return sum(p.prefix for p in self.probes if p.kind == "greedy") / n if n else 1.0
+
     def violations(self, tolerance: Tolerance | None = None) -> list[str]:
         """Each bound that is broken, as "metric value vs bound" (empty: passed)."""
         t = tolerance or self.tolerance
@@ -199,7 +210,8 @@ class ParityReport:
             if p.kind == "logits":
                 lines.append(f"{p.name}: max|Δlogit|={p.max_abs_logit:.4g} KL={p.mean_kl:.3g} top1={p.top1:.3f}")
             else:
-                lines.append(f"{p.name}: greedy match {p.matched}/{p.tokens}{' ' + p.detail if p.detail else ''}")
+                lines.append(f"{p.name}: greedy match {p.matched}/{p.tokens}, free-running prefix {p.prefix}"
+                             f"{' ' + p.detail if p.detail else ''}")
         return lines
 
     # -- (de)serialisation ------------------------------------------------------------------------
@@ -208,7 +220,7 @@ class ParityReport:
             "backend": self.backend, "quant": self.quant, "tolerance": asdict(self.tolerance),
             "passed": self.passed(),
             "summary": {"max_abs_logit": self.max_abs_logit, "mean_kl": self.mean_kl, "top1": self.top1,
-                        "greedy_match": self.greedy_match},
+                        "greedy_match": self.greedy_match, "greedy_prefix": self.greedy_prefix},
             "violations": self.violations(),
             "probe_source": self.probe_source, "max_len": self.max_len, "model_max_len": self.model_max_len,
             "seconds": round(self.seconds, 3), "notes": list(self.notes),
@@ -243,7 +255,7 @@ class ParityReport:
                 table.add_row(p.name, str(p.tokens), fmt(p.max_abs_logit, ".4g"), fmt(p.mean_kl, ".3g"),
                               fmt(p.top1, ".3f"), "")
             else:
-                table.add_row(p.name, str(p.tokens), "", "", "", f"{p.matched}/{p.tokens}")
+                table.add_row(p.name, str(p.tokens), "", "", "", f"{p.matched}/{p.tokens} (prefix {p.prefix})")
 
         def mark(good: bool, text: str) -> str:
             return f"[green]{text}[/]" if good else f"[red]{text}[/]"
@@ -309,17 +321,19 @@ def run_parity(reference: CausalLM, runner: Runner, probes: ProbeSet, *, backend
         art = np.asarray(runner.forward(ids), dtype=np.float32)
         results.append(compare_logits(name, ref, art))
     for i, prompt in enumerate(probes.prompts):
-        want = _greedy(TorchSession(reference), prompt, probes.greedy_tokens)
-        got = _greedy(runner.new_session(), prompt, probes.greedy_tokens)
-        matched = 0
-        for a, b in zip(want, got):
-            if a != b:
-                break
-            matched += 1
-        detail = "" if matched == len(want) else f"(first diff at token {matched}: {want[matched]} vs " \
-                 f"{got[matched] if matched < len(got) else 'end'})"
+        want = _greedy(TorchSession(reference), prompt, probes.greedy_tokens)  # the reference's greedy text
+        session = runner.new_session()
+        logits = session.feed(list(prompt))
+        got: list[int] = []
+        for step, token in enumerate(want):
+            got.append(int(np.argmax(logits)))
+            if step + 1 < len(want):
+                logits = session.feed([token])  # teacher forcing: same context as the reference
+        hits = sum(a == b for a, b in zip(want, got))
+        prefix = next((j for j, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
+        detail = "" if prefix == len(want) else f"(first diff at token {prefix}: {want[prefix]} vs {got[prefix]})"
         results.append(ProbeResult(name=f"greedy{i}", kind="greedy", tokens=len(want),
-                                   greedy_match=matched / max(len(want), 1), matched=matched, detail=detail))
+                                   greedy_match=hits / max(len(want), 1), matched=hits, prefix=prefix, detail=detail))
     return ParityReport(backend=backend, quant=quant, tolerance=tolerance, probes=tuple(results),
                         probe_source=probes.source, max_len=probes.max_len, model_max_len=probes.model_max_len,
                         seconds=time.perf_counter() - t0, notes=notes)

@@ -179,6 +179,23 @@ class PluginRegistry:
             raise BackendError(f"unknown backend {name!r}", hint=hint)
         return found[name]
 
+    def call_isolated(self, hook: str, **kwargs: Any) -> list[tuple[str, Any, Exception | None]]:
+        """Call ``hook`` on each implementing plugin separately: (plugin, result, error) per plugin.
+
+        pluggy stops at the first exception; for events (after_convert) one failing observer must not
+        keep the others from hearing about it.
+        """
+        out = []
+        everyone = self.pm.list_name_plugin()
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            others = [p for _, p in everyone if p is not impl.plugin]
+            try:
+                results = self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
+                out.append((impl.plugin_name, results[0] if isinstance(results, list) and results else results, None))
+            except Exception as e:
+                out.append((impl.plugin_name, None, e))
+        return out
+
     def plugin_of(self, backend_name: str) -> str:
         """The name of the plugin (entry point) that provides ``backend_name``."""
         self.backends()
