@@ -42,6 +42,20 @@ def timeit(fn, repeat):
     return statistics.median(ts)
 
 
+def timeit_interleaved(fns: dict, repeat: int) -> dict:
+    """Median seconds per contender, timed round-robin so load changes hit all alike."""
+    for _ in range(3):
+        for f in fns.values():
+            f()
+    ts = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
 # --- routing ------------------------------------------------------------------------------
 def route_naive(logits, k):
     """Seed style: softmax/topk, then a Python loop over experts collecting their tokens."""
@@ -118,13 +132,15 @@ def main() -> int:
         x = torch.randn(T, D)
         logits = F.linear(x, router)
         with torch.inference_mode():
-            r = dict(T=T,
-                     route_native_us=timeit(lambda: native.moe_route(logits, K), args.repeat) * 1e6,
-                     route_naive_us=timeit(lambda: route_naive(logits, K), args.repeat) * 1e6,
-                     route_vec_us=timeit(lambda: route_vectorized(logits, K), args.repeat) * 1e6,
-                     layer_native_us=timeit(lambda: native.moe_ffn(x, logits, ex, K), args.repeat) * 1e6,
-                     layer_naive_us=timeit(lambda: moe_naive(x, logits, w1, w3, w2, K), args.repeat) * 1e6,
-                     layer_vec_us=timeit(lambda: moe_vectorized(x, logits, w1, w3, w2, K), args.repeat) * 1e6)
+            t = timeit_interleaved({
+                "route_native_us": lambda: native.moe_route(logits, K),
+                "route_naive_us": lambda: route_naive(logits, K),
+                "route_vec_us": lambda: route_vectorized(logits, K)}, args.repeat)
+            t |= timeit_interleaved({
+                "layer_native_us": lambda: native.moe_ffn(x, logits, ex, K),
+                "layer_naive_us": lambda: moe_naive(x, logits, w1, w3, w2, K),
+                "layer_vec_us": lambda: moe_vectorized(x, logits, w1, w3, w2, K)}, args.repeat)
+            r = dict(T=T, **{k: v * 1e6 for k, v in t.items()})
             ref = moe_naive(x, logits, w1, w3, w2, K)
             r["layer_rel_err_vs_fp32"] = float((native.moe_ffn(x, logits, ex, K) - ref).abs().max()
                                                / ref.abs().max())
