@@ -43,13 +43,16 @@ def ensure_checkpoint(model: str, runs: Path, steps: int | None, threads: int, s
     return ckpt
 
 
-def update_readme(readme: Path, results_dir: Path, models: list[str]) -> None:
-    """Replace the block between the RESULTS markers with each model's summary table."""
+def update_readme(readme: Path, results_dir: Path) -> None:
+    """Replace the block between the RESULTS markers with the summary table of every model benched so far."""
     import json
 
     from deploykit.bench.machine import describe
     from deploykit.bench.report import seed_table
 
+    found = [p.name for p in sorted(results_dir.iterdir()) if (p / "results.json").is_file()] \
+        if results_dir.is_dir() else []
+    models = [m for m in STANDARD if m in found] + [m for m in found if m not in STANDARD]
     parts = [BEGIN, ""]
     for model in models:
         path = results_dir / model / "results.json"
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rebuild report.md/png/csv and the README from each results.json")
     args = p.parse_args(argv)
 
     from rich.console import Console
@@ -95,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     from deploykit.cli.bench import _RichReporter
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.report_only:
+        import json
+
+        from deploykit.bench.report import write_reports
+
+        for model in models:
+            folder = args.results / model
+            write_reports(json.loads((folder / "results.json").read_text()), folder)
+        update_readme(ROOT / "benchmarks" / "README.md", args.results)
+        return 0
     console = Console()
     for model in models:
         ckpt = ensure_checkpoint(model, args.runs, args.steps, args.threads, args.train_seconds)
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 reporter.stop()
         console.print(rich_table(results))
         console.print(f"[{model}] {results['outputs']['md']}")
-    update_readme(ROOT / "benchmarks" / "README.md", args.results, models)
+    update_readme(ROOT / "benchmarks" / "README.md", args.results)
     return 0
 
 

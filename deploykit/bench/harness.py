@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 from ..errors import BackendError, ConfigError
 from . import cache
-from .machine import ALLOCATOR_ENV, available_cpus, library_versions, load_average, machine_info
+from .machine import (ALLOCATOR_ENV, available_cpus, finish_native_probe, library_versions, load_average,
+                      machine_info, start_native_probe)
 from .schema import COLUMN_NAMES, SCHEMA_VERSION, empty_row
 
 BASELINE = ("torch", "fp32")  # the first row, always: every ratio and delta is against it
@@ -313,6 +314,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, A
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=cfg.out))
     try:
         machine = machine_info(cfg.threads)  # before measuring: its load average is the "start" one
+        native_probe = start_native_probe()
         reporter.start(len(planned))
         reporter.stage(0, "inputs", "preparing held-out text, tasks and the fp32 reference")
         ref = prepare_inputs(source, InputSpec(cfg.prompt_len, cfg.gen_len, cfg.batch, cfg.eval_tokens,
@@ -339,6 +341,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, A
             "rows": rows,
         }
         results["machine"]["load_average_end"] = load_average()
+        results["machine"]["native_cpu_features"] = finish_native_probe(native_probe)
         results["wall_s"] = time.time() - started
         results["outputs"] = {k: str(v) for k, v in write_reports(results, cfg.out).items()}
         return results

@@ -5,8 +5,10 @@ int8 artifact is 4x faster on a CPU with AVX-512 VNNI than on one with AVX2 only
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -102,17 +104,38 @@ def machine_info(threads: int) -> dict[str, Any]:
         "allocator_env": dict(ALLOCATOR_ENV),
         "load_average_start": load_average(),
     }
-    # The native extension's own cpuid report, when built: it is what the native kernels dispatch on.
-    try:
-        from deploykit import native
-
-        if native.available():
-            info["native_cpu_features"] = native.cpu_features()
-        else:
-            info["native_cpu_features"] = {"unavailable": native.unavailable_reason()}
-    except Exception as e:  # the native package may be mid-rebuild; the report must still be written
-        info["native_cpu_features"] = {"unavailable": f"{type(e).__name__}: {e}"}
     return info
+
+
+_NATIVE_PROBE = ("import json; from deploykit import native; print(json.dumps(native.cpu_features() "
+                 "if native.available() else {'unavailable': native.unavailable_reason()}))")
+
+
+def start_native_probe() -> subprocess.Popen[str]:
+    """Ask the native extension for its cpuid report, in a child process started now.
+
+    A child, not this process: the extension may be mid-rebuild (a replaced .so segfaults whoever has it
+    loaded), and a crash here must cost one field of the report, not the whole bench. Started early and
+    collected at the end, so its interpreter start-up overlaps the bench.
+    """
+    return subprocess.Popen([sys.executable, "-c", _NATIVE_PROBE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_native_probe(proc: subprocess.Popen[str], timeout_s: float = 120.0) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"unavailable": f"cpu_features() did not answer within {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+        last = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return {"unavailable": f"cpu_features() failed: {last}"}
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return {"unavailable": f"cpu_features() printed no JSON: {out[-200:]!r}"}
 
 
 def describe(info: dict[str, Any]) -> str:
@@ -123,5 +146,6 @@ def describe(info: dict[str, Any]) -> str:
     shown = ", ".join(x for x in isa if x) or "no AVX2"
     if not flags.get("avx512_vnni"):
         shown += ", no AVX-512 VNNI"
+    threads = info.get("threads", "?")
     return (f"{info.get('cpu_model', '?')}, {info.get('available_cpus', '?')} CPUs, "
-            f"{info.get('threads', '?')} threads, {shown}")
+            f"{threads} thread{'' if threads == 1 else 's'}, {shown}")

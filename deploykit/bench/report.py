@@ -141,7 +141,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Model: {model['params']:,} parameters ({model['variant']}{moe}), source sha256 `{model['sha256'][:16]}…`.  ",
         f"Machine: {describe(m)}; {m.get('os')}, Python {m.get('python')}.  ",
         f"Settings: prompt {s['prompt_len']} tokens × batch {s['batch']}, decode {s['gen_len']} tokens, "
-        f"{s['warmup']} warm-up + {s['repeat']} timed runs (median, min–max), {s['threads']} threads, "
+        f"{s['warmup']} warm-up + {s['repeat']} timed runs (median, min–max), {s['threads']} "
+        f"thread{'' if s['threads'] == 1 else 's'}, "
         f"perplexity on {model['ppl_tokens']:,} held-out tokens, {model['n_tasks']} exact-match tasks.  ",
         f"Run {results['created']}, {results.get('wall_s') or 0:.0f} s.",
         "",

@@ -34,7 +34,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("decode_speedup", "decode_tok_s / fp32 torch decode_tok_s"),
     ("kv_cache", "the runner decodes with a KV cache"),
     ("decode_recomputed", "the runner recomputed the whole sequence at every step instead"),
-    ("peak_rss_bytes", "peak resident memory of the worker after load + timing (ru_maxrss)"),
+    ("peak_rss_bytes", "peak resident memory of the worker after load + timing (VmHWM)"),
     ("base_rss_bytes", "resident memory of the worker before loading the artifact"),
     ("parity_max_abs_logit", "max |logit - fp32 torch logit| over the probe positions"),
     ("parity_top1", "share of probe positions with the same argmax token as fp32 torch"),

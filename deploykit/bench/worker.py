@@ -154,9 +154,25 @@ def _task_completions(runner: Any, tasks: list[dict[str, Any]]) -> list[list[int
                         eos_token_id=runner.eos_token_id) for t in tasks]
 
 
-def run_measure(spec: dict[str, Any]) -> dict[str, Any]:
-    import resource
+def _peak_rss() -> int:
+    """Peak resident bytes of this process image.
 
+    /proc/self/status VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so
+    every worker would report at least the parent's RSS at fork time (the same number for every row).
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource  # not Linux: ru_maxrss (bytes on macOS)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def run_measure(spec: dict[str, Any]) -> dict[str, Any]:
     import psutil
 
     _pin_threads(spec["threads"])
@@ -173,7 +189,7 @@ def run_measure(spec: dict[str, Any]) -> dict[str, Any]:
     prefill = _time_prefill(runner, prompt, spec["warmup"], spec["repeat"])
     decode = _time_decode(runner, prompt[0], data["decode_tokens"], spec["warmup"], spec["repeat"])
     # Peak RSS of serving (load + prefill + decode), before the accuracy passes below add their own.
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak_rss = _peak_rss()
 
     n_prompt = prompt.shape[0] * prompt.shape[1]
     n_decode = len(data["decode_tokens"])
