@@ -109,13 +109,13 @@ def prepare_inputs(source: Path, spec: InputSpec, work: Path) -> dict[str, Any]:
               np.resize(ppl_blocks.reshape(-1), n)[None, :] for n in probe_lengths]
 
     model = load_model(source)
-    torch.set_grad_enabled(False)
     moe = model.moe_layers()
-    for i, ids in enumerate(probes):
-        arrays[f"probe_{i}"] = ids
-        arrays[f"ref_logits_{i}"] = model(torch.from_numpy(ids)).float().numpy()  # (1, T, V)
-        if moe:
-            arrays[f"ref_experts_{i}"] = torch.stack([m.last_experts for m in moe]).numpy()  # (L, T, k)
+    with torch.no_grad():  # scoped: this runs inside the caller's process
+        for i, ids in enumerate(probes):
+            arrays[f"probe_{i}"] = ids
+            arrays[f"ref_logits_{i}"] = model(torch.from_numpy(ids)).float().numpy()  # (1, T, V)
+            if moe:
+                arrays[f"ref_experts_{i}"] = torch.stack([m.last_experts for m in moe]).numpy()  # (L, T, k)
     np.savez(work / "inputs.npz", **arrays)
 
     from ..data import task_examples
