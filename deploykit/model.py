@@ -205,6 +205,13 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None  # (E,) tokens routed to each expert
         self.last_experts: torch.Tensor | None = None  # (N, k) chosen experts
 
+    def __getstate__(self) -> dict:
+        # Copies drop the last forward's statistics: right after a training step the aux loss is a
+        # non-leaf tensor holding the autograd graph, which copy.deepcopy refuses to copy.
+        state = self.__dict__.copy()
+        state.update(last_aux_loss=None, last_counts=None, last_experts=None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         xf = x.reshape(B * T, D)  # (N, D)

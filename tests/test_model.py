@@ -174,3 +174,17 @@ def test_tied_embeddings_share_storage():
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     untied = CausalLM(small("nano").replace(tie_embeddings=False))
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
+def test_moe_model_deep_copies_right_after_a_training_step():
+    import copy
+
+    cfg = small("nano-moe")
+    model = CausalLM(cfg)
+    model(torch.randint(0, cfg.vocab_size, (1, 8))).sum().backward()
+    assert model.aux_loss().requires_grad
+    clone = copy.deepcopy(model)  # convert() copies the model it is given
+    assert clone.aux_loss() is None and model.aux_loss() is not None
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(clone(ids), model(ids))
