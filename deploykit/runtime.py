@@ -22,10 +22,12 @@ from .artifact import HOW_TO_MAKE, MANIFEST_NAME, read_manifest, verify
 from .backend import Runner, as_int64_batch
 from .errors import ArtifactError, ConfigError
 from .generation import TorchSession
+from .train.config import RUN_FILES
 
 # Files that make a folder a checkpoint rather than an artifact missing its manifest.
+# A training run folder (deploykit train --out) is a checkpoint plus the run's state and logs.
 _CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "training_state.json"}
+                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", *RUN_FILES}
 
 _THREADS_LOCK = threading.Lock()
 
