@@ -174,6 +174,14 @@ class Backend(ABC):
         """
         return []
 
+    def unsupported(self, scheme: Scheme, config: Any) -> str | None:
+        """Why ``scheme`` cannot convert a model with this ``ModelConfig`` (None: it can).
+
+        E.g. a scheme for MoE models asked to convert a dense one. ``convert`` refuses with this reason
+        and the bench shows the row as not applicable instead of failing it.
+        """
+        return None
+
     def versions(self) -> dict[str, str]:
         """Versions of the libraries this backend uses, recorded in every manifest."""
         return {}

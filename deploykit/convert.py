@@ -131,6 +131,12 @@ def convert(
     say("loading model")
     ref, source, tok = _load_source(model, tokenizer)
     cfg = ref.config
+    reason = be.unsupported(scheme, cfg)
+    if reason:
+        valid = [s.name for s in be.schemes if not be.unsupported(s, cfg)]
+        raise BackendError(f"{be.name}/{scheme.name} cannot convert this model: {reason}",
+                           hint=(f"use --quant {valid[0]} ({be.name}'s schemes for {cfg.variant} models: "
+                                 f"{', '.join(valid)})" if valid else f"{be.name} cannot convert {cfg.variant} models"))
     calib = calibration if calibration is not None else calibration_sequences(cfg, tok)
     ctx = ConvertContext(source=source, tokenizer=tok, calibration=calib, threads=threads, options=opts, progress=say)
     report: ParityReport | None = None

@@ -343,3 +343,17 @@ def test_cli_help_teaches_with_examples() -> None:
     for needle in ("examples:", "deploykit bench runs/micro", "--backends", "--schemes", "--prompt-len",
                    "--gen-len", "--batch", "--threads", "--repeat", "--eval-data", "--out", "--json", "--cache"):
         assert needle in text, needle
+
+
+def test_plan_marks_schemes_that_do_not_apply_to_the_model() -> None:
+    from deploykit import plugins, preset
+    from deploykit.bench.harness import plan_rows
+
+    native = plugins.backends().get("native")
+    if native is None or native.missing_requirements():
+        pytest.skip("the native extension is not built here")
+    dense = {(p.backend, p.scheme): p.reason for p in plan_rows(plugins.backends(), ("native",), None, preset("nano"))}
+    assert dense[("native", "int8")] is None
+    assert dense[("native", "int8-moe")].startswith("not applicable: native/int8-moe runs moe models")
+    moe = {(p.backend, p.scheme): p.reason for p in plan_rows(plugins.backends(), ("native",), None, preset("nano-moe"))}
+    assert moe[("native", "int8-moe")] is None and "not applicable" in moe[("native", "int8")]

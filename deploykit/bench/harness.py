@@ -90,8 +90,12 @@ def _registered() -> dict[str, Any]:
 
 
 def plan_rows(registered: dict[str, Any], backends: tuple[str, ...] | None,
-              schemes: tuple[str, ...] | None) -> list[Planned]:
-    """Rows in table order: fp32 torch first, then each backend's schemes in its declared order."""
+              schemes: tuple[str, ...] | None, config: Any = None) -> list[Planned]:
+    """Rows in table order: fp32 torch first, then each backend's schemes in its declared order.
+
+    With the model's ``config``, a scheme that does not apply to it (``Backend.unsupported``) becomes
+    a row carrying the reason instead of a conversion that fails.
+    """
     if BASELINE[0] not in registered:
         raise BackendError("the torch backend is not registered; bench needs it for the fp32 baseline row",
                            hint="reinstall deploykit (`pip install -e .`) so its built-in backends are registered")
@@ -133,7 +137,11 @@ def plan_rows(registered: dict[str, Any], backends: tuple[str, ...] | None,
             if chosen:
                 rows.append(Planned(b, ",".join(chosen), reason="; ".join(missing)))
             continue
-        rows += [Planned(b, s) for s in chosen if (b, s) != BASELINE]
+        for s in chosen:
+            if (b, s) == BASELINE:
+                continue
+            reason = None if config is None else registered[b].unsupported(registered[b].scheme(s), config)
+            rows.append(Planned(b, s, reason=f"not applicable: {reason}" if reason else None))
     return rows
 
 
@@ -308,8 +316,10 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, A
     reporter = reporter or _Silent()
     started = time.time()
     registered = _registered()
-    planned = plan_rows(registered, cfg.backends, cfg.schemes)
+    from ..checkpoint import load_config
+
     source = cfg.model.resolve()
+    planned = plan_rows(registered, cfg.backends, cfg.schemes, load_config(source))
     cfg.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=cfg.out))
     try:

@@ -275,6 +275,11 @@ class NativeBackend(Backend):
     artifact_files = ("config.json", WEIGHTS, LAYOUT_FILE)
     platforms = "CPU (x86-64; portable scalar fallback)"
 
+    def unsupported(self, scheme: Scheme, config: Any) -> str | None:
+        if config.variant in _KINDS[scheme.name]:
+            return None
+        return f"native/{scheme.name} runs {' and '.join(_KINDS[scheme.name])} models; this model is {config.variant!r}"
+
     def missing_requirements(self) -> list[str]:
         from deploykit import native
 
@@ -300,10 +305,10 @@ class NativeBackend(Backend):
             raise BackendError(f"native convert expects a deploykit CausalLM, got {type(model).__name__}",
                                hint="pass a checkpoint folder or a deploykit CausalLM to deploykit.convert")
         cfg = model.config
-        if cfg.variant not in _KINDS[scheme.name]:
+        reason = self.unsupported(scheme, cfg)
+        if reason:
             right = next(s for s, kinds in _KINDS.items() if cfg.variant in kinds)
-            raise BackendError(f"native/{scheme.name} runs {' and '.join(_KINDS[scheme.name])} models; this model "
-                               f"is {cfg.variant!r}", hint=f"use --quant {right} for {cfg.variant} models")
+            raise BackendError(reason, hint=f"use --quant {right} for {cfg.variant} models")
         opts = _options(scheme.name, ctx.options)
         model = model.float().eval()
         if ctx.threads:
