@@ -318,12 +318,7 @@ def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Cau
     _check_tensors(model, sd, Path(folder))
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
                           strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # Non-persistent buffers were created on the meta device; rebuild them for real.
-    if cfg.variant != "legacy":
-        model.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-    return model.eval()
+    return model.finish_meta_load().eval()
 
 
 def _check_tensors(model: CausalLM, sd: dict[str, torch.Tensor], folder: Path) -> None:

@@ -288,6 +288,11 @@ class Decoder(nn.Module):
         self.norm = _norm_class(cfg)(cfg.d_model, eps=cfg.norm_eps)
 
 
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies theta^(-2i/hd), (hd/2,), as Llama computes them."""
+    return 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model. ``forward(input_ids) -> logits (B, T, V)``."""
 
@@ -299,9 +304,20 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.variant != "legacy":
-            inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2,)
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,)
         self.reset_parameters()
+
+    def finish_meta_load(self) -> "CausalLM":
+        """Complete a model built on the meta device and filled by ``load_state_dict(assign=True)``.
+
+        Neither the tied head (saved once, as the embedding) nor the rotary buffer (not persistent)
+        is in a state dict, so both are restored here.
+        """
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.config.variant != "legacy":
+            self.inv_freq = rope_inv_freq(self.config)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -240,10 +240,7 @@ def load_native_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     if missing or unexpected:
         raise ArtifactError(f"{folder}: {WEIGHTS} does not match {LAYOUT_FILE}: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}", hint="convert again")
-    if cfg.tie_embeddings and "lm_head" not in modules:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if cfg.variant != "legacy":  # non-persistent buffer created on the meta device
-        model.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    model.finish_meta_load()  # tied head and rotary buffer; a packed lm_head replaces the tied one below
     try:
         install(model, modules, tensors)
     except KeyError as e:

@@ -351,6 +351,7 @@ def load_artifact_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     if missing or unexpected:
         raise ArtifactError(f"{folder}: {WEIGHTS} does not match its layout: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}", hint="convert again")
+    model.finish_meta_load()  # tied head and rotary buffer; a quantised lm_head replaces the tied one below
     for name, entry in quantized.items():
         try:
             q, s = tensors[f"{name}.qweight"], tensors[f"{name}.wscale"]
@@ -359,9 +360,6 @@ def load_artifact_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         bias = tensors.get(f"{name}.bias")
         mod = dynamic_linear(q, s, bias) if kind == "int8-dynamic" else StaticInt8Linear(q, s, entry["act_scale"], bias)
         _set_module(model, name, mod)
-    if cfg.tie_embeddings and "lm_head" not in layout.get("quantized", {}):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     return model.eval(), layout
 
 
