@@ -15,16 +15,14 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
-if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
-    # glibc reads these at start-up only: re-exec with them set
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC_ENV})
+from timing import timeit, timeit_interleaved, use_bench_allocator  # noqa: E402
+
+_MALLOC_ENV = use_bench_allocator()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -36,30 +34,6 @@ MS = [1, 8, 64, 512]
 THREADS = 2
 
 
-def timeit(fn, repeat: int) -> float:
-    """Median seconds of `repeat` calls after warm-up."""
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def timeit_interleaved(fns: dict, repeat: int) -> dict:
-    """Median seconds per contender, timed round-robin so that load changes on a shared machine
-    hit every contender alike."""
-    for _ in range(3):
-        for f in fns.values():
-            f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()} | {f"{k}_min": min(v) for k, v in ts.items()}
 
 
 def geomean(xs):
@@ -99,7 +73,8 @@ def main() -> int:
             a8 = torch.randint(-127, 128, (M, K), dtype=torch.int8)
             with torch.inference_mode():
                 t = timeit_interleaved({"nat": lambda: nat(x), "fb": lambda: qlin(x),
-                                        "fp": lambda: F.linear(x, lin.weight, lin.bias)}, args.repeat)
+                                        "fp": lambda: F.linear(x, lin.weight, lin.bias)}, args.repeat,
+                                       with_min=True)
                 t_nat, t_fb, t_fp = t["nat"], t["fb"], t["fp"]
                 t_mm = float("nan")
                 if not args.no_int_mm and M > 16:

@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
-if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC_ENV})
+from timing import timeit, timeit_interleaved, use_bench_allocator  # noqa: E402
+
+_MALLOC_ENV = use_bench_allocator()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -31,29 +30,6 @@ TS = [1, 16, 256, 2048]
 THREADS = 2
 
 
-def timeit(fn, repeat):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def timeit_interleaved(fns: dict, repeat: int) -> dict:
-    """Median seconds per contender, timed round-robin so load changes hit all alike."""
-    for _ in range(3):
-        for f in fns.values():
-            f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 # --- routing ------------------------------------------------------------------------------

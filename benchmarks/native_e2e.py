@@ -33,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
-if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC_ENV})
+from timing import use_bench_allocator  # noqa: E402
+
+_MALLOC_ENV = use_bench_allocator()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,56 @@
+"""Timing discipline shared by the benchmark scripts: one allocator setting, one way to time.
+
+Scripts run as ``python benchmarks/X.py``, so this folder is on sys.path and they import it as
+``timing``.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+from deploykit.bench.machine import ALLOCATOR_ENV
+
+
+def use_bench_allocator() -> dict[str, str]:
+    """Re-exec this script with the bench's malloc settings unless they are already set.
+
+    glibc reads them at start-up only. Without them, large freed blocks go back to the OS and every
+    call faults them in again, which decides small benchmarks here (see FACTS.md).
+    """
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+    return dict(ALLOCATOR_ENV)
+
+
+def timeit(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    """Median seconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int, *, warmup: int = 3,
+                       with_min: bool = False) -> dict[str, float]:
+    """Median seconds per contender, timed round-robin so that load changes on a shared machine hit
+    every contender alike. ``with_min`` adds ``<name>_min`` (the best run) for each contender."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in ts.items()}
+    if with_min:
+        out |= {f"{k}_min": min(v) for k, v in ts.items()}
+    return out
