@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from timing import timeit, timeit_interleaved, use_bench_allocator  # noqa: E402
+from timing import timeit_interleaved, use_bench_allocator  # noqa: E402
 
 _MALLOC_ENV = use_bench_allocator()
 
