@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from deploykit.bench import BenchConfig, run_bench
+    from deploykit.bench.progress import RichReporter
     from deploykit.bench.report import notes, rich_table
-    from deploykit.cli.bench import _RichReporter
 
     cfg = BenchConfig(model=ckpt, out=ckpt.parent / f"{ckpt.name}-bench", threads=args.threads, repeat=args.repeat)
-    reporter = _RichReporter(Console(stderr=True))
+    reporter = RichReporter(Console(stderr=True))
     try:
         results = run_bench(cfg, reporter)
     finally:

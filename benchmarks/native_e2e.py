@@ -206,9 +206,7 @@ def main() -> None:
     if not native.available():
         sys.exit(f"native kernels unavailable: {native.unavailable_reason()}")
     torch.set_num_threads(args.threads)
-    from deploykit_plugins.native_backend import cpu_summary
-
-    s = cpu_summary()
+    s = native.cpu_summary()
     machine = {"cpu": s["cpu"], "cpus": os.cpu_count(), "selected_isa": s["isa"],
                "supported_isas": s["supported_isas"], "forced_isa": s["forced_isa"], "cpu_flags": s["cpu_flags"],
                "cpu_features": native.cpu_features(), "python": platform.python_version(), "torch": torch.__version__,

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from deploykit.bench import BenchConfig, run_bench
+    from deploykit.bench.progress import RichReporter
     from deploykit.bench.report import rich_table
-    from deploykit.cli.bench import _RichReporter
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.report_only:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(model=ckpt, out=args.results / model, threads=args.threads,
                           backends=tuple(args.backends.split(",")), schemes=tuple(args.schemes.split(",")),
                           repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len)
-        reporter = _RichReporter(Console(stderr=True))
+        reporter = RichReporter(Console(stderr=True))
         try:
             results = run_bench(cfg, reporter)
         finally:

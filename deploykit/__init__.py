@@ -15,10 +15,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .backend import Backend, ConvertContext, Runner, Scheme, Tolerance
-from .checkpoint import load_model, save_model
-from .config import ModelConfig, preset
-from .convert import ConvertResult, convert
+from .deploy.backend import Backend, ConvertContext, Runner, Scheme, Tolerance
+from .deploy.convert import ConvertResult, convert
+from .deploy.hookspecs import hookimpl
+from .deploy.runtime import load
 from .errors import (
     ArtifactError,
     BackendError,
@@ -30,10 +30,10 @@ from .errors import (
     ParityError,
     TargetExistsError,
 )
-from .generation import generate
-from .hookspecs import hookimpl
-from .model import CausalLM
-from .runtime import load
+from .model.checkpoint import load_model, save_model
+from .model.config import ModelConfig, preset
+from .model.generation import generate
+from .model.graph import CausalLM
 
 __all__ = [
     "ArtifactError", "Backend", "BackendError", "BackendUnavailable", "CausalLM", "CheckpointError", "ConfigError",

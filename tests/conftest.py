@@ -31,7 +31,7 @@ def _texts() -> list[str]:
 
 
 def make_tokenizer():
-    from deploykit.tokenizer import Tokenizer
+    from deploykit.model.tokenizer import Tokenizer
 
     return Tokenizer.train(_texts(), 2048)
 
@@ -86,7 +86,7 @@ def nano_moe_checkpoint(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture
 def fresh_plugins():
     """A registry rebuilt from entry points for this test, and forgotten afterwards."""
-    from deploykit import plugins
+    from deploykit.deploy import registry as plugins
 
     plugins.reset()
     yield plugins

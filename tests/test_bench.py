@@ -28,9 +28,9 @@ import os
 from pathlib import Path
 
 import deploykit
-from deploykit.backend import EXACT, Backend, Scheme
-from deploykit.checkpoint import load_model, save_model
-from deploykit.runtime import ModelRunner
+from deploykit.deploy.backend import EXACT, Backend, Scheme
+from deploykit.model.checkpoint import load_model, save_model
+from deploykit.deploy.runtime import ModelRunner
 
 
 class Ghost(Backend):
@@ -80,7 +80,7 @@ def deploykit_bench_metrics(runner, row):
 @pytest.fixture(scope="module")
 def fake_plugin(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Install the fake plugin through an entry point, visible to this process and to the workers."""
-    from deploykit import plugins
+    from deploykit.deploy import registry as plugins
 
     root = tmp_path_factory.mktemp("fake_plugin")
     (root / "bench_fake_backends.py").write_text(FAKE_PLUGIN)
@@ -102,7 +102,7 @@ def fake_plugin(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def _second_backend() -> str:
     """The second real backend: onnx where it is installed and registered, else another torch scheme."""
-    from deploykit import plugins
+    from deploykit.deploy import registry as plugins
 
     found = plugins.backends()
     return "onnx:fp32" if "onnx" in found and not found["onnx"].missing_requirements() else "torch:bf16"
@@ -234,11 +234,11 @@ def test_report_files(bench: dict[str, Any]) -> None:
 def test_artifacts_are_reused_then_rebuilt_when_the_checkpoint_changes(bench: dict[str, Any], tmp_path: Path) -> None:
     import torch
 
-    from deploykit import plugins
     from deploykit.bench import cache
     from deploykit.bench.harness import Context, ensure_artifact
-    from deploykit.checkpoint import load_model, save_model
-    from deploykit.tokenizer import Tokenizer
+    from deploykit.deploy import registry as plugins
+    from deploykit.model.checkpoint import load_model, save_model
+    from deploykit.model.tokenizer import Tokenizer
 
     cfg = bench["cfg"]
     first = _row(bench["results"], "torch", "fp32")
@@ -271,7 +271,7 @@ def test_artifacts_are_reused_then_rebuilt_when_the_checkpoint_changes(bench: di
 # -- planning and reporting rules (no subprocesses) ---------------------------------------------------------------
 class _FakeBackend:
     def __init__(self, name: str, schemes: list[str], missing: list[str] | None = None) -> None:
-        from deploykit.backend import EXACT, Scheme
+        from deploykit.deploy.backend import EXACT, Scheme
 
         self.name, self.platforms = name, "CPU"
         self.schemes = tuple(Scheme(s, s, EXACT) for s in schemes)
@@ -346,8 +346,9 @@ def test_cli_help_teaches_with_examples() -> None:
 
 
 def test_plan_marks_schemes_that_do_not_apply_to_the_model() -> None:
-    from deploykit import plugins, preset
+    from deploykit import preset
     from deploykit.bench.harness import plan_rows
+    from deploykit.deploy import registry as plugins
 
     native = plugins.backends().get("native")
     if native is None or native.missing_requirements():

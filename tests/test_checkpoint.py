@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from deploykit.checkpoint import load_config, load_model, save_model
-from deploykit.config import preset
 from deploykit.errors import CheckpointError, TargetExistsError
-from deploykit.model import CausalLM
+from deploykit.model.checkpoint import load_config, load_model, save_model
+from deploykit.model.config import preset
+from deploykit.model.graph import CausalLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,7 +69,7 @@ def test_we_load_transformers_checkpoints(tmp_path, family):
     assert "deploykit" not in json.loads((tmp_path / family / "config.json").read_text())
     assert logits_close(ours, hf, 320) < ATOL
     # and generation through our KV cache agrees with transformers' greedy decode
-    from deploykit.generation import generate
+    from deploykit.model.generation import generate
     prompt = [5, 17, 33, 2 + 40]
     new = generate(ours, prompt, 8, eos_token_id=-1)
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import deploykit
-from deploykit.backend import EXACT, Backend, Scheme
 from deploykit.cli.main import main
+from deploykit.deploy.backend import EXACT, Backend, Scheme
 from deploykit.errors import BackendError, BackendUnavailable, CheckpointError, ParityError, TargetExistsError
 
 PICKLE = (".bin", ".pt", ".pth", ".pt2", ".ckpt", ".pkl", ".pickle")
@@ -64,13 +64,13 @@ class Noisy(Backend):
     artifact_files = ()
 
     def convert(self, model, scheme, out, ctx):
-        from deploykit.plugins import get_backend
+        from deploykit.deploy.registry import get_backend
 
         torch_be = get_backend("torch")
         return torch_be.convert(model, torch_be.scheme("fp32"), out, ctx)
 
     def load(self, artifact, manifest, **options):
-        from deploykit.plugins import get_backend
+        from deploykit.deploy.registry import get_backend
 
         runner = get_backend("torch").load(artifact, {**manifest, "quant": "fp32"})
         inner = runner.forward

@@ -29,7 +29,7 @@ from deploykit.data import (
     train_val_split,
 )
 from deploykit.errors import ConfigError, DataError
-from deploykit.tokenizer import Tokenizer
+from deploykit.model.tokenizer import Tokenizer
 
 # ---- corpus ----------------------------------------------------------------------------------------
 

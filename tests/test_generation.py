@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from deploykit.config import preset
 from deploykit.errors import ConfigError
-from deploykit.generation import SamplingConfig, decode_loop, generate, sample_next
-from deploykit.model import CausalLM
+from deploykit.model.config import preset
+from deploykit.model.generation import SamplingConfig, decode_loop, generate, sample_next
+from deploykit.model.graph import CausalLM
 
 
 def test_greedy_is_argmax():

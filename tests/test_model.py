@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deploykit.config import PRESETS, ModelConfig, preset
 from deploykit.errors import ConfigError
-from deploykit.model import CausalLM, load_balancing_loss, route_top_k
+from deploykit.model.config import PRESETS, ModelConfig, preset
+from deploykit.model.graph import CausalLM, load_balancing_loss, route_top_k
 
 VARIANTS = ["nano", "nano-moe", "nano-legacy"]
 

@@ -20,7 +20,7 @@ from deploykit import native
 from deploykit.errors import BackendError, BackendUnavailable, ParityError
 
 pytestmark = pytest.mark.skipif(not native.available(),
-                                reason=f"deploykit._native not built: {native.unavailable_reason()}")
+                                reason=f"deploykit.native._native not built: {native.unavailable_reason()}")
 
 PICKLE = (".bin", ".pt", ".pth", ".pt2", ".ckpt", ".pkl", ".pickle")
 CASES = [("nano_checkpoint", "int8"), ("nano_moe_checkpoint", "int8-moe")]
@@ -86,7 +86,7 @@ def _fq_act(x: torch.Tensor) -> torch.Tensor:
 
 
 def fakequant_reference(checkpoint) -> torch.nn.Module:
-    from deploykit.checkpoint import load_model
+    from deploykit.model.checkpoint import load_model
 
     model = load_model(checkpoint)
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
@@ -157,7 +157,7 @@ def test_unavailable_extension_names_the_fix(monkeypatch, nano_checkpoint, tmp_p
     from deploykit_plugins.native_backend import NativeBackend
 
     monkeypatch.setattr(native, "available", lambda: False)
-    monkeypatch.setattr(native, "unavailable_reason", lambda: "deploykit._native could not be imported (test)")
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "deploykit.native._native could not be imported (test)")
     missing = NativeBackend().missing_requirements()
     assert len(missing) == 1 and "could not be imported (test)" in missing[0]
     assert "pip install --no-build-isolation -e ." in missing[0] and "make setup" in missing[0]

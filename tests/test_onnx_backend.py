@@ -25,11 +25,12 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
-from deploykit.backend import ConvertContext, Scheme  # noqa: E402
-from deploykit.config import ModelConfig  # noqa: E402
-from deploykit.generation import generate as torch_generate  # noqa: E402
-from deploykit.model import CausalLM  # noqa: E402
 from deploykit_plugins import onnx_backend as ob  # noqa: E402
+
+from deploykit.deploy.backend import ConvertContext, Scheme  # noqa: E402
+from deploykit.model.config import ModelConfig  # noqa: E402
+from deploykit.model.generation import generate as torch_generate  # noqa: E402
+from deploykit.model.graph import CausalLM  # noqa: E402
 
 VOCAB = 320
 PERMS = torch.stack([torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed)) for seed in (123, 456)])
@@ -299,9 +300,9 @@ def test_bad_input_is_named(artifacts, variant, tmp_path):
 
 
 def test_tokenizer_in_the_artifact_enables_text_generation(artifacts, variant, tmp_path):
-    if importlib.util.find_spec("deploykit.tokenizer") is None:
-        pytest.skip("deploykit.tokenizer has not landed")
-    from deploykit.tokenizer import Tokenizer
+    if importlib.util.find_spec("deploykit.model.tokenizer") is None:
+        pytest.skip("deploykit.model.tokenizer has not landed")
+    from deploykit.model.tokenizer import Tokenizer
 
     folder = tmp_path / "with-tokenizer"
     shutil.copytree(artifacts["fp32"], folder)

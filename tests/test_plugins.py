@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import install_fake_dist
 
 import deploykit
-from deploykit import hookspecs
-from deploykit.backend import EXACT, Backend, Runner, Scheme
 from deploykit.cli.main import main
+from deploykit.deploy import hookspecs
+from deploykit.deploy.backend import EXACT, Backend, Runner, Scheme
 from deploykit.errors import BackendError
-
-from conftest import install_fake_dist
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("deploykit_"))
@@ -57,7 +56,7 @@ def test_builtin_torch_registers_through_entry_point(fresh_plugins):
 def test_registry_is_not_built_at_import():
     import importlib
 
-    from deploykit import plugins
+    from deploykit.deploy import registry as plugins
     plugins.reset()
     importlib.reload(plugins)
     assert plugins._REGISTRY is None
@@ -118,7 +117,7 @@ def test_invalid_backend_objects_are_rejected(fresh_plugins):
     reg = fresh_plugins.registry()
     reg.register(plugin_with(Upper(), "not a backend"), "sloppy")
     msgs = [e.error for e in reg.plugin_errors() if e.plugin == "sloppy"]
-    assert any("lowercase" in m for m in msgs) and any("not a deploykit.backend.Backend" in m for m in msgs)
+    assert any("lowercase" in m for m in msgs) and any("not a deploykit.deploy.backend.Backend" in m for m in msgs)
 
 
 def test_unknown_hook_rejected_by_check_pending(fresh_plugins):
@@ -134,7 +133,7 @@ def test_unknown_hook_rejected_by_check_pending(fresh_plugins):
 
 
 def test_trace_env_prints_hook_calls(monkeypatch, capsys):
-    from deploykit.plugins import PluginRegistry
+    from deploykit.deploy.registry import PluginRegistry
 
     monkeypatch.setenv("DEPLOYKIT_TRACE_HOOKS", "1")
     PluginRegistry().backends()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import deploykit
+from deploykit.deploy.runtime import CheckpointRunner
 from deploykit.errors import ArtifactError, ConfigError
-from deploykit.runtime import CheckpointRunner
 
 
 @pytest.fixture(scope="module")

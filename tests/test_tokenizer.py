@@ -12,7 +12,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from deploykit.data.corpus import embedded_corpus
 from deploykit.data.tasks import TASK_KINDS, task_examples
 from deploykit.errors import ConfigError, DataError
-from deploykit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from deploykit.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 NAMED_CASES = [
     "",

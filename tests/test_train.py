@@ -25,7 +25,7 @@ TINY = dict(preset="nano", steps=6, batch_size=4, block_size=32, eval_interval=3
 def corpus(tmp_path_factory) -> dict:
     """A JSONL file of ~60k characters of the embedded corpus and a 512-token BPE trained on it."""
     from deploykit.data import english_documents, task_documents
-    from deploykit.tokenizer import Tokenizer
+    from deploykit.model.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("corpus")
     docs = english_documents(50_000, seed=0) + task_documents(10_000, seed=0)
@@ -66,7 +66,7 @@ def test_loss_falls_and_outputs_are_written(corpus, tmp_path):
     png = (out / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     # OUT is a normal model folder: deploykit (and transformers, see test_checkpoint) load it.
-    from deploykit.checkpoint import load_model
+    from deploykit.model.checkpoint import load_model
 
     model = load_model(out)
     assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= 512
@@ -202,8 +202,8 @@ def test_cli_trains_and_prints_json(corpus, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["nano", "nano-moe", "nano-legacy", "micro"])
 def test_weight_decay_groups(name):
-    from deploykit.config import preset
-    from deploykit.model import CausalLM
+    from deploykit.model.config import preset
+    from deploykit.model.graph import CausalLM
 
     model = CausalLM(preset(name))
     decay, no_decay = param_groups(model, 0.1)

@@ -19,8 +19,15 @@ from typing import Any, Protocol
 
 from ..errors import BackendError, ConfigError
 from . import cache
-from .machine import (ALLOCATOR_ENV, available_cpus, finish_native_probe, library_versions, load_average,
-                      machine_info, start_native_probe)
+from .machine import (
+    ALLOCATOR_ENV,
+    available_cpus,
+    finish_native_probe,
+    library_versions,
+    load_average,
+    machine_info,
+    start_native_probe,
+)
 from .schema import COLUMN_NAMES, SCHEMA_VERSION, empty_row
 
 BASELINE = ("torch", "fp32")  # the first row, always: every ratio and delta is against it
@@ -84,7 +91,7 @@ class Planned:
 
 
 def _registered() -> dict[str, Any]:
-    from .. import plugins
+    from ..deploy import registry as plugins
 
     return plugins.backends()
 
@@ -309,14 +316,14 @@ def derive(rows: list[dict[str, Any]], params: int) -> None:
 # -- the whole bench ------------------------------------------------------------------------------------------
 def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run the bench and write results.json, results.csv, report.md and report.png into ``cfg.out``."""
-    from ..tokenizer import Tokenizer
+    from ..model.tokenizer import Tokenizer
     from .inputs import InputSpec, prepare_inputs
     from .report import write_reports
 
     reporter = reporter or _Silent()
     started = time.time()
     registered = _registered()
-    from ..checkpoint import load_config
+    from ..model.checkpoint import load_config
 
     source = cfg.model.resolve()
     planned = plan_rows(registered, cfg.backends, cfg.schemes, load_config(source))

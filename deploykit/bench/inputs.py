@@ -68,8 +68,8 @@ def prepare_inputs(source: Path, spec: InputSpec, work: Path) -> dict[str, Any]:
     """
     import torch
 
-    from ..checkpoint import load_config, load_model
-    from ..tokenizer import Tokenizer
+    from ..model.checkpoint import load_config, load_model
+    from ..model.tokenizer import Tokenizer
 
     cfg = load_config(source)
     if spec.prompt_len + spec.gen_len > cfg.max_seq_len:

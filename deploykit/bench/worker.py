@@ -148,7 +148,7 @@ def _perplexity(runner: Any, blocks: np.ndarray) -> float:
 
 
 def _task_completions(runner: Any, tasks: list[dict[str, Any]]) -> list[list[int]]:
-    from deploykit.generation import decode_loop
+    from deploykit.model.generation import decode_loop
 
     return [decode_loop(runner.new_session(), t["ids"], max_new_tokens=t["max_new_tokens"],
                         eos_token_id=runner.eos_token_id) for t in tasks]
@@ -176,14 +176,14 @@ def run_measure(spec: dict[str, Any]) -> dict[str, Any]:
     import psutil
 
     _pin_threads(spec["threads"])
-    import deploykit.runtime
+    import deploykit.deploy.runtime
 
     data = np.load(spec["inputs"], allow_pickle=False)
     prompt = data["prompt"]  # (B, P)
     base_rss = psutil.Process().memory_info().rss  # interpreter + torch + numpy, before the artifact
 
     t0 = time.perf_counter()
-    runner = deploykit.runtime.load(spec["artifact"], threads=spec["threads"])
+    runner = deploykit.deploy.runtime.load(spec["artifact"], threads=spec["threads"])
     load_s = time.perf_counter() - t0
 
     prefill = _time_prefill(runner, prompt, spec["warmup"], spec["repeat"])
@@ -219,7 +219,7 @@ def run_measure(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = json.loads(Path(spec["tasks"]).read_text())
     result["task_completions"] = _task_completions(runner, tasks)
 
-    from deploykit import plugins
+    from deploykit.deploy import registry as plugins
 
     row = {"backend": spec["backend"], "scheme": spec["scheme"], **result}
     extra: dict[str, Any] = {}

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def describe() -> dict:
-    from ..plugins import plugin_errors, registry
+    from ..deploy.registry import plugin_errors, registry
 
     reg = registry()
     rows = []

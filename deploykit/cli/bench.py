@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 EXAMPLES = """\
 examples:
@@ -60,41 +59,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-class _RichReporter:
-    """A progress bar over rows with the current row and stage (converting / measuring)."""
-
-    def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
-        self.task: Any = None
-        self.console = console
-
-    def start(self, total: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task("starting", total=total)
-
-    def stage(self, index: int, label: str, stage: str) -> None:
-        self.progress.update(self.task, description=f"{label}: {stage}")
-
-    def done(self, index: int, row: dict[str, Any]) -> None:
-        self.progress.advance(self.task)
-        status = row["status"]
-        detail = "cached" if row.get("cached") else ("converted" if status == "ok" else row.get("reason", ""))
-        mark = {"ok": "[green]ok[/green]", "unavailable": "[yellow]unavailable[/yellow]"}.get(status, "[red]error[/red]")
-        self.console.print(f"  {row['backend']}/{row['scheme']}: {mark} {detail if status != 'ok' else ''}".rstrip())
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..bench import BenchConfig, run_bench
     from ..bench.cache import default_cache_dir
     from ..bench.machine import available_cpus
+    from ..bench.progress import RichReporter
     from ..bench.report import notes, rich_table
 
     out = args.out or Path("bench") / args.model.name
@@ -106,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                       timeout_s=args.timeout, keep_work=args.keep_work)
     # Progress goes to stderr so `--json > file` stays clean.
     err = Console(stderr=True)
-    reporter = _RichReporter(err)
+    reporter = RichReporter(err)
     try:
         results = run_bench(cfg, reporter)
     finally:

@@ -71,7 +71,7 @@ def summary(manifest: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..convert import convert
+    from ..deploy.convert import convert
 
     err = Console(stderr=True)
     options = _options(args.option)

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..runtime import load
+    from ..deploy.runtime import load
 
     runner = load(args.path)
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ _FIELDS = ("preset", "data", "tokenizer", "vocab_size", "steps", "batch_size", "
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..config import PRESETS
+    from ..model.config import PRESETS
     from ..train.config import TrainConfig
 
     d = TrainConfig.__dataclass_fields__  # defaults for the help text, without importing torch

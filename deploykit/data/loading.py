@@ -18,7 +18,7 @@ import torch
 from deploykit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from deploykit.tokenizer import Tokenizer
+    from deploykit.model.tokenizer import Tokenizer
 
 EMBEDDED = "embedded"
 # What a directory spec picks up; other files (images, checkpoints) are ignored, not errors.

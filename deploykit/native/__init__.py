@@ -1,4 +1,4 @@
-"""deploykit.native: Python face of the compiled kernels in ``deploykit._native``.
+"""deploykit.native: Python face of the compiled kernels in ``deploykit.native._native``.
 
 Import never fails: when the extension is missing, ``available()`` is False and
 ``unavailable_reason()`` says why (callers such as the ``native`` backend report it).
@@ -21,18 +21,18 @@ from torch import Tensor, nn
 from deploykit.errors import BackendUnavailable
 
 try:
-    from deploykit import _native as _C
+    from deploykit.native import _native as _C
 
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # not built, or built for another Python/ABI
     _C = None  # type: ignore[assignment]
     _IMPORT_ERROR = (
-        f"deploykit._native could not be imported ({e}); build it with "
+        f"deploykit.native._native could not be imported ({e}); build it with "
         "`pip install --no-build-isolation -e .` (needs a C++17 compiler and CMake >= 3.18)"
     )
 
 __all__ = [
-    "available", "unavailable_reason", "cpu_features", "selected_isa", "supported_isas",
+    "available", "unavailable_reason", "cpu_features", "cpu_summary", "selected_isa", "supported_isas",
     "quantize_weight", "quantize_rows", "PackedInt8Weight", "pack_int8_weight",
     "pack_int8_swiglu", "int8_linear", "int8_gemm_s32", "Int8Linear", "Int8SwiGLU",
     "MoERouting", "moe_route", "moe_gather", "moe_scatter", "PackedMoEExperts",
@@ -59,6 +59,15 @@ def _require() -> Any:
 def cpu_features() -> dict[str, Any]:
     """cpuid/xgetbv report plus the kernel variant chosen for this process."""
     return _require().cpu_features()
+
+
+def cpu_summary() -> dict[str, Any]:
+    """The chosen variant and the CPU features that decide it, flat (for manifests, runner info, reports)."""
+    f = cpu_features()
+    flags = [k for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni") if f.get(k)]
+    return {"isa": f["selected_isa"], "supported_isas": list(f["supported_isas"]),
+            "forced_isa": f.get("forced_isa"), "cpu": f"{f.get('vendor', '?')} {f.get('brand', '?')}".strip(),
+            "cpu_flags": " ".join(flags), "os_zmm": bool(f.get("os_zmm"))}
 
 
 def selected_isa() -> str:

@@ -1,4 +1,4 @@
-"""CUDA kernels (``deploykit._native_cuda``): int8 GEMM with the fused epilogue and MoE routing.
+"""CUDA kernels (``deploykit.native._native_cuda``): int8 GEMM with the fused epilogue and MoE routing.
 
 Same numeric contract as the CPU kernels (per-row symmetric activations in [-127, 127],
 per-channel symmetric weights, exact int32 accumulation). Tensors are passed zero-copy as
@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 try:
-    from deploykit import _native_cuda as _CU
+    from deploykit.native import _native_cuda as _CU
 
     _IMPORT_ERROR: str | None = None
 except ImportError as e:
     _CU = None  # type: ignore[assignment]
-    _IMPORT_ERROR = (f"deploykit._native_cuda is not built ({e}); it is built when CMake finds "
+    _IMPORT_ERROR = (f"deploykit.native._native_cuda is not built ({e}); it is built when CMake finds "
                      "nvcc (DEPLOYKIT_CUDA=AUTO/ON)")
 
 
@@ -35,7 +35,7 @@ def unavailable_reason() -> str | None:
     if _CU is None:
         return _IMPORT_ERROR
     if _CU.device_count() == 0 or not torch.cuda.is_available():
-        return "no CUDA device visible (deploykit._native_cuda is built, but there is no GPU)"
+        return "no CUDA device visible (deploykit.native._native_cuda is built, but there is no GPU)"
     return None
 
 

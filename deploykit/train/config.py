@@ -9,16 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, ModelConfig, preset
 from ..errors import ConfigError
-
-# Files `deploykit train` adds to a checkpoint folder next to the Hugging Face files. Tools that
-# check a folder for foreign files (deploykit.runtime) should accept these.
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
-LOG_NAME = "train_log.jsonl"
-PLOT_NAME = "loss.png"
-RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME)
+from ..model.checkpoint import LOG_NAME, PLOT_NAME, RUN_FILES, STATE_JSON, STATE_TENSORS
+from ..model.config import ModelConfig, preset
 
 # Fields that decide the numbers a run computes. Resuming with any of them changed would not
 # continue the same run, so `--resume` refuses it; the other fields (how long, how often to
@@ -73,7 +66,7 @@ class TrainConfig:
         if self.model is None:
             preset(self.preset)  # raises ConfigError listing the valid presets
         elif not isinstance(self.model, ModelConfig):
-            _fail("model", self.model, "must be a deploykit.config.ModelConfig (or None to use `preset`)")
+            _fail("model", self.model, "must be a deploykit.model.config.ModelConfig (or None to use `preset`)")
         for name in ("steps", "batch_size", "block_size", "grad_accum", "sample_tokens"):
             _positive_int(name, getattr(self, name))
         for name in ("eval_interval", "eval_iters", "checkpoint_interval", "seed"):

@@ -33,16 +33,15 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, save_model
-from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, DataError, TargetExistsError
 from ..fsutil import atomic_folder
-from ..model import CausalLM
+from ..model.checkpoint import load_model, save_model
+from ..model.config import ModelConfig
+from ..model.graph import CausalLM
 from .config import LOG_NAME, MATH_FIELDS, PLOT_NAME, STATE_JSON, TrainConfig
 from .optim import build_adamw, lr_at, measure_peak_flops
 from .plots import plot_loss
-from .state import (optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat,
-                    write_state)
+from .state import optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat, write_state
 
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: aligned GEMMs, and HF does the same
 
@@ -157,7 +156,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     (None: silent). Raises ConfigError / DataError / CheckpointError / TargetExistsError with a hint.
     """
     from ..data import BlockLoader, build_blocks, eval_batches, load_texts
-    from ..tokenizer import Tokenizer
+    from ..model.tokenizer import Tokenizer
 
     t_call = time.perf_counter()
     echo = _Echo(stream)
@@ -457,7 +456,7 @@ def _fit_schedule(cfg: TrainConfig, step: int, per_step: float, deadline: float)
 
 
 def _greedy_sample(model: CausalLM, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-    from ..generation import generate
+    from ..model.generation import generate
 
     ids = tokenizer.encode(prompt, add_bos=True)
     new = generate(model, ids, max_new_tokens, temperature=0.0)

@@ -2,5 +2,5 @@
 
 Each module is registered through the ``deploykit.backends`` entry-point group in pyproject.toml, exactly
 as a third-party plugin package would register its own; the core never imports these modules directly.
-Backends import the core (``deploykit.backend``, ``deploykit.runtime``...), never each other.
+Backends import the core (``deploykit.deploy.backend``, ``deploykit.deploy.runtime``...), never each other.
 """

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deploykit.backend import INT8, Backend, ConvertContext, Runner, Scheme
+from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, Scheme
+from deploykit.deploy.hookspecs import hookimpl
 from deploykit.errors import ArtifactError, BackendError, ConfigError
-from deploykit.hookspecs import hookimpl
 
 WEIGHTS = "native.safetensors"
 LAYOUT_FILE = "native_layout.json"
@@ -75,7 +75,7 @@ def _options(scheme: str, given: dict[str, Any]) -> dict[str, Any]:
 # runtime modules
 # ---------------------------------------------------------------------------------------------
 class NativeMoE(nn.Module):
-    """Stand-in for ``deploykit.model.MoE``: fp32 router, then routing + int8 experts in one native call.
+    """Stand-in for ``deploykit.model.graph.MoE``: fp32 router, then routing + int8 experts in one native call.
 
     Routing follows ``route_top_k`` (Mixtral): top-k of the router logits, softmax over the chosen k.
     ``last_experts`` / ``last_counts`` (read by the bench harness) are derived lazily from the last
@@ -217,8 +217,8 @@ def load_native_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the native CausalLM of an artifact folder from its packed tensors."""
     from safetensors.torch import load_file
 
-    from deploykit.checkpoint import load_config
-    from deploykit.model import CausalLM
+    from deploykit.model.checkpoint import load_config
+    from deploykit.model.graph import CausalLM
 
     try:
         layout = json.loads((folder / LAYOUT_FILE).read_text())
@@ -250,18 +250,6 @@ def load_native_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), layout
 
 
-def cpu_summary() -> dict[str, Any]:
-    """ISA chosen and the CPU features that decide it (for manifests, runner info and benchmarks)."""
-    from deploykit import native
-
-    f = native.cpu_features()
-    flags = [k for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni")
-             if f.get(k)]
-    return {"isa": f["selected_isa"], "supported_isas": list(f["supported_isas"]),
-            "forced_isa": f.get("forced_isa"), "cpu": f"{f.get('vendor', '?')} {f.get('brand', '?')}".strip(),
-            "cpu_flags": " ".join(flags), "os_zmm": bool(f.get("os_zmm"))}
-
-
 # ---------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------
@@ -289,14 +277,16 @@ class NativeBackend(Backend):
 
         if not native.available():
             return {"torch": torch.__version__, "native": "unavailable"}
-        s = cpu_summary()
+        s = native.cpu_summary()
         return {"torch": torch.__version__, "native_isa": s["isa"], "native_supported_isas": ",".join(s["supported_isas"]),
                 "cpu": s["cpu"], "cpu_flags": s["cpu_flags"]}
 
     def convert(self, model: Any, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
-        from deploykit.checkpoint import to_hf_config
-        from deploykit.model import CausalLM
         from safetensors.torch import save_file
+
+        from deploykit import native
+        from deploykit.model.checkpoint import to_hf_config
+        from deploykit.model.graph import CausalLM
 
         if not isinstance(model, CausalLM):
             raise BackendError(f"native convert expects a deploykit CausalLM, got {type(model).__name__}",
@@ -323,14 +313,14 @@ class NativeBackend(Backend):
         (out / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
         counts = {k: sum(1 for v in modules.values() if v == k) for k in ("linear", "swiglu", "moe")}
         kept = "embeddings, norms" + (", MoE routers" if cfg.is_moe else "") + ("" if opts["quantize_lm_head"] else ", lm_head")
-        return {"runs": "deploykit graph (torch attention/norms/KV cache) with deploykit._native fused int8 kernels"
+        return {"runs": "deploykit graph (torch attention/norms/KV cache) with deploykit.native._native fused int8 kernels"
                 + (" and native MoE routing" if cfg.is_moe else ""),
                 "packed_modules": counts, "quantize_lm_head": opts["quantize_lm_head"], "fp32_kept": kept,
-                "isa_at_convert": cpu_summary()["isa"]}
+                "isa_at_convert": native.cpu_summary()["isa"]}
 
     def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
         from deploykit import native
-        from deploykit.runtime import ModelRunner, load_tokenizer, set_threads
+        from deploykit.deploy.runtime import ModelRunner, load_tokenizer, set_threads
 
         if not native.available():
             from deploykit.errors import BackendUnavailable
@@ -344,7 +334,7 @@ class NativeBackend(Backend):
         artifact = Path(artifact)
         model, layout = load_native_model(artifact)
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.is_file()}
-        s = cpu_summary()
+        s = native.cpu_summary()
         # ModelRunner: thread-safe (weights only read, each session owns its KV cache; the kernels'
         # thread pool serialises concurrent jobs) and decodes with deploykit's KV cache.
         return ModelRunner(model, tokenizer=load_tokenizer(artifact), info={

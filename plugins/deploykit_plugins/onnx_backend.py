@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from deploykit.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, Scheme, as_int64_batch
+from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, Scheme, as_int64_batch
+from deploykit.deploy.hookspecs import hookimpl
 from deploykit.errors import ArtifactError, BackendError, ConfigError
-from deploykit.hookspecs import hookimpl
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # external weights, written only when the graph would pass protobuf's 2 GB
@@ -132,11 +132,11 @@ def export_onnx(model: Any, path: Path) -> dict[str, Any]:
     import torch
     from torch.export import Dim
 
-    from deploykit.model import CausalLM, KVCache
+    from deploykit.model.graph import CausalLM, KVCache
 
     if not isinstance(model, CausalLM):
         raise BackendError(f"onnx export expects a deploykit CausalLM, got {type(model).__name__}",
-                           hint="load the checkpoint with deploykit.checkpoint.load_model(folder)")
+                           hint="load the checkpoint with deploykit.model.checkpoint.load_model(folder)")
     cfg = model.config
     # The sorted MoE dispatch has data-dependent shapes (.tolist()); the dense one computes the same
     # function with static shapes. Switch on a copy so the caller's model keeps its fast path.
@@ -187,7 +187,7 @@ def _shallow_copy(model: Any) -> Any:
     """
     import torch
 
-    from deploykit.model import CausalLM
+    from deploykit.model.graph import CausalLM
 
     with torch.device("meta"):
         work = CausalLM(model.config)
@@ -405,7 +405,13 @@ class _CalibrationFeeds:
 
 def _quantize_static(proto: Any, fp32_path: Path, dst: Path, external: bool,
                      calibration: Sequence[Sequence[int]], config: dict[str, Any]) -> dict[str, Any]:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if not any(len(s) >= 2 for s in calibration):
         raise ConfigError("int8-static needs calibration token sequences (ctx.calibration), got none of length >= 2",
@@ -455,7 +461,7 @@ class OnnxRunner(Runner):
         if META_CONFIG not in meta:
             raise ArtifactError(f"{path}: no {META_CONFIG} metadata; not written by deploykit's onnx backend",
                                 hint="re-run deploykit convert --backend onnx")
-        from deploykit.config import ModelConfig
+        from deploykit.model.config import ModelConfig
 
         self.config = ModelConfig.from_dict(json.loads(meta[META_CONFIG]))
         self.eos_token_id = self.config.eos_token_id
@@ -463,7 +469,7 @@ class OnnxRunner(Runner):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = None
         if (artifact / "tokenizer.json").is_file():
-            from deploykit.tokenizer import Tokenizer
+            from deploykit.model.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.load(artifact)
         files = {p.name: p.stat().st_size for p in sorted(artifact.iterdir()) if p.name.startswith("model.onnx")}

@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deploykit.backend import EXACT, HALF, INT8, LOSSY, Backend, ConvertContext, Runner, Scheme
+from deploykit.deploy.backend import EXACT, HALF, INT8, LOSSY, Backend, ConvertContext, Runner, Scheme
+from deploykit.deploy.hookspecs import hookimpl
 from deploykit.errors import ArtifactError, ConfigError
-from deploykit.hookspecs import hookimpl
 
 LAYOUT_FILE = "torch_quant.json"
 WEIGHTS = "model.safetensors"
@@ -130,7 +130,7 @@ def unstack_experts(model: nn.Module) -> None:
 
 
 def restack_experts(model: nn.Module) -> None:
-    from deploykit.model import Experts
+    from deploykit.model.graph import Experts
 
     for moe in model.moe_layers():
         if isinstance(moe.experts, ExpertList):
@@ -276,7 +276,7 @@ def act_scales(model: nn.Module, linears: dict[str, nn.Module], calibration: lis
 def _save(out: Path, config: Any, tensors: dict[str, torch.Tensor], layout: dict[str, Any], dtype: str) -> None:
     from safetensors.torch import save_file
 
-    from deploykit.checkpoint import to_hf_config
+    from deploykit.model.checkpoint import to_hf_config
 
     hf = to_hf_config(config)
     hf["dtype"] = dtype
@@ -320,8 +320,8 @@ def load_artifact_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the (quantised) CausalLM of a torch artifact folder."""
     from safetensors.torch import load_file
 
-    from deploykit.checkpoint import load_config, load_model
-    from deploykit.model import CausalLM
+    from deploykit.model.checkpoint import load_config, load_model
+    from deploykit.model.graph import CausalLM
 
     try:
         layout = json.loads((folder / LAYOUT_FILE).read_text())
@@ -388,13 +388,13 @@ class TorchBackend(Backend):
         return getattr(self, "_convert_" + scheme.name.replace("-", "_"))(model, out, ctx, opts)
 
     def _convert_fp32(self, model, out, ctx, opts):
-        from deploykit.checkpoint import to_hf_state_dict
+        from deploykit.model.checkpoint import to_hf_state_dict
 
         _save(out, model.config, to_hf_state_dict(model), {"kind": "hf"}, "float32")
         return {"runs": "fp32 eager PyTorch", "transformers_loadable": True}
 
     def _convert_bf16(self, model, out, ctx, opts):
-        from deploykit.checkpoint import to_hf_state_dict
+        from deploykit.model.checkpoint import to_hf_state_dict
 
         model = model.to(torch.bfloat16)
         _save(out, model.config, to_hf_state_dict(model), {"kind": "hf-bf16"}, "bfloat16")
@@ -513,8 +513,8 @@ class TorchBackend(Backend):
                 "storage": "bitmask + non-zero values" if packed else "dense"}
 
     def _convert_prune_structured(self, model, out, ctx, opts):
-        from deploykit.checkpoint import to_hf_state_dict
-        from deploykit.model import CausalLM
+        from deploykit.model.checkpoint import to_hf_state_dict
+        from deploykit.model.graph import CausalLM
 
         cfg = model.config
         if cfg.variant == "legacy":
@@ -553,7 +553,7 @@ class TorchBackend(Backend):
 
     # -- load ----------------------------------------------------------------------------------
     def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
-        from deploykit.runtime import ModelRunner, load_tokenizer, set_threads
+        from deploykit.deploy.runtime import ModelRunner, load_tokenizer, set_threads
 
         threads = options.pop("threads", None)
         if options:

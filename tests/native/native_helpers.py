@@ -6,7 +6,7 @@ import pytest
 from deploykit import native
 
 requires_native = pytest.mark.skipif(not native.available(),
-                                     reason=f"deploykit._native not built: {native.unavailable_reason()}")
+                                     reason=f"deploykit.native._native not built: {native.unavailable_reason()}")
 
 ALL_ISAS = ["scalar", "avx2", "avx512vnni"]
 

@@ -78,9 +78,9 @@ def test_env_var_forces_variant(tmp_path):
     import sys
 
     # Load the compiled module by file path: no torch import, so the subprocess starts fast.
-    from deploykit import _native
+    from deploykit.native import _native
 
-    code = ("import importlib.util as u; s = u.spec_from_file_location('deploykit._native', "
+    code = ("import importlib.util as u; s = u.spec_from_file_location('deploykit.native._native', "
             f"{_native.__file__!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
             "print(m.selected_isa())")
     env = dict(os.environ, DEPLOYKIT_NATIVE_ISA="scalar")

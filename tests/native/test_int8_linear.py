@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from native_helpers import isa_params, requires_native
 
 from deploykit import native
-
-from native_helpers import isa_params, requires_native
 
 pytestmark = requires_native
 ISAS = isa_params()
@@ -173,7 +172,7 @@ def test_bad_arguments_are_refused_with_names():
         native.pack_int8_weight(qweight=torch.full((2, 4), -128, dtype=torch.int8), scales=torch.ones(2))
     with pytest.raises(ValueError, match="valid values: scalar, avx2, avx512vnni"):
         native.int8_linear(torch.randn(2, 16), p, isa="sse")
-    from deploykit import _native as C
+    from deploykit.native import _native as C
     with pytest.raises(ValueError, match="int8_linear: argument 'out' must be C-contiguous"):
         out = np.zeros((8, 2), np.float32).T
         C.int8_linear(np.zeros((2, 16), np.float32), p.packed.numpy(), p.scales.numpy(),

@@ -11,7 +11,7 @@ import pytest
 
 import deploykit
 
-PKG = Path(deploykit.__file__).parent
+PKG = Path(deploykit.__file__).parent / "native"
 
 
 def stub_functions(path: Path) -> dict[str, list[tuple[str, str | None]]]:
@@ -57,9 +57,9 @@ def compiled_functions(mod) -> dict[str, list[tuple[str, str | None]]]:
 @pytest.mark.parametrize("modname", ["_native", "_native_cuda"])
 def test_stub_matches_compiled_module(modname):
     try:
-        mod = importlib.import_module(f"deploykit.{modname}")
+        mod = importlib.import_module(f"deploykit.native.{modname}")
     except ImportError as e:
-        pytest.skip(f"deploykit.{modname} not built: {e}")
+        pytest.skip(f"deploykit.native.{modname} not built: {e}")
     stub = stub_functions(PKG / f"{modname}.pyi")
     compiled = compiled_functions(mod)
     assert sorted(stub) == sorted(compiled), "functions differ between stub and module"

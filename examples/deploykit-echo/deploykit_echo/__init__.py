@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 import deploykit
-from deploykit.backend import EXACT, Backend, ConvertContext, Runner, Scheme, as_int64_batch
+from deploykit.backend import EXACT, Backend, ConvertContext, Runner, Scheme, as_int64_batch, load_tokenizer
 
 WEIGHTS = "echo.safetensors"
 
@@ -104,8 +104,6 @@ class EchoBackend(Backend):
 
     def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
         from safetensors.numpy import load_file
-
-        from deploykit.runtime import load_tokenizer
 
         cfg = json.loads((artifact / "echo_config.json").read_text())
         return EchoRunner(load_file(str(artifact / WEIGHTS)), cfg, load_tokenizer(artifact))

@@ -5,7 +5,7 @@ Module names follow Hugging Face's Llama/Mixtral trees (``model.layers.N.self_at
 ``mlp.gate_proj``, ``input_layernorm``...), so a PEFT adapter trained here loads onto transformers'
 reading of the same checkpoint and vice versa. The only structural difference is that MoE experts
 are stored stacked (``experts.w1`` is ``(E, F, D)``) so dispatch runs one GEMM per expert;
-``deploykit.checkpoint`` splits them into Mixtral's per-expert tensors on save.
+``deploykit.model.checkpoint`` splits them into Mixtral's per-expert tensors on save.
 
 Reading order: norms → rotary → attention → MLPs → MoE → block → model.
 """

@@ -14,8 +14,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .model import CausalLM, KVCache
+from ..errors import ConfigError
+from .graph import CausalLM, KVCache
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ArtifactError, ConfigError
+from ..model.checkpoint import CHECKPOINT_FILES, CONFIG_NAME, TOKENIZER_FILE
+from ..model.generation import TorchSession
 from .artifact import HOW_TO_MAKE, MANIFEST_NAME, read_manifest, verify
 from .backend import Runner, as_int64_batch
-from .errors import ArtifactError, ConfigError
-from .generation import TorchSession
-from .train.config import RUN_FILES
-
-# Files that make a folder a checkpoint rather than an artifact missing its manifest.
-# A training run folder (deploykit train --out) is a checkpoint plus the run's state and logs.
-_CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", *RUN_FILES}
 
 _THREADS_LOCK = threading.Lock()
 
@@ -44,9 +39,9 @@ def set_threads(threads: int | None) -> None:
 
 def load_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer, or None when it has no tokenizer.json."""
-    if not (Path(folder) / "tokenizer.json").is_file():
+    if not (Path(folder) / TOKENIZER_FILE).is_file():
         return None
-    from .tokenizer import Tokenizer
+    from ..model.tokenizer import Tokenizer
 
     return Tokenizer.load(folder)
 
@@ -88,7 +83,7 @@ class CheckpointRunner(ModelRunner):
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, threads: int | None = None, **options: Any) -> CheckpointRunner:
-        from .checkpoint import load_model
+        from ..model.checkpoint import load_model
 
         if options:
             raise ConfigError(f"unknown option(s) for a checkpoint folder: {', '.join(sorted(options))}",
@@ -107,7 +102,7 @@ def load(path: str | Path, *, verify_files: bool = True, **options: Any) -> Runn
     ``verify_files=False`` skips hashing the artifact's files (the manifest is still read).
     ``options`` go to the backend (e.g. ``threads=2``, ``trust_pickle=True``).
     """
-    from .plugins import plugin_manager
+    from .registry import plugin_manager
 
     path = Path(path)
     if not path.is_dir():
@@ -121,8 +116,8 @@ def load(path: str | Path, *, verify_files: bool = True, **options: Any) -> Runn
                                 hint="install the plugin that provides this backend (see `deploykit backends`)")
         return runner
     present = {p.name for p in path.iterdir()}
-    foreign = sorted(n for n in present - _CHECKPOINT_FILES if not n.startswith("."))
-    if "config.json" in present and not foreign:
+    foreign = sorted(n for n in present - CHECKPOINT_FILES if not n.startswith("."))
+    if CONFIG_NAME in present and not foreign:
         return CheckpointRunner.from_folder(path, **options)
     what = f"it holds {', '.join(foreign[:5])}" if foreign else "it is empty" if not present else "it has no config.json"
     raise ArtifactError(f"{path}: not a deploykit artifact (no {MANIFEST_NAME}) and not a checkpoint folder ({what})",

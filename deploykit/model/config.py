@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass, validated on construction, and named presets.
 
-Three variants share one graph (``deploykit.model``):
+Three variants share one graph (``deploykit.model.graph``):
 
 - ``dense``  — Llama family: pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU.
 - ``moe``    — Mixtral family: the dense block with its MLP replaced by top-k routed SwiGLU experts.
@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Variant = Literal["dense", "moe", "legacy"]
 VARIANTS: tuple[str, ...] = ("dense", "moe", "legacy")

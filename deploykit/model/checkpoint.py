@@ -22,14 +22,29 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError, ConfigError
+from ..fsutil import atomic_folder
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
-from .fsutil import atomic_folder
-from .model import CausalLM
+from .graph import CausalLM
+from .tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 FORMAT_VERSION = 1
+# Every file a checkpoint folder may hold is named here, so that serving code can tell a checkpoint
+# from an artifact without knowing who wrote it (deploykit.deploy.runtime) and training adds only
+# names declared below.
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES: tuple[str, ...] = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
+# What `deploykit train` adds beside the Hugging Face files: a training run folder is a checkpoint too.
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss.png"
+RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME)
+CHECKPOINT_FILES = frozenset({CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, *TOKENIZER_FILES,
+                              *RUN_FILES})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # transformers model_type -> deploykit variant, for folders written by transformers itself.
@@ -78,7 +93,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "mlp_bias": False, **llama}
 
 
-def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
+def from_hf_config(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConfig:
     """Read a config.json: deploykit's own block if present, else translate a transformers family."""
     own = data.get("deploykit", {}).get("model_config")
     if own is not None:
@@ -247,7 +262,7 @@ def save_model(model: CausalLM, folder: str | Path, tokenizer: Any = None, *, ov
                extra_files: dict[str, str] | None = None) -> Path:
     """Write a checkpoint folder atomically (temp folder beside it, then rename).
 
-    ``tokenizer`` is anything with ``save(folder)`` (deploykit.tokenizer.Tokenizer).
+    ``tokenizer`` is anything with ``save(folder)`` (deploykit.model.tokenizer.Tokenizer).
     ``extra_files`` maps file names to text written alongside (e.g. training state JSON).
     """
     from safetensors.torch import save_file
@@ -255,8 +270,8 @@ def save_model(model: CausalLM, folder: str | Path, tokenizer: Any = None, *, ov
     folder = Path(folder)
     cfg = model.config
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({
+        (tmp / CONFIG_NAME).write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n")
+        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps({
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
             "max_length": cfg.max_seq_len}, indent=2) + "\n")
         tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in to_hf_state_dict(model).items()}
@@ -270,7 +285,7 @@ def save_model(model: CausalLM, folder: str | Path, tokenizer: Any = None, *, ov
 
 def load_config(folder: str | Path) -> ModelConfig:
     folder = _checked_folder(folder)
-    path = folder / "config.json"
+    path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json", hint="a checkpoint folder holds config.json and model.safetensors")
     try:

@@ -16,13 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError, TargetExistsError
+from ..fsutil import atomic_folder, sha256_file
+from ..model.checkpoint import TOKENIZER_FILE, TOKENIZER_FILES
 from .artifact import MANIFEST_FORMAT, PICKLE_SUFFIXES, file_entries, write_manifest
 from .backend import ConvertContext
-from .errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError, TargetExistsError
-from .fsutil import atomic_folder, sha256_file
 from .parity import ParityReport, calibration_sequences, make_probes, run_parity
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def _source_sha256(model: Any, folder: Path | None) -> str:
     import torch
     from safetensors.torch import save
 
-    from .checkpoint import to_hf_state_dict
+    from ..model.checkpoint import to_hf_state_dict
 
     tensors = {k: v.to(torch.float32).contiguous() for k, v in to_hf_state_dict(model).items()}
     return hashlib.sha256(save(tensors, metadata={"format": "pt"})).hexdigest()
@@ -61,8 +60,8 @@ def _source_sha256(model: Any, folder: Path | None) -> str:
 def _load_source(model: Any, tokenizer: Any) -> tuple[Any, Path | None, Any]:
     import torch
 
-    from .checkpoint import load_model
-    from .model import CausalLM
+    from ..model.checkpoint import load_model
+    from ..model.graph import CausalLM
     from .runtime import load_tokenizer
 
     if isinstance(model, CausalLM):
@@ -108,8 +107,8 @@ def convert(
     (exit 3: the artifact is past its tolerance; pass ``allow_mismatch=True`` to keep it anyway, recorded
     in the manifest). With ``verify=False`` no proof is run and the manifest says so.
     """
-    from . import __version__
-    from .plugins import registry
+    from .. import __version__
+    from .registry import registry
 
     say = progress or (lambda message: None)
     reg = registry()
@@ -170,7 +169,7 @@ def convert(
                        "sha256": _source_sha256(ref, source), "parameters": ref.num_params()},
             "versions": {"deploykit": __version__, "python": platform.python_version(), **_safe_versions(be)},
             "model_config": cfg.to_dict(),
-            "tokenizer": (tmp / "tokenizer.json").is_file(),
+            "tokenizer": (tmp / TOKENIZER_FILE).is_file(),
             "backend_info": info,
         }
         if verify:

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
-from .fsutil import sha256_file
+from ..errors import ArtifactError
+from ..fsutil import sha256_file
 
 MANIFEST_NAME = "deploykit.json"
 MANIFEST_FORMAT = 1

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from ..errors import BackendError
 from . import hookspecs
-from .errors import BackendError
 
 if TYPE_CHECKING:
     from .backend import Backend, Runner
@@ -209,7 +209,7 @@ class PluginRegistry:
 def _validate(backend: Any, base: type) -> str | None:
     """Why ``backend`` cannot be used, or None. Checked once at collection, not on every call."""
     if not isinstance(backend, base):
-        return f"deploykit_backends returned {backend!r}, not a deploykit.backend.Backend instance"
+        return f"deploykit_backends returned {backend!r}, not a deploykit.deploy.backend.Backend instance"
     name = getattr(backend, "name", None)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         return f"backend name {name!r} must be short and lowercase (letters, digits, '-', '_')"

@@ -4,7 +4,7 @@ Per probe it measures max |Δlogit|, mean KL(p_ref ‖ p_art) per position and t
 prompts are also decoded greedily on both sides through their own decode sessions (the artifact's KV
 cache included) and compared token for token.
 
-How the numbers meet a :class:`~deploykit.backend.Tolerance`:
+How the numbers meet a :class:`~deploykit.deploy.backend.Tolerance`:
 
 - max |Δlogit| must hold at every position of every probe (a max is a max);
 - KL and top-1 are pooled over all probe positions, so a one-position probe cannot flip the verdict
@@ -29,8 +29,8 @@ import numpy as np
 from .backend import Tolerance
 
 if TYPE_CHECKING:
+    from ..model.graph import CausalLM
     from .backend import Runner
-    from .model import CausalLM
 
 # The longest forward probe. max_seq_len above this is probed up to the cap (stated in the report):
 # a 4k-position probe would dominate convert time for models whose attention is already exercised.
@@ -299,7 +299,7 @@ def compare_logits(name: str, ref: np.ndarray, art: np.ndarray) -> ProbeResult:
 
 
 def _greedy(session: Any, prompt: tuple[int, ...], n: int) -> list[int]:
-    from .generation import SamplingConfig, decode_loop
+    from ..model.generation import SamplingConfig, decode_loop
 
     return decode_loop(session, list(prompt), max_new_tokens=n, sampling=SamplingConfig(), eos_token_id=None)
 
@@ -309,7 +309,7 @@ def run_parity(reference: CausalLM, runner: Runner, probes: ProbeSet, *, backend
     """Compare ``runner`` with the fp32 ``reference`` model on ``probes``."""
     import torch
 
-    from .generation import TorchSession
+    from ..model.generation import TorchSession
 
     t0 = time.perf_counter()
     reference = reference.eval()
