@@ -54,9 +54,9 @@ def test_convert_passes_parity_and_loads(request, artifacts, model, scheme, monk
     for fn in ("quantize_weight", "pack_int8_weight", "pack_int8_swiglu", "pack_moe_experts", "_pack"):
         monkeypatch.setattr(native, fn, lambda *a, **k: pytest.fail("load must not re-quantise"))
     runner = deploykit.load(result.path, threads=2)
-    assert runner.info["backend"] == "native" and runner.info["quant"] == scheme
-    assert runner.info["kv_cache"] is True and runner.info["threads"] == 2
-    assert runner.info["isa"] == native.selected_isa()
+    assert runner.info.backend == "native" and runner.info.quant == scheme
+    assert runner.info.kv_cache is True and runner.info.threads == 2
+    assert runner.info.details["isa"] == native.selected_isa()
     layer = runner.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, native.Int8Linear)
     if scheme == "int8":
@@ -213,7 +213,7 @@ assert native.selected_isa() == "scalar", native.selected_isa()
 r = deploykit.convert(sys.argv[1], "native", sys.argv[2], sys.argv[3])
 ids = torch.randint(3, r.manifest["model_config"]["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
 print(json.dumps({"passed": r.report.passed(), "summary": r.report.to_dict()["summary"],
-                  "isa": deploykit.load(r.path).info["isa"], "logits": deploykit.load(r.path).forward(ids).tolist()}))
+                  "isa": deploykit.load(r.path).info.details["isa"], "logits": deploykit.load(r.path).forward(ids).tolist()}))
 """
 
 

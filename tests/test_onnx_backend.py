@@ -260,9 +260,9 @@ def test_tier_catches_a_decoder_that_ignores_its_past(artifacts, model, variant)
 # -- the runner -------------------------------------------------------------------------------------
 def test_runner_info(artifacts, variant):
     info = runner_for(artifacts, variant, "int8-dynamic").info
-    assert info["backend"] == "onnx" and info["quant"] == "int8-dynamic" and info["kv_cache"] is True
-    assert info["files"] == {ob.MODEL_FILE: (artifacts["int8-dynamic"] / ob.MODEL_FILE).stat().st_size}
-    assert info["providers"] == ["CPUExecutionProvider"] and info["threads"] == 1 and info["opset"] >= 17
+    assert info.backend == "onnx" and info.quant == "int8-dynamic" and info.kv_cache is True
+    assert info.files == {ob.MODEL_FILE: (artifacts["int8-dynamic"] / ob.MODEL_FILE).stat().st_size}
+    assert info.details["providers"] == ["CPUExecutionProvider"] and info.threads == 1 and info.details["opset"] >= 17
 
 
 def test_runner_is_thread_safe(artifacts, variant):
@@ -323,7 +323,7 @@ def test_deploykit_convert_and_load(request, tmp_path, which, quant):
     assert result.report.passed()
     assert {ob.MODEL_FILE, "tokenizer.json"} <= set(result.manifest["files"]) and not result.manifest["pickle_files"]
     runner = deploykit.load(tmp_path / "artifact", threads=1)
-    assert runner.info["quant"] == quant and runner.info["kv_cache"] is True
+    assert runner.info.quant == quant and runner.info.kv_cache is True
     assert isinstance(runner.generate("The", max_new_tokens=8), str)
 
 

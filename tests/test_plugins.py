@@ -15,7 +15,7 @@ from conftest import install_fake_dist
 import deploykit
 from deploykit.cli.main import main
 from deploykit.deploy import hookspecs
-from deploykit.deploy.backend import EXACT, Backend, Runner, Scheme
+from deploykit.deploy.backend import EXACT, Backend, Runner, RunnerInfo, Scheme
 from deploykit.errors import BackendError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_hook_deploykit_backends(fresh_plugins):
 
 def test_hook_deploykit_load_artifact(fresh_plugins, nano_checkpoint, tmp_path):
     class Constant(Runner):
-        info = {"backend": "remote"}
+        info = RunnerInfo(backend="remote", quant="fp32", kv_cache=False)
 
         def forward(self, input_ids):
             return np.zeros((1, 1, 4), np.float32)
@@ -178,8 +178,8 @@ def test_hook_deploykit_load_artifact(fresh_plugins, nano_checkpoint, tmp_path):
 
     deploykit.convert(nano_checkpoint, "torch", out=tmp_path / "a", verify=False)
     fresh_plugins.registry().register(Taker(), "taker")
-    assert deploykit.load(tmp_path / "a", remote=True).info["backend"] == "remote"
-    assert deploykit.load(tmp_path / "a").info["backend"] == "torch"  # None: falls through to the built-in
+    assert deploykit.load(tmp_path / "a", remote=True).info.backend == "remote"
+    assert deploykit.load(tmp_path / "a").info.backend == "torch"  # None: falls through to the built-in
     assert seen == ["torch", "torch"]
 
 
@@ -239,6 +239,6 @@ def test_example_echo_plugin(fresh_plugins, nano_checkpoint, tmp_path, monkeypat
     summary = json.loads(capsys.readouterr().out)
     assert summary["parity_passed"] and summary["backend"] == "echo"
     runner = deploykit.load(tmp_path / "e")
-    assert runner.info["kv_cache"] is False
+    assert runner.info.kv_cache is False
     ref = deploykit.load(nano_checkpoint)
     assert runner.generate([1, 50, 60], 8) == ref.generate([1, 50, 60], 8)

@@ -23,8 +23,8 @@ def fp32_artifact(nano_checkpoint, tmp_path_factory):
 
 def test_checkpoint_folder_loads_as_checkpoint_runner(nano_checkpoint):
     runner = deploykit.load(nano_checkpoint)
-    assert isinstance(runner, CheckpointRunner) and runner.info["backend"] == "checkpoint"
-    assert runner.tokenizer is not None and runner.info["kv_cache"] is True
+    assert isinstance(runner, CheckpointRunner) and runner.info.backend == "checkpoint"
+    assert runner.tokenizer is not None and runner.info.kv_cache is True
 
 
 def test_forward_accepts_lists_arrays_tensors(nano_checkpoint):
@@ -54,7 +54,7 @@ def test_kv_cache_session_matches_full_forward(fp32_artifact):
 
 def test_artifact_and_checkpoint_generate_the_same(fp32_artifact, nano_checkpoint):
     a, c = deploykit.load(fp32_artifact), deploykit.load(nano_checkpoint)
-    assert a.info["backend"] == "torch" and a.info["quant"] == "fp32"
+    assert a.info.backend == "torch" and a.info.quant == "fp32"
     assert a.generate("Once upon a time", 12) == c.generate("Once upon a time", 12)
     assert isinstance(a.generate([1, 5, 6], 4), list)
 

@@ -35,7 +35,7 @@ def test_scheme_passes_parity(request, artifacts, model, scheme):
     files = list(result.path.iterdir())
     assert not [f.name for f in files if f.name.endswith(PICKLE)], "artifacts must be pickle-free"
     runner = deploykit.load(result.path)
-    assert runner.info["quant"] == scheme and runner.info["kv_cache"] is True
+    assert runner.info.quant == scheme and runner.info.kv_cache is True
     assert isinstance(runner.generate("Once upon a time", 4), str)
 
 
@@ -90,8 +90,8 @@ def test_broken_quantizer_fails_parity(nano_checkpoint, tmp_path, monkeypatch):
     """The INT8 tolerance must catch a real bug: per-channel scales off by 2x."""
     import deploykit_plugins.torch_backend as tb
 
-    real = tb.quantize_weight
-    monkeypatch.setattr(tb, "quantize_weight", lambda w: (lambda q, s: (q, s * 2))(*real(w)))
+    real = tb.quantize_int8
+    monkeypatch.setattr(tb, "quantize_int8", lambda w: (lambda q, s: (q, s * 2))(*real(w)))
     with pytest.raises(ParityError):
         deploykit.convert(nano_checkpoint, "torch", "int8-dynamic", tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
@@ -101,8 +101,11 @@ def test_options_are_validated(nano_checkpoint, tmp_path):
     with pytest.raises(ConfigError) as e:
         deploykit.convert(nano_checkpoint, "torch", "prune-l1", tmp_path / "x", options={"sparsty": "0.5"})
     assert "sparsity" in e.value.hint
-    with pytest.raises(ConfigError, match="fraction"):
+    with pytest.raises(ConfigError, match=r"torch/prune-l1: sparsity=1.5 must be in \[0, 1\)"):
         deploykit.convert(nano_checkpoint, "torch", "prune-l1", tmp_path / "x", options={"sparsity": "1.5"})
+    with pytest.raises(ConfigError, match="qat_steps='many' must be an integer; unknown option 'steps'|"
+                                          "unknown option 'steps'; qat_steps='many' must be an integer"):
+        deploykit.convert(nano_checkpoint, "torch", "int8-qat", tmp_path / "x", options={"qat_steps": "many", "steps": 1})
     with pytest.raises(ConfigError, match="unknown option"):
         deploykit.convert(nano_checkpoint, "torch", "fp32", tmp_path / "x", options={"sparsity": "0.5"})
     assert not (tmp_path / "x").exists()

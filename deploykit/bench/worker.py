@@ -194,7 +194,7 @@ def run_measure(spec: dict[str, Any]) -> dict[str, Any]:
     n_prompt = prompt.shape[0] * prompt.shape[1]
     n_decode = len(data["decode_tokens"])
     ps, ds = _stats(prefill), _stats([n_decode / s for s in decode])
-    kv_cache = bool(runner.info.get("kv_cache", False))
+    kv_cache = runner.info.kv_cache
     result: dict[str, Any] = {
         "load_s": load_s,
         "prefill_ms": ps["median"] * 1e3, "prefill_ms_min": ps["min"] * 1e3, "prefill_ms_max": ps["max"] * 1e3,

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"prompt": args.prompt, "completion": text, "seconds": round(seconds, 4),
-                          "backend": runner.info.get("backend")}))
+                          "backend": runner.info.backend}))
     else:
         print(args.prompt + text)
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ArtifactError
 from ..fsutil import sha256_file
+from ..model.checkpoint import GENERATION_CONFIG_NAME, TOKENIZER_FILES
 
 MANIFEST_NAME = "deploykit.json"
 MANIFEST_FORMAT = 1
@@ -18,6 +19,17 @@ MANIFEST_FORMAT = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pt2", ".ckpt", ".pkl", ".pickle")
 
 HOW_TO_MAKE = "make one with `deploykit convert CHECKPOINT --backend torch --out DIR` (see `deploykit backends`)"
+
+
+# Files an artifact carries besides its model: what reports do not count in its size.
+NON_MODEL_FILES = frozenset({MANIFEST_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES})
+
+
+def model_files(folder: str | Path) -> dict[str, int]:
+    """{name: bytes} of the files directly in ``folder`` that hold the model (weights, graphs, configs):
+    everything but the manifest, the tokenizer and the generation config. Their sum is the artifact's size."""
+    return {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in NON_MODEL_FILES}
 
 
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:

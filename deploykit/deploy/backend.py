@@ -1,9 +1,11 @@
 """What a backend is: the contract every built-in and third-party backend implements.
 
 A backend converts a deploykit model into an artifact folder and loads that folder back as a
-:class:`Runner`. deploykit itself (``deploykit.convert``) owns everything around that: the temporary
-folder and atomic rename, the manifest, the parity proof against the fp32 model and its tolerance
-check. So a backend module stays readable in one sitting: ``convert``, ``load``, ``missing_requirements``.
+:class:`Runner`. deploykit itself (``deploykit.convert``) owns everything around that: parsing the
+scheme's options, the thread count, the temporary folder and atomic rename, the manifest, the parity
+proof against the fp32 model and its tolerance check. So a backend module stays readable in one
+sitting: ``convert``, ``load``, ``missing_requirements``. Torch-graph backends share the rest
+(module roles, swapping, saving and rebuilding): ``deploykit.deploy.roles`` and ``deploykit.deploy.torchgraph``.
 
 Backends import the core (this module, ``deploykit.model.graph``...), never each other; the core imports no
 backend — it finds them through the ``deploykit.backends`` entry-point group (see ``deploykit.deploy.registry``).
@@ -11,15 +13,21 @@ backend — it finds them through the ``deploykit.backends`` entry-point group (
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import BackendError, ConfigError
 from ..model.generation import DecodeSession, SamplingConfig, decode_loop
+from .options import NoOptions, SchemeOptions
+
+if TYPE_CHECKING:
+    from ..model.config import ModelConfig
+    from ..model.graph import CausalLM
+    from ..model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -51,23 +59,64 @@ LOSSY = Tolerance(max_abs_logit=8.0, min_top1=0.5, max_kl=0.5, min_greedy_match=
 
 @dataclass(frozen=True)
 class Scheme:
-    """A quantization / optimisation scheme a backend offers (``fp32``, ``int8-dynamic``...)."""
+    """A quantization / optimisation scheme a backend offers (``fp32``, ``int8-dynamic``...).
+
+    ``options`` is the scheme's :class:`~deploykit.deploy.options.SchemeOptions` class: deploykit
+    parses ``--option key=value`` into it once and the backend reads typed fields.
+    """
 
     name: str
     description: str
     tolerance: Tolerance
+    options: type[SchemeOptions] = NoOptions
+
+    def parse_options(self, given: Mapping[str, Any] | None, *, backend: str) -> SchemeOptions:
+        return self.options.parse(given, where=f"{backend}/{self.name}")
 
 
-@dataclass
+def _no_progress(message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
 class ConvertContext:
     """What deploykit hands a backend's ``convert`` besides the model."""
 
     source: Path | None  # the checkpoint folder converted (None when converting an in-memory model)
-    tokenizer: Any  # deploykit.model.tokenizer.Tokenizer or None
+    tokenizer: Tokenizer | None
     calibration: list[list[int]] = field(default_factory=list)  # token sequences for static quant / QAT
-    threads: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific (--option key=value)
-    progress: Callable[[str], None] = lambda message: None  # report a stage ("exporting", "quantizing")
+    threads: int | None = None  # torch's thread count is already set to it; runtimes of their own use it
+    options: SchemeOptions = field(default_factory=NoOptions)  # the scheme's options, parsed and validated
+    progress: Callable[[str], None] = _no_progress  # report a stage ("exporting", "quantizing")
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What every runner says about itself, with the same keys for every backend.
+
+    ``size_bytes`` is the artifact's model files (weights, graphs, configs), the number reports call
+    its size; ``details`` holds the backend's own facts (ISA, opset, providers, layout...).
+    """
+
+    backend: str
+    quant: str
+    kv_cache: bool
+    size_bytes: int = 0
+    files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    threads: int | None = None  # None: the runtime's default
+    parameters: int | None = None
+    vocab_size: int | None = None
+    max_length: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or not self.backend or not isinstance(self.quant, str):
+            raise ConfigError(f"RunnerInfo: backend={self.backend!r} and quant={self.quant!r} must be non-empty strings")
+        if not isinstance(self.kv_cache, bool):
+            raise ConfigError(f"RunnerInfo: kv_cache={self.kv_cache!r} must be True or False")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Runner(ABC):
@@ -76,8 +125,7 @@ class Runner(ABC):
     Subclasses implement ``forward`` and, where the runtime can carry a KV cache, ``new_session``.
     """
 
-    #: set by subclasses: {"backend", "quant", "kv_cache": bool, "files": {...}, ...}
-    info: dict[str, Any]
+    info: RunnerInfo  # set by subclasses
     tokenizer: Any = None
     eos_token_id: int | None = None
     max_length: int | None = None
@@ -163,7 +211,6 @@ class Backend(ABC):
         for s in self.schemes:
             if s.name == name:
                 return s
-        from ..errors import BackendError
         raise BackendError(f"backend {self.name!r} has no scheme {name!r}",
                            hint=f"valid schemes for {self.name}: {', '.join(s.name for s in self.schemes)}")
 
@@ -174,7 +221,7 @@ class Backend(ABC):
         """
         return []
 
-    def unsupported(self, scheme: Scheme, config: Any) -> str | None:
+    def unsupported(self, scheme: Scheme, config: ModelConfig) -> str | None:
         """Why ``scheme`` cannot convert a model with this ``ModelConfig`` (None: it can).
 
         E.g. a scheme for MoE models asked to convert a dense one. ``convert`` refuses with this reason
@@ -187,14 +234,17 @@ class Backend(ABC):
         return {}
 
     @abstractmethod
-    def convert(self, model: Any, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+    def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         """Write the artifact's files into ``out`` (an empty temporary folder deploykit renames later).
 
-        ``model`` is a deploykit ``CausalLM`` in fp32 eval mode; leave it unchanged (copy it first).
-        Return backend-specific facts for the manifest (e.g. opset, graph names, quantized layers).
+        ``model`` is a deep copy of the deploykit ``CausalLM`` in fp32 eval mode, the backend's to
+        change; ``scheme`` is one of ``schemes`` that ``unsupported`` accepted for its config, and
+        ``ctx.options`` an instance of ``scheme.options``. Return backend-specific facts for the
+        manifest (e.g. opset, graph names, quantized layers).
         """
 
     @abstractmethod
-    def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
-        """Open a converted artifact folder as a Runner (``options``: e.g. ``threads``)."""
+    def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        """Open a converted artifact folder as a Runner; ``threads`` (validated: None or >= 1) is the
+        runtime's thread count (None: its default)."""
 

@@ -1,8 +1,9 @@
 """The convert contract: checkpoint -> artifact folder, proven against the fp32 torch model.
 
-deploykit owns everything around a backend's ``convert``: checking the backend can run here, the
-temporary folder and atomic rename, the tokenizer copy, loading the result through the backend's own
-runner, the parity proof and its tolerance, the manifest, and the ``deploykit_after_convert`` event.
+deploykit owns everything around a backend's ``convert``: checking the backend can run here, parsing
+the scheme's options, the thread count, the temporary folder and atomic rename, the tokenizer copy,
+loading the result through the backend's own runner, the parity proof and its tolerance, the
+manifest, and the ``deploykit_after_convert`` event.
 """
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError, TargetExistsError
 from ..fsutil import atomic_folder, sha256_file
 from ..model.checkpoint import TOKENIZER_FILE, TOKENIZER_FILES
 from .artifact import MANIFEST_FORMAT, PICKLE_SUFFIXES, file_entries, write_manifest
-from .backend import ConvertContext
+from .backend import Backend, ConvertContext, Scheme
 from .parity import ParityReport, calibration_sequences, make_probes, run_parity
+
+if TYPE_CHECKING:
+    from ..model.graph import CausalLM
 
 
 @dataclass(frozen=True)
@@ -77,12 +81,22 @@ def _load_source(model: Any, tokenizer: Any) -> tuple[Any, Path | None, Any]:
                       "with save_pretrained and passing the folder")
 
 
-def _parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    out = dict(options or {})
-    for key in out:
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"option name {key!r} must be a non-empty string", hint="--option key=value")
-    return out
+@dataclass(frozen=True)
+class _Job:
+    """Everything preflight settled: what to convert, with what, into where."""
+
+    registry: Any  # deploykit.deploy.registry.PluginRegistry
+    backend: Backend
+    plugin: str
+    scheme: Scheme
+    out: Path
+    reference: CausalLM  # fp32, eval mode: the model every artifact is proven against
+    source: Path | None
+    ctx: ConvertContext
+
+    @property
+    def label(self) -> str:
+        return f"backend {self.backend.name!r} (plugin {self.plugin!r})"
 
 
 def convert(
@@ -102,19 +116,38 @@ def convert(
 ) -> ConvertResult:
     """Convert ``model`` (checkpoint folder or CausalLM) with ``backend``/``quant`` into the folder ``out``.
 
-    Raises BackendError (unknown backend/scheme, or the backend failed), BackendUnavailable (exit 4),
-    TargetExistsError (``out`` exists without ``force``), CheckpointError (bad source) and ParityError
-    (exit 3: the artifact is past its tolerance; pass ``allow_mismatch=True`` to keep it anyway, recorded
-    in the manifest). With ``verify=False`` no proof is run and the manifest says so.
-    """
-    from .. import __version__
-    from .registry import registry
+    Four stages: preflight (everything that can be refused is refused before the slow part), write
+    (the backend fills a temporary folder), prove (the artifact, loaded by the backend's own runner,
+    against the fp32 model) and publish (the manifest, written last, then the atomic rename, then the
+    ``deploykit_after_convert`` observers).
 
+    Raises BackendError (unknown backend/scheme, or the backend failed), BackendUnavailable (exit 4),
+    ConfigError (bad options or threads), TargetExistsError (``out`` exists without ``force``),
+    CheckpointError (bad source) and ParityError (exit 3: the artifact is past its tolerance; nothing
+    is written unless ``allow_mismatch=True``, which keeps it and says so in the manifest). With
+    ``verify=False`` no proof is run and the manifest says so.
+    """
     say = progress or (lambda message: None)
+    job = _preflight(model, backend, quant, out, force=force, calibration=calibration, threads=threads,
+                     options=options, tokenizer=tokenizer, progress=say)
+    with atomic_folder(job.out, overwrite=force) as tmp:  # renamed onto `out` only when the block completes
+        manifest = _write(job, tmp)
+        report = _prove(job, tmp, manifest, allow_mismatch=allow_mismatch) if verify else None
+        _seal(tmp, manifest, report, verify=verify, allow_mismatch=allow_mismatch)
+    _announce(job, manifest)
+    return ConvertResult(path=job.out, backend=job.backend.name, quant=job.scheme.name, manifest=manifest, report=report)
+
+
+def _preflight(model: Any, backend: str, quant: str | None, out: str | Path | None, *, force: bool,
+               calibration: list[list[int]] | None, threads: int | None, options: dict[str, Any] | None,
+               tokenizer: Any, progress: Callable[[str], None]) -> _Job:
+    """Refuse what can be refused cheaply, then load the source and refuse a scheme that does not fit it."""
+    from .registry import registry
+    from .runtime import check_threads, set_threads
+
     reg = registry()
     be = reg.get_backend(backend)
     scheme = be.scheme(quant)
-    plugin = reg.plugin_of(be.name)
     missing = be.missing_requirements()
     if missing:
         raise BackendUnavailable(f"backend {be.name!r} cannot run here: {'; '.join(missing)}",
@@ -125,9 +158,10 @@ def convert(
     out = Path(out)
     if out.exists() and not force:  # fail before the slow part
         raise TargetExistsError(f"{out} already exists", hint="pass --force (force=True) or choose another --out")
-    opts = _parse_options(options)
+    opts = scheme.parse_options(options, backend=be.name)
+    set_threads(check_threads(threads))  # the reference, the conversion and the proof all run on these threads
 
-    say("loading model")
+    progress("loading model")
     ref, source, tok = _load_source(model, tokenizer)
     cfg = ref.config
     reason = be.unsupported(scheme, cfg)
@@ -137,80 +171,96 @@ def convert(
                            hint=(f"use --quant {valid[0]} ({be.name}'s schemes for {cfg.variant} models: "
                                  f"{', '.join(valid)})" if valid else f"{be.name} cannot convert {cfg.variant} models"))
     calib = calibration if calibration is not None else calibration_sequences(cfg, tok)
-    ctx = ConvertContext(source=source, tokenizer=tok, calibration=calib, threads=threads, options=opts, progress=say)
-    report: ParityReport | None = None
-    label = f"backend {be.name!r} (plugin {plugin!r})"
+    ctx = ConvertContext(source=source, tokenizer=tok, calibration=calib, threads=threads, options=opts,
+                         progress=progress)
+    return _Job(registry=reg, backend=be, plugin=reg.plugin_of(be.name), scheme=scheme, out=out, reference=ref,
+                source=source, ctx=ctx)
 
-    with atomic_folder(out, overwrite=force) as tmp:
-        if source is not None:
-            for name in TOKENIZER_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, tmp / name)
-        elif tok is not None:
-            tok.save(tmp)
-        say(f"converting with {be.name}/{scheme.name}")
-        try:
-            # A deep copy: a backend that quantises or prunes in place must not touch the reference.
-            info = be.convert(copy.deepcopy(ref), scheme, tmp, ctx) or {}
-        except DeploykitError:
-            raise
-        except Exception as e:
-            raise BackendError(f"{label} failed while converting to {scheme.name}: {type(e).__name__}: {e}",
-                               hint="this is a bug in that plugin; rerun with --debug for the traceback and "
-                               "report it to the plugin's authors") from e
-        manifest: dict[str, Any] = {
-            "format_version": MANIFEST_FORMAT,
-            "backend": be.name,
-            "quant": scheme.name,
-            "plugin": plugin,
-            "scheme": {"name": scheme.name, "description": scheme.description, "tolerance": asdict(scheme.tolerance)},
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(source) if source is not None else None,
-                       "sha256": _source_sha256(ref, source), "parameters": ref.num_params()},
-            "versions": {"deploykit": __version__, "python": platform.python_version(), **_safe_versions(be)},
-            "model_config": cfg.to_dict(),
-            "tokenizer": (tmp / TOKENIZER_FILE).is_file(),
-            "backend_info": info,
-        }
-        if verify:
-            say("verifying parity")
-            try:
-                runner = be.load(tmp, manifest, **({"threads": threads} if threads else {}))
-            except DeploykitError:
-                raise
-            except Exception as e:
-                raise BackendError(f"{label} wrote an artifact it cannot load: {type(e).__name__}: {e}",
-                                   hint="rerun with --debug and report it to the plugin's authors") from e
-            probes = make_probes(cfg, tok)
-            notes = tuple(n for n in (info.get("parity_note"),) if n)
-            report = run_parity(ref, runner, probes, backend=be.name, quant=scheme.name,
-                                tolerance=scheme.tolerance, notes=notes)
-            if not report.passed() and not allow_mismatch:
-                raise ParityError(
-                    f"{be.name}/{scheme.name} artifact is past its tolerance: {'; '.join(report.violations())}\n  "
-                    + "\n  ".join(report.per_probe_lines()),
-                    hint="nothing was written. Keep it anyway with --allow-mismatch (recorded in the manifest), "
-                    "or try another scheme") from None
-        files = file_entries(tmp)
-        pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
-        manifest.update({
-            "files": files,
-            "total_bytes": sum(f["bytes"] for f in files.values()),
-            "pickle_files": pickles,
-            "verified": verify,
-            "allow_mismatch": allow_mismatch,
-            "parity_passed": None if report is None else report.passed(),
-            "parity": None if report is None else report.to_dict(),
-        })
-        write_manifest(tmp, manifest)
 
-    # Each observer is called on its own: one failing (an upload, say) must not silence the others,
-    # and none of them can undo the artifact, which is complete and renamed into place.
-    for name, _, error in reg.call_isolated("deploykit_after_convert", artifact=out, manifest=manifest):
+def _write(job: _Job, tmp: Path) -> dict[str, Any]:
+    """The tokenizer and the backend's files into ``tmp``; returns the manifest so far."""
+    from .. import __version__
+
+    if job.source is not None:
+        for name in TOKENIZER_FILES:
+            if (job.source / name).is_file():
+                shutil.copy2(job.source / name, tmp / name)
+    elif job.ctx.tokenizer is not None:
+        job.ctx.tokenizer.save(tmp)
+    job.ctx.progress(f"converting with {job.backend.name}/{job.scheme.name}")
+    try:
+        # A deep copy: a backend that quantises or prunes in place must not touch the reference.
+        info = job.backend.convert(copy.deepcopy(job.reference), job.scheme, tmp, job.ctx) or {}
+    except DeploykitError:
+        raise
+    except Exception as e:
+        raise BackendError(f"{job.label} failed while converting to {job.scheme.name}: {type(e).__name__}: {e}",
+                           hint="this is a bug in that plugin; rerun with --debug for the traceback and "
+                           "report it to the plugin's authors") from e
+    scheme, ref = job.scheme, job.reference
+    return {
+        "format_version": MANIFEST_FORMAT,
+        "backend": job.backend.name,
+        "quant": scheme.name,
+        "plugin": job.plugin,
+        "scheme": {"name": scheme.name, "description": scheme.description, "tolerance": asdict(scheme.tolerance)},
+        "options": job.ctx.options.to_dict(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(job.source) if job.source is not None else None,
+                   "sha256": _source_sha256(ref, job.source), "parameters": ref.num_params()},
+        "versions": {"deploykit": __version__, "python": platform.python_version(), **_safe_versions(job.backend)},
+        "model_config": ref.config.to_dict(),
+        "tokenizer": (tmp / TOKENIZER_FILE).is_file(),
+        "backend_info": info,
+    }
+
+
+def _prove(job: _Job, tmp: Path, manifest: dict[str, Any], *, allow_mismatch: bool) -> ParityReport:
+    """Load ``tmp`` through the backend's own runner and run the parity proof; past tolerance, refuse."""
+    job.ctx.progress("verifying parity")
+    try:
+        runner = job.backend.load(tmp, manifest, threads=job.ctx.threads)
+    except DeploykitError:
+        raise
+    except Exception as e:
+        raise BackendError(f"{job.label} wrote an artifact it cannot load: {type(e).__name__}: {e}",
+                           hint="rerun with --debug and report it to the plugin's authors") from e
+    cfg, scheme = job.reference.config, job.scheme
+    notes = tuple(n for n in (manifest["backend_info"].get("parity_note"),) if n)
+    report = run_parity(job.reference, runner, make_probes(cfg, job.ctx.tokenizer), backend=job.backend.name,
+                        quant=scheme.name, tolerance=scheme.tolerance, notes=notes)
+    if not report.passed() and not allow_mismatch:
+        raise ParityError(
+            f"{job.backend.name}/{scheme.name} artifact is past its tolerance: {'; '.join(report.violations())}\n  "
+            + "\n  ".join(report.per_probe_lines()),
+            hint="nothing was written. Keep it anyway with --allow-mismatch (recorded in the manifest), "
+            "or try another scheme") from None
+    return report
+
+
+def _seal(tmp: Path, manifest: dict[str, Any], report: ParityReport | None, *, verify: bool,
+          allow_mismatch: bool) -> None:
+    """Hash every file and write the manifest, last: a folder with a manifest is a complete artifact."""
+    files = file_entries(tmp)
+    manifest.update({
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files.values()),
+        "pickle_files": sorted(f for f in files if f.endswith(PICKLE_SUFFIXES)),
+        "verified": verify,
+        "allow_mismatch": allow_mismatch,
+        "parity_passed": None if report is None else report.passed(),
+        "parity": None if report is None else report.to_dict(),
+    })
+    write_manifest(tmp, manifest)
+
+
+def _announce(job: _Job, manifest: dict[str, Any]) -> None:
+    """Tell the ``deploykit_after_convert`` observers, each on its own: one failing (an upload, say)
+    must not silence the others, and none of them can undo the artifact, which is complete and in place."""
+    for name, _, error in job.registry.call_isolated("deploykit_after_convert", artifact=job.out, manifest=manifest):
         if error is not None:
             warnings.warn(f"deploykit_after_convert of plugin {name!r} failed: {type(error).__name__}: {error}",
-                          stacklevel=2)
-    return ConvertResult(path=out, backend=be.name, quant=scheme.name, manifest=manifest, report=report)
+                          stacklevel=3)
 
 
 def _safe_versions(backend: Any) -> dict[str, str]:

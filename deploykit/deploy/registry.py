@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 from . import hookspecs
 
 if TYPE_CHECKING:
@@ -57,7 +57,14 @@ class _BuiltinLoader:
     @hookspecs.hookimpl(trylast=True)
     def deploykit_load_artifact(self, path: Path, manifest: dict[str, Any], options: dict[str, Any]) -> Runner | None:
         backend = self._registry.get_backend(str(manifest.get("backend")))
-        return backend.load(Path(path), manifest, **options)
+        options = dict(options)
+        threads = options.pop("threads", None)
+        unknown = sorted(options)
+        if unknown:
+            raise ConfigError(f"{path}: unknown load option(s) {', '.join(unknown)} for a {backend.name!r} artifact",
+                              hint="deploykit.load accepts threads=N; other options are for plugins that take over "
+                              "loading (deploykit_load_artifact)")
+        return backend.load(Path(path), manifest, threads=threads)
 
 
 class PluginRegistry:

@@ -21,18 +21,24 @@ import torch
 from ..errors import ArtifactError, ConfigError
 from ..model.checkpoint import CHECKPOINT_FILES, CONFIG_NAME, TOKENIZER_FILE
 from ..model.generation import TorchSession
-from .artifact import HOW_TO_MAKE, MANIFEST_NAME, read_manifest, verify
-from .backend import Runner, as_int64_batch
+from .artifact import HOW_TO_MAKE, MANIFEST_NAME, model_files, read_manifest, verify
+from .backend import Runner, RunnerInfo, as_int64_batch
 
 _THREADS_LOCK = threading.Lock()
 
 
+def check_threads(threads: object) -> int | None:
+    """``threads`` as given to load/convert: None (the runtime's default) or an integer >= 1."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"threads={threads!r} must be a positive integer (or None for the runtime's default)",
+                          hint="e.g. threads=2, or --threads 2")
+    return threads
+
+
 def set_threads(threads: int | None) -> None:
     """torch's intra-op thread count is process-wide: setting it for one runner sets it for all."""
-    if threads is None:
+    if check_threads(threads) is None:
         return
-    if not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads={threads!r} must be a positive integer", hint="e.g. threads=2")
     with _THREADS_LOCK:
         torch.set_num_threads(threads)
 
@@ -54,14 +60,20 @@ class ModelRunner(Runner):
     of their last forward; those are last-writer-wins and never feed the outputs.)
     """
 
-    def __init__(self, model: torch.nn.Module, *, tokenizer: Any = None, info: dict[str, Any]) -> None:
+    def __init__(self, model: torch.nn.Module, *, backend: str, quant: str, tokenizer: Any = None,
+                 threads: int | None = None, files: dict[str, int] | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        set_threads(threads)
         self.model = model.eval()
         cfg = model.config
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.max_length = cfg.max_seq_len
         self.config = cfg
-        self.info = {"kv_cache": True, "vocab_size": cfg.vocab_size, "max_length": cfg.max_seq_len, **info}
+        files = dict(files or {})
+        self.info = RunnerInfo(backend=backend, quant=quant, kv_cache=True, size_bytes=sum(files.values()), files=files,
+                               threads=torch.get_num_threads(), parameters=cfg.num_params(),
+                               vocab_size=cfg.vocab_size, max_length=cfg.max_seq_len, details=dict(details or {}))
 
     def forward(self, input_ids: Any) -> np.ndarray:
         ids = as_int64_batch(input_ids)
@@ -82,35 +94,34 @@ class CheckpointRunner(ModelRunner):
     """A checkpoint folder run directly by deploykit's fp32 graph (the reference every artifact meets)."""
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, threads: int | None = None, **options: Any) -> CheckpointRunner:
+    def from_folder(cls, folder: str | Path, *, threads: int | None = None) -> CheckpointRunner:
         from ..model.checkpoint import load_model
 
-        if options:
-            raise ConfigError(f"unknown option(s) for a checkpoint folder: {', '.join(sorted(options))}",
-                              hint="checkpoint folders accept: threads")
-        set_threads(threads)
         folder = Path(folder)
+        check_threads(threads)
         model = load_model(folder)
-        return cls(model, tokenizer=load_tokenizer(folder),
-                   info={"backend": "checkpoint", "quant": "fp32", "path": str(folder),
-                         "parameters": model.num_params(), "threads": torch.get_num_threads()})
+        return cls(model, backend="checkpoint", quant="fp32", tokenizer=load_tokenizer(folder), threads=threads,
+                   files=model_files(folder), details={"path": str(folder)})
 
 
-def load(path: str | Path, *, verify_files: bool = True, **options: Any) -> Runner:
+def load(path: str | Path, *, threads: int | None = None, verify_files: bool = True, **options: Any) -> Runner:
     """Open an artifact or checkpoint folder as a Runner.
 
-    ``verify_files=False`` skips hashing the artifact's files (the manifest is still read).
-    ``options`` go to the backend (e.g. ``threads=2``, ``trust_pickle=True``).
+    ``threads``: the runtime's thread count (None: its default). ``verify_files=False`` skips hashing
+    the artifact's files (the manifest is still read). Other ``options`` are for plugins that take
+    over loading (``deploykit_load_artifact``); deploykit's own loader accepts none.
     """
     from .registry import plugin_manager
 
+    check_threads(threads)
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such folder", hint="pass an artifact folder (deploykit convert --out) "
                             "or a checkpoint folder (config.json + model.safetensors)")
     if (path / MANIFEST_NAME).is_file():
         manifest = verify(path) if verify_files else read_manifest(path)
-        runner = plugin_manager().hook.deploykit_load_artifact(path=path, manifest=manifest, options=dict(options))
+        runner = plugin_manager().hook.deploykit_load_artifact(path=path, manifest=manifest,
+                                                               options={"threads": threads, **options})
         if runner is None:
             raise ArtifactError(f"{path}: no plugin could load a {manifest.get('backend')!r} artifact",
                                 hint="install the plugin that provides this backend (see `deploykit backends`)")
@@ -118,7 +129,10 @@ def load(path: str | Path, *, verify_files: bool = True, **options: Any) -> Runn
     present = {p.name for p in path.iterdir()}
     foreign = sorted(n for n in present - CHECKPOINT_FILES if not n.startswith("."))
     if CONFIG_NAME in present and not foreign:
-        return CheckpointRunner.from_folder(path, **options)
+        if options:
+            raise ConfigError(f"unknown option(s) for a checkpoint folder: {', '.join(sorted(options))}",
+                              hint="checkpoint folders accept: threads")
+        return CheckpointRunner.from_folder(path, threads=threads)
     what = f"it holds {', '.join(foreign[:5])}" if foreign else "it is empty" if not present else "it has no config.json"
     raise ArtifactError(f"{path}: not a deploykit artifact (no {MANIFEST_NAME}) and not a checkpoint folder ({what})",
                         hint=f"{HOW_TO_MAKE}; a manifest cannot be recreated by hand — convert again")

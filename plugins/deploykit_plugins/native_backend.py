@@ -23,7 +23,6 @@ The kernels follow ``torch.get_num_threads()`` (``threads=`` when loading sets i
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,12 @@ import torch.nn as nn
 
 from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, Scheme
 from deploykit.deploy.hookspecs import hookimpl
-from deploykit.errors import ArtifactError, BackendError, ConfigError
+from deploykit.deploy.options import Int8Options
+from deploykit.deploy.roles import ATTENTION, MLP, QUANTIZED, Role, by_parent, linear_roles
+from deploykit.deploy.torchgraph import load_tensors, plain_state, read_layout, rebuild, save_artifact, set_module
+from deploykit.errors import ArtifactError, BackendError
+from deploykit.model.config import ModelConfig
+from deploykit.model.graph import CausalLM
 
 WEIGHTS = "native.safetensors"
 LAYOUT_FILE = "native_layout.json"
@@ -43,32 +47,15 @@ BUILD_HINT = ("build the extension: `pip install --no-build-isolation -e .` (or 
 # INT8 is the declared tier for both schemes. Measured on the trained nano / nano-moe fixtures
 # (tests/test_native_backend.py prints them) the artifacts sit far inside it: max |Δlogit| ~0.1,
 # top-1 >= 0.98, KL ~1e-4; a doubled weight scale (the classic packing bug) lands outside it.
+# Option quantize_lm_head (default true): on trained nano it moves max |Δlogit| from ~0.05 to ~0.1 and
+# keeps top-1 >= 0.98 (measured), for a large decode win on models whose vocab is the biggest matrix.
 SCHEMES = (
     Scheme("int8", "dense/legacy models: fused int8 linears (per-token activations, SwiGLU epilogue), "
-           "C++ kernels with run-time ISA dispatch", INT8),
-    Scheme("int8-moe", "MoE models: int8 attention + native top-k routing and int8 experts (moe_ffn)", INT8),
+           "C++ kernels with run-time ISA dispatch", INT8, Int8Options),
+    Scheme("int8-moe", "MoE models: int8 attention + native top-k routing and int8 experts (moe_ffn)", INT8,
+           Int8Options),
 )
 _KINDS = {"int8": ("dense", "legacy"), "int8-moe": ("moe",)}
-# Options: name -> (default, rule). lm_head is quantised by default: on trained nano it moves
-# max |Δlogit| from ~0.05 to ~0.1 and keeps top-1 >= 0.98 (measured), for a large decode win on
-# models whose vocab is the biggest matrix.
-_OPTIONS = {"quantize_lm_head": (True, "true/false")}
-
-
-def _options(scheme: str, given: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(given) - set(_OPTIONS))
-    if unknown:
-        valid = ", ".join(f"{k} ({rule}, default {d})" for k, (d, rule) in _OPTIONS.items())
-        raise ConfigError(f"native/{scheme}: unknown option(s) {', '.join(unknown)}", hint=f"valid options: {valid}")
-    out = {}
-    for key, (default, rule) in _OPTIONS.items():
-        value = given.get(key, default)
-        if isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ConfigError(f"native/{scheme}: option {key}={value!r} must be {rule}")
-            value = value.lower() in ("true", "1", "yes")
-        out[key] = bool(value)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,27 +107,24 @@ class NativeMoE(nn.Module):
         return f"experts={self.n_experts}, top_k={self.top_k}, d_model={self.d_model}, d_ff={self.d_ff}, int8"
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def plan(model: CausalLM, *, lm_head: bool) -> dict[str, str]:
+    """Which module becomes what: name -> "linear" | "swiglu" | "moe" (deploykit module names).
 
-
-def plan(model: nn.Module, *, lm_head: bool) -> dict[str, str]:
-    """Which module becomes what: name -> "linear" | "swiglu" | "moe" (deploykit module names)."""
-    cfg = model.config
+    By role: attention projections (and the lm_head) become Int8Linear; a SwiGLU MLP (gate, up and
+    down) one fused Int8SwiGLU; the legacy GELU MLP's two linears Int8Linear each (GELU stays torch);
+    an MoE layer's stacked experts one NativeMoE beside its fp32 router.
+    """
+    roles = linear_roles(model)
     out: dict[str, str] = {}
-    for i, block in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{p}.self_attn.{proj}"] = "linear"
-        if cfg.variant == "moe":
-            out[f"{p}.block_sparse_moe"] = "moe"
-        elif cfg.variant == "legacy":  # GELU MLP: two biased linears, GELU stays torch
-            out[f"{p}.mlp.up_proj"] = out[f"{p}.mlp.down_proj"] = "linear"
-        else:
-            out[f"{p}.mlp"] = "swiglu"
-    if lm_head:
-        out["lm_head"] = "linear"
+    for parent, group in by_parent(roles).items():
+        if set(group) == set(MLP):
+            out[parent] = "swiglu"
+            continue
+        for role, name in group.items():
+            if role in ATTENTION or role in (Role.MLP_UP, Role.MLP_DOWN) or (role is Role.LM_HEAD and lm_head):
+                out[name] = "linear"
+            elif role is Role.EXPERTS:
+                out[parent] = "moe"  # the block_sparse_moe module: router + experts
     return out
 
 
@@ -189,58 +173,22 @@ def install(model: nn.Module, layout: dict[str, str], tensors: dict[str, torch.T
         else:
             raise ArtifactError(f"{LAYOUT_FILE}: module {name!r} has kind {kind!r}, unknown to this deploykit",
                                 hint="convert again with this version of deploykit")
-        _set_module(model, name, mod)
-    # Every linear that should run int8 does: a module the plan missed (a model change) fails loudly
+        set_module(model, name, mod)
+    # Every projection that should run int8 does: a module the plan missed (a model change) fails loudly
     # here instead of silently running fp32 and flattering the benchmark.
-    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-            and not n.endswith("block_sparse_moe.gate") and n != "lm_head"]
+    left = [n for n, r in linear_roles(model).items() if r in QUANTIZED and isinstance(model.get_submodule(n), nn.Linear)]
     if left:
         raise BackendError(f"native: fp32 Linear modules left after the swap: {', '.join(left[:4])}",
                            hint="the native backend does not know this module layout; report it")
     return model
 
 
-def _plain_state(model: nn.Module, layout: dict[str, str]) -> dict[str, torch.Tensor]:
-    """fp32 tensors not covered by a pack (embeddings, norms, routers, an unquantised lm_head)."""
-    prefixes = [_packed_prefix(n, k) for n, k in layout.items()]
-    out = {}
-    for key, value in model.state_dict().items():
-        if any(key.startswith(p + ".") for p in prefixes):
-            continue
-        if key == "lm_head.weight" and model.config.tie_embeddings:
-            continue  # tied: the embedding is stored once, re-tied on load
-        out[key] = value.detach().float().contiguous()
-    return out
-
-
-def load_native_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the native CausalLM of an artifact folder from its packed tensors."""
-    from safetensors.torch import load_file
-
-    from deploykit.model.checkpoint import load_config
-    from deploykit.model.graph import CausalLM
-
-    try:
-        layout = json.loads((folder / LAYOUT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{folder}: unreadable {LAYOUT_FILE} ({e})", hint="convert again") from e
-    if layout.get("format") != LAYOUT_FORMAT:
-        raise ArtifactError(f"{folder / LAYOUT_FILE}: format {layout.get('format')!r}, this deploykit reads "
-                            f"{LAYOUT_FORMAT}", hint="convert again with this version of deploykit")
-    cfg = load_config(folder)
-    tensors = load_file(str(folder / WEIGHTS))
+def load_native_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
+    """Rebuild the native CausalLM of an artifact folder from its packed tensors (nothing is re-packed)."""
+    layout = read_layout(folder, LAYOUT_FILE, LAYOUT_FORMAT)
     modules: dict[str, str] = layout["modules"]
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    prefixes = [_packed_prefix(n, k) for n, k in modules.items()]
-    plain = {k: v for k, v in tensors.items() if not any(k.startswith(p + ".") for p in prefixes)}
-    missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)
-               and not any(k.startswith(p + ".") for p in prefixes)]
-    if missing or unexpected:
-        raise ArtifactError(f"{folder}: {WEIGHTS} does not match {LAYOUT_FILE}: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}", hint="convert again")
-    model.finish_meta_load()  # tied head and rotary buffer; a packed lm_head replaces the tied one below
+    tensors = load_tensors(folder, WEIGHTS)
+    model = rebuild(folder, tensors, [_packed_prefix(n, k) for n, k in modules.items()])
     try:
         install(model, modules, tensors)
     except KeyError as e:
@@ -260,7 +208,7 @@ class NativeBackend(Backend):
     artifact_files = ("config.json", WEIGHTS, LAYOUT_FILE)
     platforms = "CPU (x86-64; portable scalar fallback)"
 
-    def unsupported(self, scheme: Scheme, config: Any) -> str | None:
+    def unsupported(self, scheme: Scheme, config: ModelConfig) -> str | None:
         if config.variant in _KINDS[scheme.name]:
             return None
         return f"native/{scheme.name} runs {' and '.join(_KINDS[scheme.name])} models; this model is {config.variant!r}"
@@ -281,66 +229,41 @@ class NativeBackend(Backend):
         return {"torch": torch.__version__, "native_isa": s["isa"], "native_supported_isas": ",".join(s["supported_isas"]),
                 "cpu": s["cpu"], "cpu_flags": s["cpu_flags"]}
 
-    def convert(self, model: Any, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
-        from safetensors.torch import save_file
-
+    def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         from deploykit import native
-        from deploykit.model.checkpoint import to_hf_config
-        from deploykit.model.graph import CausalLM
 
-        if not isinstance(model, CausalLM):
-            raise BackendError(f"native convert expects a deploykit CausalLM, got {type(model).__name__}",
-                               hint="pass a checkpoint folder or a deploykit CausalLM to deploykit.convert")
-        cfg = model.config
-        reason = self.unsupported(scheme, cfg)
-        if reason:
-            right = next(s for s, kinds in _KINDS.items() if cfg.variant in kinds)
-            raise BackendError(reason, hint=f"use --quant {right} for {cfg.variant} models")
-        opts = _options(scheme.name, ctx.options)
+        cfg, lm_head = model.config, ctx.options.quantize_lm_head
         model = model.float().eval()
-        if ctx.threads:
-            torch.set_num_threads(ctx.threads)
         ctx.progress("quantising and prepacking int8 weights")
-        modules = plan(model, lm_head=opts["quantize_lm_head"])
+        modules = plan(model, lm_head=lm_head)
         with torch.no_grad():
-            tensors = {**_plain_state(model, modules), **pack_tensors(model, modules)}
-        hf = to_hf_config(cfg)
-        hf["dtype"] = "int8"
-        (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
-        layout = {"format": LAYOUT_FORMAT, "scheme": scheme.name, "quantize_lm_head": opts["quantize_lm_head"],
-                  "modules": modules}
-        (out / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+            tensors = {**plain_state(model, [_packed_prefix(n, k) for n, k in modules.items()]),
+                       **pack_tensors(model, modules)}
+        save_artifact(out, cfg, tensors, weights=WEIGHTS, layout_file=LAYOUT_FILE, layout_format=LAYOUT_FORMAT,
+                      layout={"scheme": scheme.name, "quantize_lm_head": lm_head, "modules": modules}, dtype="int8")
         counts = {k: sum(1 for v in modules.values() if v == k) for k in ("linear", "swiglu", "moe")}
-        kept = "embeddings, norms" + (", MoE routers" if cfg.is_moe else "") + ("" if opts["quantize_lm_head"] else ", lm_head")
+        kept = "embeddings, norms" + (", MoE routers" if cfg.is_moe else "") + ("" if lm_head else ", lm_head")
         return {"runs": "deploykit graph (torch attention/norms/KV cache) with deploykit.native._native fused int8 kernels"
                 + (" and native MoE routing" if cfg.is_moe else ""),
-                "packed_modules": counts, "quantize_lm_head": opts["quantize_lm_head"], "fp32_kept": kept,
+                "packed_modules": counts, "quantize_lm_head": lm_head, "fp32_kept": kept,
                 "isa_at_convert": native.cpu_summary()["isa"]}
 
-    def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
+    def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         from deploykit import native
+        from deploykit.deploy.artifact import model_files
         from deploykit.deploy.runtime import ModelRunner, load_tokenizer, set_threads
+        from deploykit.errors import BackendUnavailable
 
         if not native.available():
-            from deploykit.errors import BackendUnavailable
-
             raise BackendUnavailable(f"{artifact}: native artifacts need the compiled kernels "
                                      f"({native.unavailable_reason()})", hint=BUILD_HINT)
-        threads = options.pop("threads", None)
-        if options:
-            raise ConfigError(f"native runner: unknown option(s) {', '.join(sorted(options))}", hint="valid: threads")
         set_threads(threads)
-        artifact = Path(artifact)
-        model, layout = load_native_model(artifact)
-        files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.is_file()}
-        s = native.cpu_summary()
+        model, layout = load_native_model(Path(artifact))
         # ModelRunner: thread-safe (weights only read, each session owns its KV cache; the kernels'
         # thread pool serialises concurrent jobs) and decodes with deploykit's KV cache.
-        return ModelRunner(model, tokenizer=load_tokenizer(artifact), info={
-            "backend": "native", "quant": manifest.get("quant", layout.get("scheme")), "isa": s["isa"],
-            "threads": torch.get_num_threads(), "quantize_lm_head": layout.get("quantize_lm_head"),
-            "files": files, "bytes": files.get(WEIGHTS, 0), "parameters": model.config.num_params()})
+        return ModelRunner(model, backend=self.name, quant=str(manifest.get("quant", layout.get("scheme"))),
+                           threads=threads, tokenizer=load_tokenizer(Path(artifact)), files=model_files(artifact),
+                           details={"isa": native.cpu_summary()["isa"], "quantize_lm_head": layout.get("quantize_lm_head")})
 
 
 @hookimpl

@@ -43,13 +43,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, Scheme, as_int64_batch
+from deploykit.deploy.backend import (EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme,
+                                      as_int64_batch)
+from deploykit.deploy.runtime import check_threads
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.errors import ArtifactError, BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from deploykit.model.graph import CausalLM
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # external weights, written only when the graph would pass protobuf's 2 GB
@@ -88,7 +93,7 @@ class OnnxBackend(Backend):
                 pass
         return found
 
-    def convert(self, model: Any, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+    def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         out = Path(out)
         work = out / ".export"  # intermediate fp32 graph for derived schemes; removed below
         work.mkdir(parents=True, exist_ok=True)
@@ -110,8 +115,8 @@ class OnnxBackend(Backend):
         facts["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name.startswith("model.onnx")}
         return facts
 
-    def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
-        return OnnxRunner(artifact, threads=options.get("threads"))
+    def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        return OnnxRunner(artifact, threads=threads)
 
 
 @hookimpl
@@ -451,8 +456,7 @@ class OnnxRunner(Runner):
         path = artifact / MODEL_FILE
         if not path.is_file():
             raise ArtifactError(f"{artifact}: no {MODEL_FILE}", hint="re-run deploykit convert --backend onnx")
-        if threads is not None and (not isinstance(threads, int) or threads < 0):
-            raise ConfigError(f"threads={threads!r} must be a non-negative integer (0 = onnxruntime's default)")
+        check_threads(threads)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1  # the graph is a chain; parallelism lives inside ops
@@ -472,17 +476,19 @@ class OnnxRunner(Runner):
             from deploykit.model.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.load(artifact)
-        files = {p.name: p.stat().st_size for p in sorted(artifact.iterdir()) if p.name.startswith("model.onnx")}
         import onnx
+
+        from deploykit.deploy.artifact import model_files
 
         opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                       if o.domain in ("", "ai.onnx")), 0)
-        self.info = {
-            "backend": "onnx", "quant": meta.get(META_QUANT, "fp32"), "kv_cache": True,
-            "files": files, "size_bytes": sum(files.values()), "providers": self.session.get_providers(),
-            "threads": threads or 0, "opset": opset, "onnxruntime": ort.__version__,
-            "graph": "merged: past_key_values (past >= 0) -> present",
-        }
+        files = model_files(artifact)
+        self.info = RunnerInfo(
+            backend="onnx", quant=meta.get(META_QUANT, "fp32"), kv_cache=True, size_bytes=sum(files.values()),
+            files=files, threads=threads, parameters=self.config.num_params(), vocab_size=self.config.vocab_size,
+            max_length=self.config.max_seq_len,
+            details={"providers": self.session.get_providers(), "opset": opset, "onnxruntime": ort.__version__,
+                     "graph": "merged: past_key_values (past >= 0) -> present"})
 
     def run(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One graph call: input_ids (B, T), past (B, kv, P, hd) per name (None = empty) ->

@@ -24,10 +24,10 @@ compute, and quantising a router can flip expert choices, which costs far more t
 from __future__ import annotations
 
 import copy
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,11 +35,42 @@ import torch.nn.functional as F
 
 from deploykit.deploy.backend import EXACT, HALF, INT8, LOSSY, Backend, ConvertContext, Runner, Scheme
 from deploykit.deploy.hookspecs import hookimpl
+from deploykit.deploy.options import Int8Options, SchemeOptions, option
+from deploykit.deploy.roles import EXPERT, MLP, QUANTIZED, Role, by_parent, linear_roles, select
+from deploykit.deploy.torchgraph import (load_tensors, plain_state, quantize_int8, read_layout, rebuild,
+                                         restack_experts, save_artifact, set_module, unstack_experts)
 from deploykit.errors import ArtifactError, ConfigError
+from deploykit.model.config import ModelConfig
+from deploykit.model.graph import CausalLM, Experts
 
 LAYOUT_FILE = "torch_quant.json"
 WEIGHTS = "model.safetensors"
 LAYOUT_FORMAT = 1
+
+
+# Options each scheme accepts (--option key=value), parsed and validated once by deploykit.convert.
+@dataclass(frozen=True)
+class QatOptions(Int8Options):
+    qat_steps: int = option(10, "fake-quantised distillation steps (0: plain int8-static)")
+    qat_lr: float = option(1e-5, "AdamW learning rate of those steps")
+
+    def check(self) -> list[str]:
+        return [m for ok, m in ((self.qat_steps >= 0, f"qat_steps={self.qat_steps} must be >= 0"),
+                                (self.qat_lr > 0, f"qat_lr={self.qat_lr} must be > 0")) if not ok]
+
+
+@dataclass(frozen=True)
+class PruneOptions(SchemeOptions):
+    sparsity: float = option(0.3, "share of the weights removed, in [0, 1)")
+
+    def check(self) -> list[str]:
+        return [] if 0 <= self.sparsity < 1 else [f"sparsity={self.sparsity} must be in [0, 1)"]
+
+
+@dataclass(frozen=True)
+class StructuredPruneOptions(PruneOptions):
+    sparsity: float = option(0.25, "share of the MLP channels removed, in [0, 1)")
+
 
 # Tolerances are the shared tiers. Measured on trained nano / nano-moe models (tests/conftest.py), the
 # int8 schemes sit well inside INT8 and pruning inside LOSSY; a broken scale or transposed weight is
@@ -47,127 +78,20 @@ LAYOUT_FORMAT = 1
 SCHEMES = (
     Scheme("fp32", "full precision, the reference; a transformers-loadable checkpoint", EXACT),
     Scheme("bf16", "bfloat16 weights and activations (half the size)", HALF),
-    Scheme("int8-dynamic", "int8 per-channel weights, activations quantised per call (fbgemm)", INT8),
-    Scheme("int8-static", "int8 weights + static int8 activation scales from calibration (torch._int_mm)", INT8),
-    Scheme("int8-qat", "int8-static after a few steps of fake-quantised distillation", INT8),
-    Scheme("prune-l1", "unstructured magnitude pruning (option sparsity, default 0.3), bitmask-packed", LOSSY),
+    Scheme("int8-dynamic", "int8 per-channel weights, activations quantised per call (fbgemm)", INT8, Int8Options),
+    Scheme("int8-static", "int8 weights + static int8 activation scales from calibration (torch._int_mm)", INT8,
+           Int8Options),
+    Scheme("int8-qat", "int8-static after a few steps of fake-quantised distillation", INT8, QatOptions),
+    Scheme("prune-l1", "unstructured magnitude pruning (option sparsity, default 0.3), bitmask-packed", LOSSY,
+           PruneOptions),
     Scheme("prune-structured", "MLP channels removed by importance (option sparsity, default 0.25): smaller matrices",
-           LOSSY),
+           LOSSY, StructuredPruneOptions),
 )
-
-# Options each scheme accepts (--option key=value): name -> (type, default, rule text, check).
-_OPTIONS: dict[str, dict[str, tuple[type, Any, str, Callable[[Any], bool]]]] = {
-    "int8-dynamic": {"quantize_lm_head": (bool, True, "true/false", lambda v: True)},
-    "int8-static": {"quantize_lm_head": (bool, True, "true/false", lambda v: True)},
-    "int8-qat": {"quantize_lm_head": (bool, True, "true/false", lambda v: True),
-                 "qat_steps": (int, 10, "an integer >= 0", lambda v: v >= 0),
-                 "qat_lr": (float, 1e-5, "a float > 0", lambda v: v > 0)},
-    "prune-l1": {"sparsity": (float, 0.3, "a fraction in [0, 1)", lambda v: 0 <= v < 1)},
-    "prune-structured": {"sparsity": (float, 0.25, "a fraction in [0, 1)", lambda v: 0 <= v < 1)},
-}
-
-
-def _options(scheme: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Typed options for ``scheme``; strings from the CLI are parsed here, unknown keys rejected."""
-    spec = _OPTIONS.get(scheme, {})
-    unknown = sorted(set(given) - set(spec))
-    if unknown:
-        valid = ", ".join(f"{k} ({rule}, default {d})" for k, (_, d, rule, _c) in spec.items()) or "none"
-        raise ConfigError(f"torch/{scheme}: unknown option(s) {', '.join(unknown)}", hint=f"valid options: {valid}")
-    out = {}
-    for key, (typ, default, rule, check) in spec.items():
-        value = given.get(key, default)
-        try:
-            if typ is bool and isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                value = value.lower() in ("true", "1", "yes")
-            else:
-                value = typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"torch/{scheme}: option {key}={given.get(key)!r} must be {rule}") from None
-        if not check(value):
-            raise ConfigError(f"torch/{scheme}: option {key}={value!r} must be {rule}")
-        out[key] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# MoE experts as ordinary Linear modules
-# ---------------------------------------------------------------------------------------------
-class ExpertMLP(nn.Module):
-    def __init__(self, w1: nn.Module, w2: nn.Module, w3: nn.Module) -> None:
-        super().__init__()
-        self.w1, self.w2, self.w3 = w1, w2, w3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class ExpertList(nn.ModuleList):
-    """Stand-in for ``model.Experts`` with one Linear per expert weight (``experts.{e}.w1``, Mixtral's names).
-
-    Quantisation, calibration hooks and pruning then treat expert weights like any other Linear.
-    Implements ``expert(e, x)``, which MoE's default (sorted) dispatch calls.
-    """
-
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self[e](x)
-
-
-def unstack_experts(model: nn.Module) -> None:
-    for moe in model.moe_layers():
-        w = moe.experts
-        E, Fd, D = w.w1.shape
-
-        def lin(weight: torch.Tensor, out_f: int, in_f: int) -> nn.Linear:
-            layer = nn.Linear(in_f, out_f, bias=False, device=weight.device, dtype=weight.dtype)
-            layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-            return layer
-
-        moe.experts = ExpertList(ExpertMLP(lin(w.w1[e], Fd, D), lin(w.w2[e], D, Fd), lin(w.w3[e], Fd, D))
-                                 for e in range(E))
-
-
-def restack_experts(model: nn.Module) -> None:
-    from deploykit.model.graph import Experts
-
-    for moe in model.moe_layers():
-        if isinstance(moe.experts, ExpertList):
-            mods = list(moe.experts)
-            Fd, D = mods[0].w1.weight.shape
-            stacked = Experts(len(mods), D, Fd)
-            for name in ("w1", "w2", "w3"):
-                setattr(stacked, name, nn.Parameter(torch.stack([getattr(m, name).weight.detach() for m in mods])))
-            moe.experts = stacked
-
-
-def target_linears(model: nn.Module, *, lm_head: bool) -> dict[str, nn.Linear]:
-    """The Linear modules int8 schemes quantise: attention, MLP/expert projections (+ lm_head)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.startswith("model.layers.") and not name.endswith("block_sparse_moe.gate"):
-            out[name] = mod
-    if lm_head:
-        out["lm_head"] = model.lm_head
-    return out
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # ---------------------------------------------------------------------------------------------
 # int8 building blocks
 # ---------------------------------------------------------------------------------------------
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: w (out, in) -> q int8 (out, in), scale fp32 (out,)."""
-    scale = w.detach().abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.clamp(torch.round(w.detach() / scale[:, None]), -127, 127).to(torch.int8)
-    return q, scale.float()
-
-
 def dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """fbgemm/x86 dynamic int8 Linear with exactly these int8 weights and per-channel scales."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -261,11 +185,11 @@ def act_scales(model: nn.Module, linears: dict[str, nn.Module], calibration: lis
         raise ConfigError("int8-static/int8-qat need calibration sequences", hint="pass calibration=[[ids...], ...]")
     stats = calibrate(model, linears, calibration)
     scales = {k: float(v.max()) / 127.0 for k, v in stats.items()}
-    # An expert the calibration text never reached borrows the largest scale of its siblings' same weight.
+    # An expert the calibration text never reached borrows the largest scale of the weights in its role.
+    roles = linear_roles(model)
     for name in linears:
         if name not in scales:
-            suffix = name.rsplit(".", 1)[-1]
-            siblings = [s for k, s in scales.items() if k.endswith("." + suffix)]
+            siblings = [s for k, s in scales.items() if roles[k] == roles[name]]
             scales[name] = max(siblings) if siblings else 1.0
     return {k: max(v, 1e-8) for k, v in scales.items()}
 
@@ -273,30 +197,6 @@ def act_scales(model: nn.Module, linears: dict[str, nn.Module], calibration: lis
 # ---------------------------------------------------------------------------------------------
 # saving and loading
 # ---------------------------------------------------------------------------------------------
-def _save(out: Path, config: Any, tensors: dict[str, torch.Tensor], layout: dict[str, Any], dtype: str) -> None:
-    from safetensors.torch import save_file
-
-    from deploykit.model.checkpoint import to_hf_config
-
-    hf = to_hf_config(config)
-    hf["dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
-    (out / LAYOUT_FILE).write_text(json.dumps({"format": LAYOUT_FORMAT, **layout}, indent=2) + "\n")
-
-
-def _plain_state(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    """fp32 tensors of everything not in a quantised module (deploykit names, tied lm_head dropped)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if any(k == s or k.startswith(s + ".") for s in skip):
-            continue
-        if k == "lm_head.weight" and model.config.tie_embeddings and "lm_head" not in skip:
-            continue
-        out[k] = v.detach().float()
-    return out
-
-
 def _pack_sparse(t: torch.Tensor) -> dict[str, torch.Tensor]:
     """A mostly-zero tensor as a bitmask (1 bit per element) + its non-zero values in order."""
     import numpy as np
@@ -316,42 +216,28 @@ def _unpack_sparse(mask: torch.Tensor, values: torch.Tensor, shape: list[int]) -
     return torch.from_numpy(dense).reshape(shape)
 
 
-def load_artifact_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+def _save(out: Path, config: ModelConfig, tensors: dict[str, torch.Tensor], layout: dict[str, Any], dtype: str) -> None:
+    save_artifact(out, config, tensors, weights=WEIGHTS, layout_file=LAYOUT_FILE, layout=layout,
+                  layout_format=LAYOUT_FORMAT, dtype=dtype)
+
+
+def load_artifact_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
     """Rebuild the (quantised) CausalLM of a torch artifact folder."""
-    from safetensors.torch import load_file
+    from deploykit.model.checkpoint import load_model
 
-    from deploykit.model.checkpoint import load_config, load_model
-    from deploykit.model.graph import CausalLM
-
-    try:
-        layout = json.loads((folder / LAYOUT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{folder}: unreadable {LAYOUT_FILE} ({e})", hint="convert again") from e
+    layout = read_layout(folder, LAYOUT_FILE, LAYOUT_FORMAT)
     kind = layout.get("kind")
     if kind in ("hf", "hf-bf16"):  # a plain checkpoint folder
-        return load_model(folder, dtype=torch.bfloat16 if kind == "hf-bf16" else torch.float32), layout
-    cfg = load_config(folder)
-    tensors = load_file(str(folder / WEIGHTS))
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    if cfg.is_moe and kind in ("int8-dynamic", "int8-static"):
-        unstack_experts(model)  # quantised experts are one module per expert weight
+        return load_model(folder, dtype=torch.bfloat16 if kind == "hf-bf16" else torch.float32).eval(), layout
+    if kind not in ("sparse", "int8-dynamic", "int8-static"):
+        raise ArtifactError(f"{folder}: {LAYOUT_FILE} kind {kind!r} is unknown to this deploykit", hint="convert again")
+    tensors = load_tensors(folder, WEIGHTS)
     if kind == "sparse":
         for name, shape in layout["packed"].items():
             tensors[name] = _unpack_sparse(tensors.pop(f"{name}.mask"), tensors.pop(f"{name}.values"), shape)
-    elif kind not in ("int8-dynamic", "int8-static"):
-        raise ArtifactError(f"{folder}: {LAYOUT_FILE} kind {kind!r} is unknown to this deploykit", hint="convert again")
     quantized = layout.get("quantized", {})
-    # Plain tensors first: quantised modules have their own state-dict format, so they are built
-    # from their tensors afterwards rather than through load_state_dict.
-    plain = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in quantized)}
-    missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)
-               and not any(k.startswith(n + ".") for n in quantized)]
-    if missing or unexpected:
-        raise ArtifactError(f"{folder}: {WEIGHTS} does not match its layout: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}", hint="convert again")
-    model.finish_meta_load()  # tied head and rotary buffer; a quantised lm_head replaces the tied one below
+    # int8 experts are one module per expert weight, as convert made them (a no-op for dense models)
+    model = rebuild(folder, tensors, quantized, prepare=unstack_experts if kind != "sparse" else None)
     for name, entry in quantized.items():
         try:
             q, s = tensors[f"{name}.qweight"], tensors[f"{name}.wscale"]
@@ -359,7 +245,7 @@ def load_artifact_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
             raise ArtifactError(f"{folder}: {WEIGHTS} lacks {e.args[0]}", hint="convert again") from e
         bias = tensors.get(f"{name}.bias")
         mod = dynamic_linear(q, s, bias) if kind == "int8-dynamic" else StaticInt8Linear(q, s, entry["act_scale"], bias)
-        _set_module(model, name, mod)
+        set_module(model, name, mod)
     return model.eval(), layout
 
 
@@ -380,12 +266,8 @@ class TorchBackend(Backend):
         return []  # torch is a core dependency; int8 kernels are in every CPU wheel (fbgemm/x86)
 
     # -- convert -------------------------------------------------------------------------------
-    def convert(self, model: Any, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
-        opts = _options(scheme.name, ctx.options)
-        model = model.float().eval()
-        if ctx.threads:
-            torch.set_num_threads(ctx.threads)
-        return getattr(self, "_convert_" + scheme.name.replace("-", "_"))(model, out, ctx, opts)
+    def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+        return getattr(self, "_convert_" + scheme.name.replace("-", "_"))(model.float().eval(), out, ctx, ctx.options)
 
     def _convert_fp32(self, model, out, ctx, opts):
         from deploykit.model.checkpoint import to_hf_state_dict
@@ -402,9 +284,8 @@ class TorchBackend(Backend):
 
     def _int8(self, model, out, ctx, opts, *, kind: str, qat: bool = False):
         cfg = model.config
-        if cfg.is_moe:
-            unstack_experts(model)
-        linears = target_linears(model, lm_head=opts["quantize_lm_head"])
+        unstack_experts(model)  # MoE experts become Linear modules like the rest (no-op for dense models)
+        linears = select(model, QUANTIZED | ({Role.LM_HEAD} if opts.quantize_lm_head else set()))
         scales: dict[str, float] = {}
         info: dict[str, Any] = {}
         if kind == "int8-static":
@@ -412,10 +293,10 @@ class TorchBackend(Backend):
             scales = act_scales(model, linears, ctx.calibration)
             if qat:
                 info["qat"] = self._qat(model, linears, scales, ctx, opts)
-        tensors = _plain_state(model, set(linears))
+        tensors = plain_state(model, linears)
         layout: dict[str, Any] = {"kind": kind, "quantized": {}}
         for name, lin in linears.items():
-            q, s = quantize_weight(lin.weight)
+            q, s = quantize_int8(lin.weight)
             tensors[f"{name}.qweight"], tensors[f"{name}.wscale"] = q, s
             if lin.bias is not None:
                 tensors[f"{name}.bias"] = lin.bias.detach().float()
@@ -424,7 +305,7 @@ class TorchBackend(Backend):
         runs = ("fbgemm/x86 dynamic int8 Linear (torch.ao.nn.quantized.dynamic)" if kind == "int8-dynamic"
                 else "int8×int8→int32 torch._int_mm with static per-layer activation scales")
         return {"runs": runs, "quantized_modules": len(linears), "fp32_kept": "embeddings, norms, MoE routers"
-                + ("" if opts["quantize_lm_head"] else ", lm_head"), **info}
+                + ("" if opts.quantize_lm_head else ", lm_head"), **info}
 
     def _convert_int8_dynamic(self, model, out, ctx, opts):
         return self._int8(model, out, ctx, opts, kind="int8-dynamic")
@@ -437,19 +318,19 @@ class TorchBackend(Backend):
 
     def _qat(self, model, linears, scales, ctx, opts) -> dict[str, Any]:
         """Fake-quantised fine-tuning that distils the fp32 model: loss = KL(p_fp32 ‖ p_fakequant)."""
-        steps = opts["qat_steps"]
+        steps = opts.qat_steps
         if steps == 0:
             return {"steps": 0}
         ctx.progress(f"QAT: {steps} distillation steps")
         teacher = copy.deepcopy(model).eval()
         for name, lin in linears.items():
-            _set_module(model, name, FakeQuantLinear(lin, scales[name]))
+            set_module(model, name, FakeQuantLinear(lin, scales[name]))
         params = [lin.weight for lin in linears.values()]
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=opts["qat_lr"], weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=opts.qat_lr, weight_decay=0.0)
         # One fixed batch (all calibration rows, cut to a common length) and the teacher's log-probs
         # computed once: the distillation target never changes, so every step sees the same problem.
         # 8 rows of at most 32 tokens: QAT is the slowest scheme, and the keep-best rule below means a
@@ -480,24 +361,22 @@ class TorchBackend(Backend):
         model.eval()
         for name, lin in linears.items():
             lin.weight.requires_grad_(False)
-            _set_module(model, name, lin)
-        return {"steps": steps, "lr": opts["qat_lr"], "kl_fakequant_start": losses[0], "kl_fakequant_end": losses[-1],
+            set_module(model, name, lin)
+        return {"steps": steps, "lr": opts.qat_lr, "kl_fakequant_start": losses[0], "kl_fakequant_end": losses[-1],
                 "kept_step": best[1], "kl_fakequant_kept": best[0]}
 
     def _convert_prune_l1(self, model, out, ctx, opts):
         import torch.nn.utils.prune as prune
 
-        sparsity = opts["sparsity"]
-        targets = []  # (module, parameter name, deploykit state-dict key)
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and name.startswith("model.layers.") and not name.endswith("block_sparse_moe.gate"):
-                targets.append((mod, "weight", f"{name}.weight"))
-            elif type(mod).__name__ == "Experts":
-                targets += [(mod, w, f"{name}.{w}") for w in ("w1", "w2", "w3")]
+        sparsity = opts.sparsity
+        targets = []  # (module, parameter name, deploykit state-dict key): every projection int8 would quantize
+        for name, mod in select(model, QUANTIZED | {Role.EXPERTS}).items():
+            weights = ("w1", "w2", "w3") if isinstance(mod, Experts) else ("weight",)
+            targets += [(mod, w, f"{name}.{w}") for w in weights]
         for mod, pname, _ in targets:
             prune.l1_unstructured(mod, pname, amount=sparsity)
             prune.remove(mod, pname)  # permanent: the zeros are now the weights, no mask/hook left
-        tensors = _plain_state(model, set())
+        tensors = plain_state(model, ())
         packed: dict[str, list[int]] = {}
         for _, _, key in targets:
             t = tensors[key]
@@ -514,24 +393,25 @@ class TorchBackend(Backend):
 
     def _convert_prune_structured(self, model, out, ctx, opts):
         from deploykit.model.checkpoint import to_hf_state_dict
-        from deploykit.model.graph import CausalLM
 
         cfg = model.config
         if cfg.variant == "legacy":
             raise ConfigError("torch/prune-structured supports the dense and moe variants, not legacy (GPT-2)",
                               hint="use prune-l1 for legacy models")
-        keep = max(8, int(round(cfg.ffn_dim * (1 - opts["sparsity"]) / 8)) * 8)  # multiples of 8 suit GEMM tiling
+        keep = max(8, int(round(cfg.ffn_dim * (1 - opts.sparsity) / 8)) * 8)  # multiples of 8 suit GEMM tiling
         keep = min(keep, cfg.ffn_dim)
-        if cfg.is_moe:
-            unstack_experts(model)
-        # Channel importance: mean |activation| entering down_proj/w2 on calibration text, times the
-        # norm of the column that reads it (a channel that is large but never read matters little).
-        downs = {n: m for n, m in model.named_modules() if n.endswith((".mlp.down_proj", ".w2"))}
-        usage = calibrate(model, downs, ctx.calibration, reduce="absmean") if ctx.calibration else {}
+        unstack_experts(model)
+        # Channel importance: mean |activation| entering each down projection on calibration text, times
+        # the norm of the column that reads it (a channel that is large but never read matters little).
+        mlps = [group for group in by_parent(linear_roles(model)).values() if set(group) & (MLP | EXPERT)]
+        downs = {g.get(Role.MLP_DOWN) or g[Role.EXPERT_DOWN]: g for g in mlps}  # down name -> its MLP's roles
+        usage = calibrate(model, {n: model.get_submodule(n) for n in downs}, ctx.calibration, reduce="absmean") \
+            if ctx.calibration else {}
         new_cfg = cfg.replace(ffn_dim=keep)
-        for name, down in downs.items():
-            parent = model.get_submodule(name.rpartition(".")[0])
-            gate, up = (parent.gate_proj, parent.up_proj) if hasattr(parent, "gate_proj") else (parent.w1, parent.w3)
+        for name, group in downs.items():
+            down = model.get_submodule(name)
+            gate = model.get_submodule(group.get(Role.MLP_GATE) or group[Role.EXPERT_GATE])
+            up = model.get_submodule(group.get(Role.MLP_UP) or group[Role.EXPERT_UP])
             score = down.weight.detach().norm(dim=0)  # (F,)
             if name in usage:
                 score = score * usage[name]
@@ -541,8 +421,7 @@ class TorchBackend(Backend):
             for lin, dim in ((gate, 0), (up, 0), (down, 1)):
                 lin.weight = nn.Parameter(lin.weight.detach().index_select(dim, idx).contiguous())
                 lin.in_features, lin.out_features = lin.weight.shape[1], lin.weight.shape[0]
-        if cfg.is_moe:
-            restack_experts(model)
+        restack_experts(model)
         model.config = new_cfg
         smaller = CausalLM(new_cfg)  # validates the new config and gives a clean module tree
         smaller.load_state_dict(model.state_dict(), strict=True)
@@ -552,19 +431,15 @@ class TorchBackend(Backend):
                 "heads_pruned": 0, "transformers_loadable": True, "model_config": new_cfg.to_dict()}
 
     # -- load ----------------------------------------------------------------------------------
-    def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
+    def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        from deploykit.deploy.artifact import model_files
         from deploykit.deploy.runtime import ModelRunner, load_tokenizer, set_threads
 
-        threads = options.pop("threads", None)
-        if options:
-            raise ConfigError(f"torch runner: unknown option(s) {', '.join(sorted(options))}", hint="valid: threads")
-        set_threads(threads)
+        set_threads(threads)  # before rebuilding: bf16 conversion and unpacking run on these threads
         model, layout = load_artifact_model(Path(artifact))
-        files = {p.name: p.stat().st_size for p in Path(artifact).iterdir() if p.is_file()}
-        return ModelRunner(model, tokenizer=load_tokenizer(Path(artifact)), info={
-            "backend": "torch", "quant": manifest.get("quant"), "layout": layout.get("kind"),
-            "files": files, "bytes": files.get(WEIGHTS, 0), "threads": torch.get_num_threads(),
-            "parameters": model.config.num_params()})
+        return ModelRunner(model, backend=self.name, quant=str(manifest.get("quant")), threads=threads,
+                           tokenizer=load_tokenizer(Path(artifact)), files=model_files(artifact),
+                           details={"layout": layout.get("kind")})
 
 
 @hookimpl

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 import deploykit
-from deploykit.backend import EXACT, Backend, ConvertContext, Runner, Scheme, as_int64_batch, load_tokenizer
+from deploykit.backend import (EXACT, Backend, ConvertContext, Runner, RunnerInfo, Scheme, as_int64_batch,
+                               load_tokenizer, model_files)
 
 WEIGHTS = "echo.safetensors"
 
@@ -20,11 +21,13 @@ WEIGHTS = "echo.safetensors"
 class EchoRunner(Runner):
     """Numpy forward pass of deploykit's dense/MoE graph; recomputes every step (no KV cache)."""
 
-    def __init__(self, w: dict[str, np.ndarray], cfg: dict[str, Any], tokenizer: Any) -> None:
+    def __init__(self, w: dict[str, np.ndarray], cfg: dict[str, Any], tokenizer: Any, files: dict[str, int]) -> None:
         self.w, self.cfg, self.tokenizer = w, cfg, tokenizer
         self.eos_token_id = tokenizer.eos_id if tokenizer is not None else cfg["eos_token_id"]
         self.max_length = cfg["max_seq_len"]
-        self.info = {"backend": "echo", "quant": "fp32", "kv_cache": False}
+        self.info = RunnerInfo(backend="echo", quant="fp32", kv_cache=False, size_bytes=sum(files.values()), files=files,
+                               vocab_size=cfg["vocab_size"], max_length=cfg["max_seq_len"],
+                               details={"numpy": np.__version__})
         hd = cfg["head_dim"]
         self.inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
 
@@ -90,23 +93,26 @@ class EchoBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"numpy": np.__version__}
 
-    def convert(self, model: Any, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+    def unsupported(self, scheme: Scheme, config: deploykit.ModelConfig) -> str | None:
+        # convert refuses with this reason (and the bench shows "not applicable") before anything is written
+        if config.variant not in ("dense", "moe") or config.attn_bias:
+            return f"echo runs dense and moe models without attention biases, not this {config.variant!r} one"
+        return None
+
+    def convert(self, model: deploykit.CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         from safetensors.numpy import save_file
 
         cfg = model.config
-        if cfg.variant not in ("dense", "moe") or cfg.attn_bias:
-            raise deploykit.ConfigError(f"echo supports dense and moe models without biases, not {cfg.variant!r}",
-                                        hint="use the torch backend")
         tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
         save_file(tensors, str(out / WEIGHTS))
         (out / "echo_config.json").write_text(json.dumps(cfg.to_dict()))
         return {"tensors": len(tensors)}
 
-    def load(self, artifact: Path, manifest: dict[str, Any], **options: Any) -> Runner:
+    def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         from safetensors.numpy import load_file
 
         cfg = json.loads((artifact / "echo_config.json").read_text())
-        return EchoRunner(load_file(str(artifact / WEIGHTS)), cfg, load_tokenizer(artifact))
+        return EchoRunner(load_file(str(artifact / WEIGHTS)), cfg, load_tokenizer(artifact), model_files(artifact))
 
 
 @deploykit.hookimpl
