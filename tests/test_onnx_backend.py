@@ -356,3 +356,15 @@ def test_convert_end_to_end(tmp_path, variant_name):
             ref = model(PROBE).numpy()
         assert within(BACKEND.scheme(scheme), parity(ref, BACKEND.load(out, {}, threads=1).forward(PROBE.numpy())))
     assert stages[0].startswith("exporting")
+
+
+def test_export_traces_the_model_in_eval_mode(tmp_path, recwarn):
+    """The exported graph is the inference graph: no module is traced in training mode (torch warns
+    "Exporting a model while it is in training mode" when one is), and the caller's model is untouched."""
+    from deploykit import preset
+
+    model = CausalLM(preset("nano", vocab_size=256, max_seq_len=32))
+    model.train()
+    ob.export_onnx(model, tmp_path / ob.MODEL_FILE)
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
+    assert model.training

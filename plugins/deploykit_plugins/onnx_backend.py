@@ -171,7 +171,7 @@ def export_onnx(model: Any, path: Path) -> dict[str, Any]:
     dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in range(2 * L)))
     inputs, outputs = io_names(L)
     with torch.no_grad():
-        program = torch.onnx.export(WithPast(work), (input_ids, past), dynamo=True, dynamic_shapes=dynamic_shapes,
+        program = torch.onnx.export(WithPast(work).eval(), (input_ids, past), dynamo=True, dynamic_shapes=dynamic_shapes,
                                     input_names=inputs, output_names=outputs, optimize=True, verbose=False)
     weight_bytes = sum(p.numel() * 4 for p in work.parameters())
     path.parent.mkdir(parents=True, exist_ok=True)
