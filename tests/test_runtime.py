@@ -32,6 +32,7 @@ def test_forward_accepts_lists_arrays_tensors(nano_checkpoint):
     ids = [[1, 40, 41, 42]]
     a = runner.forward(ids)
     assert a.shape == (1, 4, 2048) and a.dtype == np.float32
+    # Exact: every input form becomes the same (1, 4) ids, so the same runner computes the same thing.
     np.testing.assert_array_equal(a, runner.forward(np.array(ids)))
     np.testing.assert_array_equal(a, runner.forward(torch.tensor(ids)))
     np.testing.assert_array_equal(a, runner.forward(ids[0]))
@@ -55,6 +56,8 @@ def test_kv_cache_session_matches_full_forward(fp32_artifact):
 def test_artifact_and_checkpoint_generate_the_same(fp32_artifact, nano_checkpoint):
     a, c = deploykit.load(fp32_artifact), deploykit.load(nano_checkpoint)
     assert a.info.backend == "torch" and a.info.quant == "fp32"
+    # Exact: the fp32 artifact is the checkpoint's weights in the same graph, so the same kernels
+    # on the same shapes; any difference is a conversion bug, not float reordering.
     assert a.generate("Once upon a time", 12) == c.generate("Once upon a time", 12)
     assert isinstance(a.generate([1, 5, 6], 4), list)
 
@@ -123,6 +126,8 @@ def test_runner_is_thread_safe(nano_checkpoint, tmp_path, quant):
         th.start()
     for th in threads:
         th.join()
+    # Exact: each call runs the same kernels on the same shapes with the same intra-op thread count
+    # (torch's is process-wide), whichever Python thread makes it; a race shows as a difference.
     for t in range(8):
         for i in range(50):
             np.testing.assert_array_equal(results[t][i], serial[i])
