@@ -132,15 +132,25 @@ def test_logits_match_fakequant_reference(request, artifacts, model, scheme):
 
 @pytest.mark.parametrize("model,scheme", CASES)
 def test_kv_cache_decoding_equals_full_recompute(request, artifacts, model, scheme):
-    runner = deploykit.load(artifacts(request.getfixturevalue(model), scheme).path)
+    checkpoint = request.getfixturevalue(model)
+    runner = deploykit.load(artifacts(checkpoint, scheme).path)
     ids = _probe_ids(runner.config.vocab_size)[0].tolist()[:24]
     session = runner.new_session()
-    steps = [session.feed(ids[:8])] + [session.feed([t]) for t in ids[8:]]  # (V,) each
-    full = runner.forward([ids])[0]  # (T, V)
-    for i, logits in enumerate(steps):
-        # Activations are quantised per token, so a cached step sees the same integers as the full
-        # pass; only attention's fp32 summation order differs.
-        np.testing.assert_allclose(logits, full[7 + i], atol=2e-3, rtol=0)
+    steps = np.stack([session.feed(ids[:8])] + [session.feed([t]) for t in ids[8:]])  # (17, V)
+    full = runner.forward([ids])[0][7:]  # (17, V): the same positions, all at once
+    with torch.no_grad():
+        fp32 = deploykit.load_model(checkpoint)(torch.tensor([ids]))[0, 7:].numpy()
+    err, quant_err = np.abs(steps - full).max(-1), np.abs(full - fp32).max()  # err: per position (17,)
+    print(f"\nnative/{scheme} cached vs full per position: {np.round(err, 5).tolist()}; int8 vs fp32 max {quant_err:.3f}")
+    # Activations are quantised per token, and the kernels give a row the same result whatever the
+    # batch (tests/native), so a cached step sees the same integers as the full pass — except where
+    # attention's other fp32 summation order (1 query row vs 24) moves an activation across an int8
+    # rounding boundary. That flips one quantum (max|x|/127) and moves that position's logits by up
+    # to ~1e-2 (seen at 3 of 17 positions on AVX2 and AVX-512 machines), bounded by the quantisation
+    # error itself. Elsewhere only fp32 rounding remains. A cache bug (wrong positions, a lost key)
+    # moves most positions, by as much as the quantisation error or far more.
+    assert np.median(err) < 1e-4 and err.max() < quant_err
+    assert (steps.argmax(-1) == full.argmax(-1)).mean() >= 0.9
 
 
 def test_wrong_scheme_for_model_kind_is_a_clear_error(nano_checkpoint, nano_moe_checkpoint, tmp_path):
