@@ -212,3 +212,23 @@ def test_int8_options_are_shared():
     assert native_backend.SCHEMES[0].options is Int8Options
     assert torch_backend.TorchBackend().scheme("int8-dynamic").options is Int8Options
     assert issubclass(torch_backend.TorchBackend().scheme("int8-qat").options, Int8Options)
+
+
+def test_unknown_keys_and_broken_rules_come_in_one_error():
+    with pytest.raises(ConfigError) as e:
+        Opts.parse({"foo": "1", "sparsity": "2"}, where="b/s")
+    assert "unknown option 'foo'" in str(e.value) and "sparsity=2.0 must be in [0, 1)" in str(e.value)
+
+
+def test_backends_json_lists_each_schemes_options(capsys):
+    import json
+
+    from deploykit.cli.main import main
+
+    assert main(["backends", "--json"]) == 0
+    rows = {b["name"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
+    qat = next(s for s in rows["torch"]["schemes"] if s["name"] == "int8-qat")
+    assert [o["name"] for o in qat["options"]] == ["quantize_lm_head", "qat_steps", "qat_lr"]
+    assert qat["options"][1] == {"name": "qat_steps", "type": "int", "default": 10,
+                                 "help": "fake-quantised distillation steps (0: plain int8-static)"}
+    assert next(s for s in rows["onnx"]["schemes"] if s["name"] == "fp32")["options"] == []

@@ -39,8 +39,8 @@ def describe() -> dict:
             "name": name, "description": be.description, "plugin": reg.plugin_of(name), "platforms": be.platforms,
             "default_scheme": be.default_scheme, "available": not missing, "missing": missing,
             "artifact_files": list(be.artifact_files),
-            "schemes": [{"name": s.name, "description": s.description, "tolerance": asdict(s.tolerance)}
-                        for s in be.schemes],
+            "schemes": [{"name": s.name, "description": s.description, "tolerance": asdict(s.tolerance),
+                         "options": s.options.describe()} for s in be.schemes],
         })
     errors = [asdict(f) for f in plugin_errors()]
     return {"backends": rows, "plugin_errors": errors}
@@ -62,14 +62,16 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(row["name"], ", ".join(s["name"] for s in row["schemes"]), row["platforms"], avail, row["plugin"])
     console = Console()
     console.print(table)
-    tol = Table(title="parity tolerances (vs fp32 torch)", title_justify="left")
-    for col in ("backend/scheme", "max |Δlogit|", "mean KL", "top-1", "greedy match"):
-        tol.add_column(col, justify="left" if col == "backend/scheme" else "right")
+    tol = Table(title="parity tolerances (vs fp32 torch) and options (--option key=value)", title_justify="left")
+    for col in ("backend/scheme", "max |Δlogit|", "mean KL", "top-1", "greedy match", "options (default)"):
+        tol.add_column(col, justify="right" if col in ("max |Δlogit|", "mean KL", "top-1", "greedy match") else "left")
     for row in data["backends"]:
         for s in row["schemes"]:
             t = s["tolerance"]
+            opts = ", ".join(f"{o['name']} ({str(o['default']).lower() if isinstance(o['default'], bool) else o['default']})"
+                             for o in s["options"])
             tol.add_row(f"{row['name']}/{s['name']}", f"≤ {t['max_abs_logit']:g}", f"≤ {t['max_kl']:g}",
-                        f"≥ {t['min_top1']:g}", f"≥ {t['min_greedy_match']:g}")
+                        f"≥ {t['min_top1']:g}", f"≥ {t['min_greedy_match']:g}", opts or "—")
     console.print(tol)
     for e in data["plugin_errors"]:
         console.print(f"[red]broken plugin[/] {e['plugin']} ({e['source']}), at {e['stage']}: {e['error']}")

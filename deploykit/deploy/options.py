@@ -64,17 +64,25 @@ class SchemeOptions:
             if key in types:
                 values[key], problem = _convert(key, raw, types[key])
                 problems += [problem] if problem else []
-        if not problems:
-            try:
-                return cls(**values)
-            except InvalidOptions as e:  # a rule across values (check), or a Python value of the wrong type
-                problems = e.problems
+        try:  # with what could be read, so the rules (check) are reported in the same error
+            options = cls(**{k: v for k, v in values.items() if not any(p.startswith(f"{k}=") for p in problems)})
+        except InvalidOptions as e:  # a rule across values, or a Python value of the wrong type
+            problems += e.problems
+        else:
+            if not problems:
+                return options
         raise ConfigError(f"{where}: {'; '.join(problems)}", hint=cls.valid_options_hint())
 
     @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """One entry per option: name, type, default and help (``deploykit backends`` shows them)."""
+        return [{"name": f.name, "type": t.__name__, "default": f.default, "help": f.metadata.get("help", "")}
+                for f, t in _fields(cls)]
+
+    @classmethod
     def valid_options_hint(cls) -> str:
-        lines = [f"{f.name} ({t.__name__}, default {_show(f.default)}): {f.metadata.get('help', '')}".rstrip(": ")
-                 for f, t in _fields(cls)]
+        lines = [f"{o['name']} ({o['type']}, default {_show(o['default'])}): {o['help']}".rstrip(": ")
+                 for o in cls.describe()]
         return ("valid options: " + "; ".join(lines) + " (pass --option key=value)") if lines else \
             "this scheme takes no options"
 
