@@ -61,7 +61,7 @@ class Crashy(Backend):
         return {}
 
     def load(self, artifact, manifest, **options):
-        return ModelRunner(load_model(Path(artifact) / "model"), info={"backend": "crashy", "quant": "fp32"})
+        return ModelRunner(load_model(Path(artifact) / "model"), backend="crashy", quant="fp32")
 
 
 @deploykit.hookimpl
