@@ -3,7 +3,9 @@
 One module-scoped bench run (two real backends, tiny lengths, one thread) feeds most tests. Two fake
 backends come from a plugin installed the way a third party's is, through an entry point on the path
 (so the worker subprocesses see it too): ``ghost`` is never available here, and ``crashy`` converts
-fine but its bench worker dies with SIGABRT, like a native runtime crashing mid-measurement.
+fine but its bench worker dies with SIGABRT, like a native runtime crashing mid-measurement. Two more
+entry points of that module only add bench metrics: ``bench-later`` (its equal key must win) and
+``bench-broken`` (raises: the row must survive it).
 """
 from __future__ import annotations
 
@@ -74,6 +76,23 @@ def deploykit_bench_metrics(runner, row):
     if row["backend"] == "crashy":
         os.abort()  # a native runtime dying mid-measurement: SIGABRT, no Python traceback
     return {"fake_metric": 42.0}
+
+
+class LaterMetrics:
+    """Registered after bench-fakes (entry points load in name order): on the equal key it wins."""
+
+    @deploykit.hookimpl
+    def deploykit_bench_metrics(self, runner, row):
+        return {"fake_metric": 43.0, "later_metric": 1.0}
+
+
+class BrokenMetrics:
+    @deploykit.hookimpl
+    def deploykit_bench_metrics(self, runner, row):
+        raise RuntimeError("metrics sensor unplugged")
+
+
+LATER, BROKEN = LaterMetrics(), BrokenMetrics()
 '''
 
 
@@ -87,7 +106,9 @@ def fake_plugin(tmp_path_factory: pytest.TempPathFactory) -> Any:
     dist = root / "bench_fake_backends-0.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bench-fake-backends\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text("[deploykit.backends]\nbench-fakes = bench_fake_backends\n")
+    (dist / "entry_points.txt").write_text("[deploykit.backends]\nbench-fakes = bench_fake_backends\n"
+                                           "bench-later = bench_fake_backends:LATER\n"
+                                           "bench-broken = bench_fake_backends:BROKEN\n")
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(root))
     mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
@@ -165,7 +186,10 @@ def test_measured_rows_have_numbers(bench: dict[str, Any]) -> None:
         assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
         assert r["peak_rss_bytes"] >= r["base_rss_bytes"] > 0
         assert r["moe_routing_agreement"] is None and "dense" in r["moe_routing_note"]
-        assert r["fake_metric"] == 42.0  # the deploykit_bench_metrics hook's column joined the row
+        # deploykit_bench_metrics columns joined the row; on an equal key the later plugin won, and the
+        # plugin that raised is named while the row keeps its measurements.
+        assert r["fake_metric"] == 43.0 and r["later_metric"] == 1.0
+        assert r["plugin_metric_errors"] == {"bench-broken": "RuntimeError: metrics sensor unplugged"}
     base = ok[0]
     # The fp32 torch artifact is the reference itself.
     assert base["parity_max_abs_logit"] < 1e-4 and base["parity_top1"] == 1.0 and base["parity_kl"] < 1e-8
@@ -223,6 +247,7 @@ def test_report_files(bench: dict[str, Any]) -> None:
     assert "| Method | Speedup (decode) | Size reduction | Δ perplexity | Platform | Best for |" in md
     assert "| torch fp32 | 1.00× | 1.00× | +0.00 % | CPU | reference" in md
     assert "no Ghost NPU found" in md and "SIGABRT" in md
+    assert "deploykit_bench_metrics of plugin 'bench-broken' failed (RuntimeError: metrics sensor unplugged)" in md
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[: len(COLUMN_NAMES)] == list(COLUMN_NAMES) and "fake_metric" in rows[0]
@@ -358,3 +383,68 @@ def test_plan_marks_schemes_that_do_not_apply_to_the_model() -> None:
     assert dense[("native", "int8-moe")].startswith("not applicable: native/int8-moe runs moe models")
     moe = {(p.backend, p.scheme): p.reason for p in plan_rows(plugins.backends(), ("native",), None, preset("nano-moe"))}
     assert moe[("native", "int8-moe")] is None and "not applicable" in moe[("native", "int8")]
+
+
+# -- deploykit_bench_metrics: the merge the worker runs ----------------------------------------------------------
+def _metrics_plugin(result: Any) -> object:
+    import deploykit
+
+    class Plugin:
+        @deploykit.hookimpl
+        def deploykit_bench_metrics(self, runner: Any, row: dict[str, Any]) -> Any:
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+    return Plugin()
+
+
+def test_plugin_metrics_later_plugins_win_and_failures_are_named() -> None:
+    from deploykit.bench.worker import plugin_metrics
+    from deploykit.deploy.registry import PluginRegistry
+
+    reg = PluginRegistry(entry_points=False)
+    reg.register(_metrics_plugin({"score": 1.0, "only_first": 1.0}), "first")
+    reg.register(_metrics_plugin(None), "silent")
+    reg.register(_metrics_plugin(RuntimeError("sensor unplugged")), "broken")
+    reg.register(_metrics_plugin(["not", "a", "dict"]), "confused")
+    reg.register(_metrics_plugin({"score": 2.0}), "second")
+    merged, errors = plugin_metrics(None, {"backend": "torch"}, reg)
+    assert merged == {"score": 2.0, "only_first": 1.0}
+    assert errors == {"broken": "RuntimeError: sensor unplugged",
+                      "confused": "returned list, expected a dict of metrics or None"}
+
+    # The order is registration, not the names: the same two registered the other way round.
+    reg = PluginRegistry(entry_points=False)
+    reg.register(_metrics_plugin({"score": 2.0}), "second")
+    reg.register(_metrics_plugin({"score": 1.0}), "first")
+    assert plugin_metrics(None, {}, reg) == ({"score": 1.0}, {})
+
+
+def test_run_measure_merges_plugin_metrics_in_process(fresh_plugins: Any, nano_checkpoint: Path, tmp_path: Path) -> None:
+    """run_measure itself, in this process, on a tiny torch artifact: the worker's real code path."""
+    import torch
+
+    import deploykit
+    from deploykit.bench.inputs import InputSpec, prepare_inputs
+    from deploykit.bench.worker import run_measure
+
+    artifact = deploykit.convert(nano_checkpoint, "torch", "fp32", tmp_path / "artifact", verify=False).path
+    prepare_inputs(nano_checkpoint, InputSpec(prompt_len=8, gen_len=4, batch=1, eval_tokens=64, n_tasks=2,
+                                              eval_data=None), tmp_path)
+    reg = fresh_plugins.registry()
+    reg.register(_metrics_plugin({"probe": 1.0, "from_early": 1.0}), "early")
+    reg.register(_metrics_plugin(RuntimeError("boom")), "raises")
+    reg.register(_metrics_plugin({"probe": 2.0}), "late")
+    threads = torch.get_num_threads()
+    try:
+        result = run_measure({"backend": "torch", "scheme": "fp32", "artifact": str(artifact), "threads": 1,
+                              "repeat": 1, "warmup": 0, "inputs": str(tmp_path / "inputs.npz"),
+                              "tasks": str(tmp_path / "tasks.json")})
+    finally:
+        torch.set_num_threads(threads)  # run_measure pins the thread count of its (normally own) process
+    # This module's fake plugins are registered too (entry points) and add columns of their own.
+    extra, errors = result["extra"], result["extra_errors"]
+    assert (extra["probe"], extra["from_early"]) == (2.0, 1.0)
+    assert errors["raises"] == "RuntimeError: boom"
+    assert result["decode_tok_s"] > 0 and result["perplexity"] > 0  # the row kept its measurements

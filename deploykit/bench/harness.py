@@ -275,6 +275,7 @@ def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks:
         return row
     completions = result.pop("task_completions", [])
     extra = result.pop("extra", {}) or {}
+    metric_errors = result.pop("extra_errors", {}) or {}
     for key in ("ok", "log", "traceback"):
         result.pop(key, None)
     row.update(result)
@@ -285,6 +286,8 @@ def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks:
     # Plugin metrics join the row, but never overwrite a measured column.
     row.update({(k if k not in COLUMN_NAMES else f"plugin_{k}"): v for k, v in extra.items()})
     row["extra_columns"] = sorted(k if k not in COLUMN_NAMES else f"plugin_{k}" for k in extra)
+    if metric_errors:  # a plugin's metrics failed: the row keeps its measurements, the report names the plugin
+        row["plugin_metric_errors"] = metric_errors
     return row
 
 

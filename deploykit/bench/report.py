@@ -168,9 +168,13 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     problems = [r for r in results["rows"] if r["status"] != "ok"]
     failed_parity = [r for r in results["rows"] if r.get("convert_parity_ok") is False]
-    if problems or failed_parity:
+    plugin_failed = [r for r in results["rows"] if r.get("plugin_metric_errors")]
+    if problems or failed_parity or plugin_failed:
         lines += ["", "## Not measured / notes", ""]
         lines += [f"- **{_method(r)}** — {r['status']}: {_reason(r)}" for r in problems]
+        lines += [f"- **{_method(r)}**: deploykit_bench_metrics of plugin {name!r} failed ({error}); "
+                  "its columns are missing from this row" for r in plugin_failed
+                  for name, error in sorted(r["plugin_metric_errors"].items())]
         lines += [f"- **{_method(r)}** exceeded its declared parity tolerance at conversion (kept with "
                   "--allow-mismatch; see `convert_parity` in results.json)." for r in failed_parity]
     lines += ["", "Files: `results.json` (all numbers, raw timings, machine and versions), `results.csv`, "

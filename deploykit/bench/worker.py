@@ -20,9 +20,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from deploykit.deploy.registry import PluginRegistry
 
 
 def _pin_threads(threads: int) -> None:
@@ -222,11 +225,30 @@ def run_measure(spec: dict[str, Any]) -> dict[str, Any]:
     from deploykit.deploy import registry as plugins
 
     row = {"backend": spec["backend"], "scheme": spec["scheme"], **result}
-    extra: dict[str, Any] = {}
-    for metrics in plugins.plugin_manager().hook.deploykit_bench_metrics(runner=runner, row=dict(row)) or []:
-        extra.update(metrics or {})
-    result["extra"] = extra
+    result["extra"], result["extra_errors"] = plugin_metrics(runner, row, plugins.registry())
     return result
+
+
+def plugin_metrics(runner: Any, row: dict[str, Any], registry: PluginRegistry) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``deploykit_bench_metrics`` columns of every plugin, merged as the hookspec promises, and the
+    plugins that failed: ({column: value}, {plugin: error}).
+
+    Later plugins win on equal keys: merged in registration order (pluggy *calls* the last registered
+    first, so its result list is the reverse; a tryfirst plugin counts as the latest, as it would win a
+    firstresult hook). None adds nothing. Each plugin is called on its own (``call_isolated``): one that
+    raises or returns a non-dict loses its own columns only, is named with its error, and the row keeps
+    its measurements and the other plugins' columns.
+    """
+    merged: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, metrics, error in registry.call_isolated("deploykit_bench_metrics", runner=runner, row=dict(row)):
+        if error is not None:
+            errors[name] = f"{type(error).__name__}: {error}"
+        elif isinstance(metrics, dict):
+            merged.update({str(k): v for k, v in metrics.items()})
+        elif metrics not in (None, []):  # [] is what a hookwrapper-only plugin yields
+            errors[name] = f"returned {type(metrics).__name__}, expected a dict of metrics or None"
+    return merged, errors
 
 
 def main(argv: list[str] | None = None) -> int:
