@@ -6,14 +6,17 @@ process under the same allocator settings: the script re-executes itself with
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set so that large outputs are not returned to the OS
 and faulted in again on every call (see /work/shared/FACTS.md, "page faults decide benchmarks").
 
-    python benchmarks/kernels_int8.py [--quick] [--repeat 25] [--out benchmarks/results]
+    python benchmarks/kernels_int8.py [--quick] [--repeat 25] [--out benchmarks/results] [--allow-busy]
+
+Into benchmarks/results/ only from a quiet machine (deploykit.bench.quiet): refused before measuring
+when the 1-minute load average is over 0.75 per CPU; a run that turned busy writes to a temporary
+folder instead. --allow-busy writes anyway, stamped "measured on a busy machine".
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -28,12 +31,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from deploykit import native  # noqa: E402
+from deploykit.bench.machine import available_cpus, cpu_model, describe_native, native_isa  # noqa: E402
+from deploykit.bench.quiet import (  # noqa: E402
+    BusyMachineError,
+    QuietGuard,
+    QuietVerdict,
+    add_allow_busy_flag,
+    load_lines,
+)
 
 SHAPES_KN = [(512, 512), (512, 1408), (1408, 512), (1024, 4096), (4096, 1024), (2048, 2048)]
 MS = [1, 8, 64, 512]
 THREADS = 2
-
-
 
 
 def geomean(xs):
@@ -41,7 +50,7 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=25)
     ap.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
@@ -50,7 +59,22 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="threads for every contender (issue 5 asks for 2; 1 is a check that is "
                          "less sensitive to other load on a shared machine)")
-    args = ap.parse_args()
+    add_allow_busy_flag(ap)
+    args = ap.parse_args(argv)
+    try:
+        guard = QuietGuard.begin(args.out, allow_busy=args.allow_busy, threads=args.threads)  # before measuring
+        rows, summary, feats = measure(args)
+        verdict = guard.finish(args.out)
+        write_reports(args, verdict, rows, summary, feats)
+        verdict.raise_if_diverted()
+    except BusyMachineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
+    """Every (M, K, N) timed for every contender: (rows, geomean summary, native.cpu_features())."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -104,20 +128,30 @@ def main() -> int:
         "geomean_vs_fbgemm_M_le_8_by_min": geomean([r["vs_fbgemm_min"] for r in rows if r["M"] <= 8]),
     }
     print("summary:", json.dumps(summary, indent=1))
+    return rows, summary, feats
+
+
+def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[dict], summary: dict,
+                  feats: dict) -> None:
+    """<stem>.json and <stem>.md into ``verdict.write_to`` (``--out``, unless a busy run was diverted)."""
+    stamp = verdict.stamp()
     meta = dict(threads=args.threads, repeat=args.repeat, statistic="median", torch=torch.__version__,
-                python=platform.python_version(), malloc_env=_MALLOC_ENV, cpu_features=feats,
-                isa=native.selected_isa(), load_avg=os.getloadavg(),
+                python=platform.python_version(), malloc_env=_MALLOC_ENV, cpu_model=cpu_model(),
+                available_cpus=available_cpus(), native=native_isa(), cpu_features=feats,
+                isa=native.selected_isa(), load_avg=stamp["load_average_end"], quiet=stamp,
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = verdict.write_to
+    out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_int8_quick" if args.quick else "kernels_int8"
     if args.threads != THREADS:
         stem += f"_{args.threads}t"
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary), indent=1))
-    with open(args.out / f"{stem}.md", "w") as f:
-        f.write(f"# int8 linear: deploykit.native vs fbgemm / torch._int_mm / fp32\n\n")
-        f.write(f"ISA `{meta['isa']}`, {args.threads} threads, median of {args.repeat}, torch {torch.__version__}, "
-                f"load average at end {meta['load_avg']}. Ratios are speed-ups of native "
-                f"(baseline time / native time, > 1 means native is faster).\n\n")
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary), indent=1))
+    with open(out / f"{stem}.md", "w") as f:
+        f.write("# int8 linear: deploykit.native vs fbgemm / torch._int_mm / fp32\n\n")
+        f.write(f"{meta['cpu_model']}, {meta['available_cpus']} CPUs; {describe_native(meta['native'])}; "
+                f"{args.threads} threads, median of {args.repeat}, torch {torch.__version__}. Ratios are "
+                "speed-ups of native (baseline time / native time, > 1 means native is faster).\n\n")
+        f.write("".join(f"{line}\n\n" for line in load_lines(stamp)))
         f.write("| M | K | N | native µs | fbgemm µs | _int_mm µs | fp32 µs | × fbgemm | × _int_mm | × fp32 | native GOP/s |\n")
         f.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
         for r in rows:
@@ -128,7 +162,6 @@ def main() -> int:
         for k, v in summary.items():
             f.write(f"- {k}: {v:.2f}\n")
         f.write(f"\ncpu_features: `{json.dumps(feats)}`\n")
-    return 0
 
 
 if __name__ == "__main__":

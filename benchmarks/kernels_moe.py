@@ -4,13 +4,16 @@ index_add). d=512, ffn=1408, E=8, k=2, T in {1, 16, 256, 2048}; 2 threads; media
 after warm-up; same allocator settings for all (the script re-executes itself with
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set, see FACTS.md on page faults).
 
-    python benchmarks/kernels_moe.py [--repeat 25] [--out benchmarks/results]
+    python benchmarks/kernels_moe.py [--repeat 25] [--out benchmarks/results] [--allow-busy]
+
+Into benchmarks/results/ only from a quiet machine (deploykit.bench.quiet): refused before measuring
+when the 1-minute load average is over 0.75 per CPU; a run that turned busy writes to a temporary
+folder instead. --allow-busy writes anyway, stamped "measured on a busy machine".
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -24,12 +27,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from deploykit import native  # noqa: E402
+from deploykit.bench.machine import available_cpus, cpu_model, describe_native, native_isa  # noqa: E402
+from deploykit.bench.quiet import (  # noqa: E402
+    BusyMachineError,
+    QuietGuard,
+    QuietVerdict,
+    add_allow_busy_flag,
+    load_lines,
+)
 
 D, FF, E, K = 512, 1408, 8, 2
 TS = [1, 16, 256, 2048]
 THREADS = 2
-
-
 
 
 # --- routing ------------------------------------------------------------------------------
@@ -85,14 +94,29 @@ def moe_vectorized(x, logits, w1, w3, w2, k):
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=25)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="threads for every contender (issue 5 asks for 2; 1 is a check that is "
                          "less sensitive to other load on a shared machine)")
-    args = ap.parse_args()
+    add_allow_busy_flag(ap)
+    args = ap.parse_args(argv)
+    try:
+        guard = QuietGuard.begin(args.out, allow_busy=args.allow_busy, threads=args.threads)  # before measuring
+        rows, feats = measure(args)
+        verdict = guard.finish(args.out)
+        write_reports(args, verdict, rows, feats)
+        verdict.raise_if_diverted()
+    except BusyMachineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Routing and the whole layer timed per T for every contender: (rows, native.cpu_features())."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     feats = native.cpu_features()
@@ -128,19 +152,28 @@ def main() -> int:
               f"{r['route_x_naive']:>8.1f} {r['route_x_vec']:>6.1f} | {r['layer_native_us']:>16.1f} "
               f"{r['layer_naive_us']:>9.1f} {r['layer_vec_us']:>9.1f} {r['layer_x_naive']:>8.2f} "
               f"{r['layer_x_vec']:>6.2f}", flush=True)
+    return rows, feats
+
+
+def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[dict], feats: dict) -> None:
+    """<stem>.json and <stem>.md into ``verdict.write_to`` (``--out``, unless a busy run was diverted)."""
+    stamp = verdict.stamp()
     meta = dict(threads=args.threads, repeat=args.repeat, statistic="median", torch=torch.__version__,
-                python=platform.python_version(), malloc_env=_MALLOC_ENV, cpu_features=feats,
-                isa=native.selected_isa(), load_avg=os.getloadavg(), d=D, ffn=FF, E=E, k=K,
+                python=platform.python_version(), malloc_env=_MALLOC_ENV, cpu_model=cpu_model(),
+                available_cpus=available_cpus(), native=native_isa(), cpu_features=feats,
+                isa=native.selected_isa(), load_avg=stamp["load_average_end"], quiet=stamp, d=D, ffn=FF, E=E, k=K,
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = verdict.write_to
+    out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_moe" if args.threads == THREADS else f"kernels_moe_{args.threads}t"
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    with open(args.out / f"{stem}.md", "w") as f:
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    with open(out / f"{stem}.md", "w") as f:
         f.write(f"# MoE: deploykit.native vs naive per-expert loop vs vectorized torch\n\n"
-                f"d={D}, ffn={FF}, E={E}, k={K}; ISA `{meta['isa']}`, {args.threads} threads, median of "
-                f"{args.repeat}; load average at end {meta['load_avg']}. × = baseline time / native "
-                "time. The torch layers run fp32 experts, native runs int8 experts "
-                "(layer_rel_err = max |native - fp32| / max |fp32|).\n\n")
+                f"d={D}, ffn={FF}, E={E}, k={K}; {meta['cpu_model']}, {meta['available_cpus']} CPUs; "
+                f"{describe_native(meta['native'])}; {args.threads} threads, median of {args.repeat}. "
+                "× = baseline time / native time. The torch layers run fp32 experts, native runs int8 "
+                "experts (layer_rel_err = max |native - fp32| / max |fp32|).\n\n")
+        f.write("".join(f"{line}\n\n" for line in load_lines(stamp)))
         f.write("| T | route native µs | naive µs | vectorized µs | × naive | × vectorized | "
                 "layer native µs | naive µs | vectorized µs | × naive | × vectorized | layer rel err |\n")
         f.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -150,7 +183,6 @@ def main() -> int:
                     f"{r['layer_native_us']:.1f} | {r['layer_naive_us']:.1f} | {r['layer_vec_us']:.1f} | "
                     f"{r['layer_x_naive']:.2f} | {r['layer_x_vec']:.2f} | {r['layer_rel_err_vs_fp32']:.4f} |\n")
         f.write(f"\ncpu_features: `{json.dumps(feats)}`\n")
-    return 0
 
 
 if __name__ == "__main__":

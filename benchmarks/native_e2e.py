@@ -18,7 +18,11 @@ settings (the script re-executes itself with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_
 see FACTS.md on page faults). llama.cpp Q8_0 is not measured: deploykit has no GGUF backend yet
 (a later issue), which the results say.
 
-    python benchmarks/native_e2e.py [--models micro,micro-moe] [--repeat 25] [--threads 2]
+    python benchmarks/native_e2e.py [--models micro,micro-moe] [--repeat 25] [--threads 2] [--allow-busy]
+
+Into benchmarks/results/ only from a quiet machine (deploykit.bench.quiet): refused before training or
+measuring when the 1-minute load average is over 0.75 per CPU; a run that turned busy writes to a
+temporary folder instead. --allow-busy writes anyway, stamped "measured on a busy machine".
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ import torch  # noqa: E402
 
 import deploykit  # noqa: E402
 from deploykit import native  # noqa: E402
+from deploykit.bench.machine import available_cpus, cpu_model, native_isa  # noqa: E402
+from deploykit.bench.quiet import BusyMachineError, QuietGuard, add_allow_busy_flag, load_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, DECODE, PREFILL = 16, 32, 128
@@ -169,9 +175,8 @@ def markdown(res: dict) -> str:
     lines = ["# native backend, end to end (decode / prefill tokens/s)", "",
              f"{m['cpu']}; {res['threads']} threads; selected ISA **{m['selected_isa']}** "
              f"(supported: {', '.join(m['supported_isas'])}); CPU flags: {m['cpu_flags']}.",
-             f"Load average while measuring (1/5/15 min): before {m['loadavg_start']}, after {m['loadavg_end']} "
-             f"on {m['cpus']} CPUs — a heavily shared machine: absolute numbers are noisy, the ratios were "
-             "measured side by side (round-robin) in one process.",
+             "", *[f"{line}\n" for line in load_lines(res.get("quiet"))],
+             "Contenders were measured side by side (round-robin) in one process, so load changes hit all alike.",
              f"Allocator: {', '.join(f'{k}={v}' for k, v in res['malloc_env'].items())} for every contender. "
              f"Decode: {DECODE} tokens after a {PROMPT}-token prompt, KV cache, batch 1; prefill: {PREFILL} tokens; "
              f"median of {res['repeat']} after 3 warm-up rounds (min–max in brackets).", "",
@@ -194,35 +199,53 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="micro,micro-moe")
     ap.add_argument("--repeat", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = ap.parse_args()
+    add_allow_busy_flag(ap)
+    args = ap.parse_args(argv)
     if args.repeat < 20:
         ap.error("--repeat must be >= 20 (the issue asks for the median of at least 20)")
     if not native.available():
         sys.exit(f"native kernels unavailable: {native.unavailable_reason()}")
+    try:
+        # Before training and converting: a busy machine fails here, not after minutes of work.
+        guard = QuietGuard.begin(args.out, allow_busy=args.allow_busy, threads=args.threads)
+        run(args, guard)
+    except BusyMachineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def run(args: argparse.Namespace, guard: QuietGuard) -> None:
+    """Bench every model, then write native_e2e.json/.md into --out (or a temporary folder, see quiet)."""
     torch.set_num_threads(args.threads)
     s = native.cpu_summary()
     machine = {"cpu": s["cpu"], "cpus": os.cpu_count(), "selected_isa": s["isa"],
                "supported_isas": s["supported_isas"], "forced_isa": s["forced_isa"], "cpu_flags": s["cpu_flags"],
                "cpu_features": native.cpu_features(), "python": platform.python_version(), "torch": torch.__version__,
-               "quantized_engine": torch.backends.quantized.engine,
-               "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+               "quantized_engine": torch.backends.quantized.engine, "native": native_isa(),
+               "cpu_model": cpu_model(), "available_cpus": available_cpus(),
+               "loadavg_start": guard.start.averages}
     with tempfile.TemporaryDirectory(prefix="native_e2e-") as tmp:
         models = [bench_model(m, args, Path(tmp)) for m in args.models.split(",")]
-    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    verdict = guard.finish(args.out)
+    machine["loadavg_end"] = verdict.end.averages
     res = {"benchmark": "native_e2e", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads,
            "repeat": args.repeat, "decode_tokens": DECODE, "prompt_tokens": PROMPT, "prefill_tokens": PREFILL,
-           "malloc_env": _MALLOC_ENV, "machine": machine, "llama_cpp_q8_0": LLAMA_CPP_NOTE, "models": models}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "native_e2e.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
-    (args.out / "native_e2e.md").write_text(markdown(res))
+           "malloc_env": _MALLOC_ENV, "machine": machine, "quiet": verdict.stamp(), "llama_cpp_q8_0": LLAMA_CPP_NOTE,
+           "models": models}
+    out = verdict.write_to
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "native_e2e.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
+    (out / "native_e2e.md").write_text(markdown(res))
     print(markdown(res))
+    verdict.raise_if_diverted()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,13 @@
 Each model needs a trained checkpoint: ``runs/<model>`` is reused when it exists, otherwise it is
 trained briefly first with ``deploykit train --preset <model> --data embedded --time-budget S``. Reports
 (report.md, report.png, results.json, results.csv) go to ``benchmarks/results/<model>/`` and the
-summary tables into ``benchmarks/README.md`` between the RESULTS markers.
+summary tables into ``benchmarks/README.md`` between the RESULTS markers (only when the reports went
+to benchmarks/results/: a run into --results elsewhere leaves the committed README alone).
+
+Only from a quiet machine (``deploykit.bench.quiet``): a 1-minute load average over 0.75 per CPU refuses
+the run before any training or measuring, and a model whose run turned busy has its reports written
+to a temporary folder instead (the script stops there, exit code 75). ``--allow-busy`` writes anyway,
+stamped "measured on a busy machine" in each report and in the README table.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from deploykit.bench.quiet import BusyMachineError, QuietGuard, add_allow_busy_flag
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDARD = ("micro", "micro-moe")
@@ -48,6 +56,7 @@ def update_readme(readme: Path, results_dir: Path) -> None:
     import json
 
     from deploykit.bench.machine import describe
+    from deploykit.bench.quiet import load_lines
     from deploykit.bench.report import seed_table
 
     found = [p.name for p in sorted(results_dir.iterdir()) if (p / "results.json").is_file()] \
@@ -60,9 +69,10 @@ def update_readme(readme: Path, results_dir: Path) -> None:
             continue
         results = json.loads(path.read_text())
         rel = Path(os.path.relpath(path.parent, readme.parent))
+        busy = [line for line in load_lines(results.get("quiet")) if line.startswith(">")]
         parts += [f"### `{model}` — {results['model']['params']:,} parameters", "",
                   f"{describe(results['machine'])}; measured {results['created']}. "
-                  f"Full table: [{rel}/report.md]({rel}/report.md).", "",
+                  f"Full table: [{rel}/report.md]({rel}/report.md).", "", *[f"{line}\n" for line in busy],
                   seed_table(results), "", f"![{model}: decode tokens/s vs size]({rel}/report.png)", ""]
     parts.append(END)
     text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
@@ -91,13 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rebuild report.md/png/csv and the README from each results.json")
+    add_allow_busy_flag(p)
     args = p.parse_args(argv)
-
-    from rich.console import Console
-
-    from deploykit.bench import BenchConfig, run_bench
-    from deploykit.bench.progress import RichReporter
-    from deploykit.bench.report import rich_table
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.report_only:
@@ -108,24 +113,52 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             folder = args.results / model
             write_reports(json.loads((folder / "results.json").read_text()), folder)
-        update_readme(ROOT / "benchmarks" / "README.md", args.results)
+        _update_committed_readme(args.results)
         return 0
-    console = Console()
-    for model in models:
-        ckpt = ensure_checkpoint(model, args.runs, args.steps, args.threads, args.train_seconds)
-        cfg = BenchConfig(model=ckpt, out=args.results / model, threads=args.threads,
-                          backends=tuple(args.backends.split(",")), schemes=tuple(args.schemes.split(",")),
-                          repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len)
-        reporter = RichReporter(Console(stderr=True))
-        try:
-            results = run_bench(cfg, reporter)
-        finally:
-            if reporter.task is not None:
-                reporter.stop()
-        console.print(rich_table(results))
-        console.print(f"[{model}] {results['outputs']['md']}")
-    update_readme(ROOT / "benchmarks" / "README.md", args.results)
+    try:
+        # Before any training or measuring: a busy machine fails here, not minutes later.
+        guard = QuietGuard.begin(args.results, allow_busy=args.allow_busy, threads=args.threads)
+        for model in models:
+            bench_one(model, args, guard)
+    except BusyMachineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    _update_committed_readme(args.results)
     return 0
+
+
+def bench_one(model: str, args: argparse.Namespace, guard: QuietGuard) -> None:
+    """Train ``model`` if needed, bench it into ``args.results/<model>``, print its table."""
+    from rich.console import Console
+
+    from deploykit.bench import BenchConfig, run_bench
+    from deploykit.bench.progress import RichReporter
+    from deploykit.bench.report import rich_table
+
+    ckpt = ensure_checkpoint(model, args.runs, args.steps, args.threads, args.train_seconds)
+    cfg = BenchConfig(model=ckpt, out=args.results / model, threads=args.threads,
+                      backends=tuple(args.backends.split(",")), schemes=tuple(args.schemes.split(",")),
+                      repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                      allow_busy=args.allow_busy)
+    reporter = RichReporter(Console(stderr=True))
+    try:
+        # The guard begun before training: its start load is the machine's, not this script's training.
+        results = run_bench(cfg, reporter, guard=guard)
+    finally:
+        if reporter.task is not None:
+            reporter.stop()
+    console = Console()
+    console.print(rich_table(results))
+    console.print(f"[{model}] {results['outputs']['md']}")
+
+
+def _update_committed_readme(results_dir: Path) -> None:
+    """The README's tables describe benchmarks/results/ only; reports written elsewhere stay out of it."""
+    committed = ROOT / "benchmarks" / "results"
+    if results_dir.resolve() != committed.resolve():
+        print(f"benchmarks/README.md not updated: the reports are in {results_dir}, not {committed}")
+        return
+    update_readme(ROOT / "benchmarks" / "README.md", results_dir)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Reading order: the config → planning rows → running one subprocess → one r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,10 +25,10 @@ from .machine import (
     available_cpus,
     finish_native_probe,
     library_versions,
-    load_average,
     machine_info,
     start_native_probe,
 )
+from .quiet import QuietGuard
 from .schema import COLUMN_NAMES, SCHEMA_VERSION, empty_row
 
 BASELINE = ("torch", "fp32")  # the first row, always: every ratio and delta is against it
@@ -54,6 +55,7 @@ class BenchConfig:
     use_cache: bool = True
     timeout_s: float = 1200.0  # per subprocess (one conversion or one measurement)
     keep_work: bool = False  # keep the temporary folder with inputs, specs and worker logs
+    allow_busy: bool = False  # write into benchmarks/results/ on a busy machine too (stamped; see .quiet)
 
     def __post_init__(self) -> None:
         for name, low in (("prompt_len", 1), ("gen_len", 1), ("batch", 1), ("threads", 1), ("repeat", 1),
@@ -63,6 +65,8 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= {low}")
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout {self.timeout_s} must be > 0 seconds")
+        if not isinstance(self.allow_busy, bool):
+            raise ConfigError(f"allow_busy={self.allow_busy!r} must be True or False")
         if not (self.model / "config.json").is_file():
             raise ConfigError(f"{self.model}: not a checkpoint folder (no config.json)",
                               hint="pass the folder written by `deploykit train` (e.g. runs/micro)")
@@ -317,8 +321,15 @@ def derive(rows: list[dict[str, Any]], params: int) -> None:
 
 
 # -- the whole bench ------------------------------------------------------------------------------------------
-def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run the bench and write results.json, results.csv, report.md and report.png into ``cfg.out``."""
+def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, guard: QuietGuard | None = None) -> dict[str, Any]:
+    """Run the bench and write results.json, results.csv, report.md and report.png into ``cfg.out``.
+
+    Into benchmarks/results/ only from a quiet machine (``deploykit.bench.quiet``): a busy start raises
+    BusyMachineError before any work; a run that turned busy writes its reports to a temporary folder
+    and then raises, naming it (``cfg.allow_busy`` overrides both and stamps the reports). ``guard``:
+    one begun earlier by a caller that did work of its own first (training), so the start load is the
+    one read before that work.
+    """
     from ..model.tokenizer import Tokenizer
     from .inputs import InputSpec, prepare_inputs
     from .report import write_reports
@@ -330,10 +341,14 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, A
 
     source = cfg.model.resolve()
     planned = plan_rows(registered, cfg.backends, cfg.schemes, load_config(source))
+    guard = guard or QuietGuard.begin(cfg.out, allow_busy=cfg.allow_busy, threads=cfg.threads)
+    created = not cfg.out.exists()
     cfg.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=cfg.out))
     try:
-        machine = machine_info(cfg.threads)  # before measuring: its load average is the "start" one
+        machine = machine_info(cfg.threads)
+        # The start load is the guard's: read before any work of this run (a caller's training included).
+        machine["load_average_start"] = None if guard.start.averages is None else guard.start.averages[0]
         native_probe = start_native_probe()
         reporter.start(len(planned))
         reporter.stage(0, "inputs", "preparing held-out text, tasks and the fp32 reference")
@@ -347,24 +362,29 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict[str, A
             rows.append(bench_row(ctx, p, i, tokenizer, tasks))
             reporter.done(i, rows[-1])
         derive(rows, ref["params"])
+        verdict = guard.finish(cfg.out)  # right after the last measurement, before writing anything
+        machine["load_average_end"] = None if verdict.end.averages is None else verdict.end.averages[0]
+        machine["native_cpu_features"] = finish_native_probe(native_probe)
         results = {
             "schema_version": SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "wall_s": None,
+            "wall_s": time.time() - started,
             "model": {"path": str(source), "name": source.name, "sha256": ctx.source_sha, **ref},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                          if k not in ("model", "out", "keep_work")},
             "machine": machine,
+            "quiet": verdict.stamp(),
             "versions": library_versions({f"backend:{b}": json.dumps(_backend_versions(be), sort_keys=True)
                                           for b, be in registered.items()}),
             "columns": list(COLUMN_NAMES),
             "rows": rows,
         }
-        results["machine"]["load_average_end"] = load_average()
-        results["machine"]["native_cpu_features"] = finish_native_probe(native_probe)
-        results["wall_s"] = time.time() - started
-        results["outputs"] = {k: str(v) for k, v in write_reports(results, cfg.out).items()}
-        return results
+        results["outputs"] = {k: str(v) for k, v in write_reports(results, verdict.write_to).items()}
     finally:
         if not cfg.keep_work:
             shutil.rmtree(work, ignore_errors=True)
+    if verdict.diverted and created:
+        with contextlib.suppress(OSError):  # not empty (--keep-work): leave it
+            cfg.out.rmdir()
+    verdict.raise_if_diverted()
+    return results

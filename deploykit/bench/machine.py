@@ -52,13 +52,49 @@ def load_average() -> float | None:
 
 
 def busy_warning(info: dict[str, Any]) -> str | None:
-    """A sentence for reports when the machine was busy while measuring, else None."""
-    loads = [x for x in (info.get("load_average_start"), info.get("load_average_end")) if x is not None]
+    """A sentence for reports when the machine was busy while measuring, else None.
+
+    The end load includes the run's own threads (a quiet 2-thread run ends near 2.0), so they are
+    discounted before comparing; the start load is read before the run does anything.
+    """
+    start, end = info.get("load_average_start"), info.get("load_average_end")
+    loads = [x for x in (start, end) if x is not None]
+    others = [x for x in (start, None if end is None else max(0.0, end - (info.get("threads") or 0))) if x is not None]
     cpus = info.get("available_cpus") or 1
-    if loads and max(loads) > 0.5 * cpus + 0.5:
+    if others and max(others) > 0.5 * cpus + 0.5:
         return (f"the machine was busy while measuring (1-min load average up to {max(loads):.1f} on {cpus} CPUs): "
                 "other processes competed for the cores, so absolute speeds are unreliable; rerun on an idle machine")
     return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC"), from /proc/cpuinfo where there is one."""
+    return _cpuinfo()[0]
+
+
+def native_isa() -> dict[str, Any]:
+    """Whether deploykit.native is built and which kernel variant it chose: every int8 timing depends on it.
+
+    In this process: for the scripts that time the native kernels and have them loaded anyway. The bench
+    asks a child process instead (``start_native_probe``), for the reason given there.
+    """
+    from .. import native
+
+    if not native.available():
+        return {"available": False, "unavailable": native.unavailable_reason()}
+    features = native.cpu_features()
+    return {"available": True, "selected_isa": features["selected_isa"],
+            "supported_isas": list(features["supported_isas"])}
+
+
+def describe_native(features: dict[str, Any] | None) -> str:
+    """One line for reports from ``native_isa()`` or the bench's probe: the ISA chosen, or why there is none."""
+    if not features:
+        return "native kernels: not recorded"
+    if "selected_isa" not in features:
+        return f"native kernels: not available ({features.get('unavailable') or 'no reason given'})"
+    supported = ", ".join(features.get("supported_isas") or []) or "?"
+    return f"native kernels: ISA `{features['selected_isa']}` selected (supported: {supported})"
 
 
 def library_versions(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .machine import busy_warning, describe
+from .machine import busy_warning, describe, describe_native
+from .quiet import load_lines
 from .schema import COLUMN_NAMES, COLUMNS
 
 PPL_BUDGET_PCT = 1.0  # "within 1 % Δppl": the accuracy budget most deployments accept
@@ -139,13 +140,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"# deploykit bench: `{model['name']}`",
         "",
         f"Model: {model['params']:,} parameters ({model['variant']}{moe}), source sha256 `{model['sha256'][:16]}…`.  ",
-        f"Machine: {describe(m)}; {m.get('os')}, Python {m.get('python')}.  ",
+        f"Machine: {describe(m)}; {m.get('os')}, Python {m.get('python')}; "
+        f"{describe_native(m.get('native_cpu_features'))}.  ",
         f"Settings: prompt {s['prompt_len']} tokens × batch {s['batch']}, decode {s['gen_len']} tokens, "
         f"{s['warmup']} warm-up + {s['repeat']} timed runs (median, min–max), {s['threads']} "
         f"thread{'' if s['threads'] == 1 else 's'}, "
         f"perplexity on {model['ppl_tokens']:,} held-out tokens, {model['n_tasks']} exact-match tasks.  ",
         f"Run {results['created']}, {results.get('wall_s') or 0:.0f} s.",
         "",
+        *[line + "\n" for line in load_lines(results.get("quiet"))],
         *([f"> **Warning:** {busy_warning(m)}.", ""] if busy_warning(m) else []),
         "## Summary",
         "",
@@ -272,6 +275,9 @@ def notes(results: dict[str, Any]) -> list[str]:
     """One line per row that was not measured, with its reason (printed under the terminal table)."""
     lines = [f"{_method(r)}: {r['status']}: {_reason(r)}" for r in results["rows"] if r["status"] != "ok"]
     warning = busy_warning(results["machine"])
+    stamp = results.get("quiet") or {}
+    if stamp.get("measured_on_busy_machine"):  # the stamp's line, without its markdown
+        lines.append("warning: " + load_lines(stamp)[-1].removeprefix("> ").replace("**", ""))
     return lines + ([f"warning: {warning}"] if warning else [])
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..bench.quiet import add_allow_busy_flag
+
 EXAMPLES = """\
 examples:
   deploykit bench runs/micro                                  # every available backend and scheme
@@ -13,12 +15,19 @@ examples:
   deploykit bench runs/micro --schemes torch:bf16,onnx:int8-static --threads 2
   deploykit bench runs/micro-moe --prompt-len 64 --gen-len 32 --repeat 5 --out bench/micro-moe
   deploykit bench runs/micro --eval-data held_out.jsonl --json > results.json
+  deploykit bench runs/micro --out benchmarks/results/micro   # refused on a busy machine (--allow-busy)
 
 Every row is measured in its own subprocess (a crashing runtime becomes an error row); the first row
 is always fp32 torch and every speed, size and accuracy change is relative to it, in the same run.
 Artifacts are cached by source sha256 + backend + scheme + library versions in
 ~/.cache/deploykit/artifacts (or --cache / $DEPLOYKIT_CACHE); a changed checkpoint converts afresh.
-Writes OUT/results.json, results.csv, report.md (the summary table) and report.png."""
+Writes OUT/results.json, results.csv, report.md (the summary table) and report.png.
+
+benchmarks/results/ holds the project's committed numbers, so a run into it needs a quiet machine: a
+1-minute load average over 0.75 per CPU (1.5 on 2) refuses it before any work (exit code 75), and a run
+that turned busy on the way writes its reports to a temporary folder instead, named in the error
+(the run's own --threads are discounted from the end load). --allow-busy writes anyway and stamps
+results.json ("quiet") and report.md ("Measured on a busy machine"). Any other --out is never refused."""
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -56,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per conversion or measurement (default 1200)")
     p.add_argument("--keep-work", action="store_true", help="keep the worker specs and logs (in OUT/bench-*)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
+    add_allow_busy_flag(p)
     return p
 
 
@@ -74,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads or available_cpus(), repeat=args.repeat, warmup=args.warmup,
                       eval_data=args.eval_data, eval_tokens=args.eval_tokens, n_tasks=args.n_tasks,
                       cache_dir=args.cache or default_cache_dir(), use_cache=not args.no_cache,
-                      timeout_s=args.timeout, keep_work=args.keep_work)
+                      timeout_s=args.timeout, keep_work=args.keep_work, allow_busy=args.allow_busy)
     # Progress goes to stderr so `--json > file` stays clean.
     err = Console(stderr=True)
     reporter = RichReporter(err)
