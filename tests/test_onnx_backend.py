@@ -180,37 +180,34 @@ def test_logits_match_torch_within_the_scheme_tolerance(artifacts, model, varian
         assert p["max_abs"] < 1e-4  # the export itself is exact up to float reordering
 
 
+# |cached step - full forward| per scheme. fp32/fp16/int8-static: the same function, only the GEMM
+# shapes differ (1 new row vs the whole sequence), so float reordering (and for int8-static, a rare
+# activation crossing a rounding boundary; scales are fixed). int8-dynamic quantizes activations per
+# tensor, so the scale of a one-token step differs from the whole sequence's by design: bounded by its
+# quantization error. A cache bug (wrong past, lost positions) moves logits by O(1) everywhere.
+KV_ATOL = {"fp32": 1e-4, "fp16": 5e-2, "int8-static": 0.1, "int8-dynamic": 1.0}
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_kv_cache_decoding_equals_full_recompute(artifacts, model, variant, scheme):
     runner = runner_for(artifacts, variant, scheme)
     prompt = PROBE[0, :6].tolist()
-    cached = runner.generate(prompt, max_new_tokens=16)
-    # Recompute: the whole sequence through forward (empty past) at every step.
-    ids = list(prompt)
-    recomputed = []
-    for _ in range(16):
-        nxt = int(runner.forward([ids])[0, -1].argmax())
-        if nxt == runner.eos_token_id:
-            break
-        recomputed.append(nxt)
-        ids.append(nxt)
-    assert cached == recomputed
-    reference = torch_generate(model, prompt, 16, eos_token_id=model.config.eos_token_id)
-    if scheme == "fp32":
-        assert cached == reference
-    else:
-        match = np.mean([a == b for a, b in zip(cached, reference)]) if reference else 1.0
-        assert match >= BACKEND.scheme(scheme).tolerance.min_greedy_match, (cached, reference)
-    # Logits of each decode step against the same position of a full forward.
+    # Teacher-forced: the fp32 model's greedy continuation, fed to the cached session step by step
+    # and to one full forward, so both sides see the same tokens whatever they would pick.
+    reference = torch_generate(model, prompt, 16, eos_token_id=None)
     session = runner.new_session()
-    steps = [session.feed(prompt)] + [session.feed([t]) for t in cached[:-1]]
-    full = runner.forward([prompt + cached[:-1]])[0, len(prompt) - 1:]  # (n, V)
-    if scheme == "int8-dynamic":
-        # Activations are quantized per call with the call's own range, so a 1-token step and a
-        # 22-token forward round differently: the two agree to the scheme's tolerance, not exactly.
-        assert within(BACKEND.scheme(scheme), parity(full, np.stack(steps)))
-    else:
-        np.testing.assert_allclose(np.stack(steps), full, atol=1e-3, rtol=0)
+    steps = np.stack([session.feed(prompt)] + [session.feed([t]) for t in reference[:-1]])  # (16, V)
+    full = runner.forward([prompt + reference[:-1]])[0, len(prompt) - 1:]  # (16, V)
+    err = np.abs(steps - full).max(-1)  # (16,)
+    print(f"\n{variant} {scheme}: cached vs full max {err.max():.2e} median {np.median(err):.2e}")
+    assert err.max() < KV_ATOL[scheme], err
+    assert (steps.argmax(-1) == full.argmax(-1)).mean() >= 0.9
+    # Free-running, the artifact decodes what the torch model decodes, to its scheme's greedy tolerance
+    # (EXACT for fp32: every token).
+    cached = runner.generate(prompt, max_new_tokens=16)
+    want = torch_generate(model, prompt, 16, eos_token_id=model.config.eos_token_id)
+    match = np.mean([a == b for a, b in zip(cached, want)]) if want else 1.0
+    assert match >= BACKEND.scheme(scheme).tolerance.min_greedy_match, (cached, want)
 
 
 def test_int8_artifacts_are_smaller_than_fp32(artifacts, variant):
@@ -282,6 +279,8 @@ def test_runner_is_thread_safe(artifacts, variant):
         t.join()
     assert len(results) == 8 * 20
     for (t, i), got in results.items():
+        # Exact on purpose: the same session, input shape and thread count as the serial call, so only
+        # a data race (threads sharing scratch buffers) could change a bit.
         np.testing.assert_array_equal(got, serial[i])
 
 
