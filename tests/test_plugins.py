@@ -216,14 +216,13 @@ def test_hook_deploykit_bench_metrics(fresh_plugins):
         def deploykit_bench_metrics(self, runner, row):
             return None if row.get("skip") else {"score": 2.0}
 
+    from deploykit.bench.worker import plugin_metrics  # what every bench row's worker calls
+
     reg = fresh_plugins.registry()
     reg.register(A(), "a")
     reg.register(B(), "b")
-    results = reg.pm.hook.deploykit_bench_metrics(runner=None, row={})
-    merged: dict = {}
-    for r in reversed(results):  # pluggy returns last-registered first; later plugins win
-        merged.update(r or {})
-    assert merged == {"rss_mb": 10.0, "score": 2.0}
+    assert plugin_metrics(None, {}, reg) == ({"rss_mb": 10.0, "score": 2.0}, {})  # later plugins win
+    assert plugin_metrics(None, {"skip": True}, reg) == ({"rss_mb": 10.0, "score": 1.0}, {})  # None adds nothing
 
 
 # -- the example third-party plugin, through real entry-point discovery ---------------------------
