@@ -1,13 +1,15 @@
 """Pretraining: loss falls, resume is bit-exact, saves are atomic, MoE aux loss, CLI errors, AdamW
-groups, lr schedule, log and plot.
+groups, lr schedule, log and plot; the --time-budget fit, re-fit and deadline on a fake clock.
 
 Every run uses `nano` on a small JSONL file with a tokenizer trained once per module, tiny blocks and
 one thread (shared 2-core machines: one thread is both faster and deterministic there).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ import torch
 
 from deploykit.errors import ConfigError
 from deploykit.train import TrainConfig, pretrain
-from deploykit.train.optim import lr_at, param_groups
+from deploykit.train.budget import StepCosts, TimeBudget, probe_costs
+from deploykit.train.optim import LrSchedule, lr_at, param_groups
 
 TINY = dict(preset="nano", steps=6, batch_size=4, block_size=32, eval_interval=3, eval_iters=2,
             checkpoint_interval=0, threads=1, peak_flops=1e11, sample_tokens=4)
@@ -244,3 +247,237 @@ def test_train_config_validation(tmp_path):
     cfg = TrainConfig(out=tmp_path, preset="nano", lr=1e-3)
     assert cfg.min_lr == pytest.approx(1e-4) and cfg.warmup_steps(1000) == 50
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# --time-budget: the fit, the one re-fit and the deadline, on a fake clock
+# ---------------------------------------------------------------------------------------------
+class FakeClock:
+    """A clock that moves only when the test says: `advance(seconds)` is all the time that passes."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass(frozen=True)
+class Simulated:
+    seconds: float  # from the budget's start to the end of the finish (final eval, save, sample)
+    steps: int
+    first_total: int  # the schedule fitted to the probe
+    schedule: LrSchedule  # after the re-fit
+    lrs: list[float]
+    evals: int
+    stopped: str
+
+
+def simulate(seconds: float, probe: StepCosts, *, step: float, eval: float = 0.0, save: float = 1.0,
+             eval_interval: int = 0, checkpoint_interval: int = 0, setup: float = 5.0,
+             slow_from: int | None = None, slow: float = 1.0, max_steps: int = 100_000) -> Simulated:
+    """pretrain's loop without a model: the same TimeBudget / LrSchedule calls in the same order,
+    with steps, evals and saves that cost what the arguments say (``slow`` x from ``slow_from``)."""
+    clock = FakeClock()
+    start = clock()
+    clock.advance(setup)  # tokenizer, data, peak FLOP/s and the probe itself
+    budget = TimeBudget(start, seconds, probe, max_steps=max_steps, eval_interval=eval_interval,
+                        checkpoint_interval=checkpoint_interval, clock=clock)
+    first_total = budget.fit(0)
+    schedule = LrSchedule(lr=1.0, min_lr=0.1, warmup=max(1, round(0.05 * first_total)), total=first_total)
+    n, lrs, evals, stopped = 0, [], 0, "done"
+    while n < schedule.total:
+        if budget.must_stop(n, schedule.total):
+            stopped = "time_budget"
+            break
+        lrs.append(schedule.at(n + 1))
+        dt = step * (slow if slow_from is not None and n >= slow_from else 1.0)
+        clock.advance(dt)
+        n += 1
+        budget.record_step(dt)
+        total = budget.refit(n)
+        if total is not None:
+            schedule = schedule.refit(n, total)
+        if eval_interval and n % eval_interval == 0 and n < schedule.total:
+            clock.advance(eval)
+            budget.record_eval(eval)
+            evals += 1
+        if checkpoint_interval and n % checkpoint_interval == 0 and n < schedule.total:
+            clock.advance(save)
+            budget.record_save(save)
+    clock.advance(eval + save + probe.sample)  # the finish, at its true cost
+    return Simulated(clock() - start, n, first_total, schedule, lrs, evals, stopped)
+
+
+def _within_budget(sim: Simulated, seconds: float) -> None:
+    assert 0.9 * seconds <= sim.seconds <= seconds, sim
+    assert sim.stopped == "done" and sim.steps == sim.schedule.total
+    assert sim.lrs[-1] == 0.1  # the cosine reached min_lr exactly at the last step run
+
+
+def test_budget_probe_slower_than_the_steps_is_refitted_longer():
+    # The demo's case: the probe read 0.81 s/step, the steps then took 0.41 s.
+    sim = simulate(150, StepCosts(step=0.81, eval=0.0, save=1.0, sample=0.2), step=0.41)
+    assert sim.schedule.refit_step == 5 and sim.schedule.previous_total == sim.first_total
+    assert sim.schedule.total > 1.8 * sim.first_total
+    _within_budget(sim, 150)
+
+
+def test_budget_probe_faster_than_the_steps_is_refitted_shorter():
+    sim = simulate(150, StepCosts(step=0.2, eval=0.0, save=1.0, sample=0.2), step=0.41)
+    assert sim.schedule.total < 0.6 * sim.first_total
+    _within_budget(sim, 150)
+
+
+def test_budget_charges_evals_and_checkpoints():
+    # The probe misjudges steps and evals alike (0.75x here): the re-fit at step 5, before any eval
+    # ran, scales the eval estimate by what the steps showed.
+    probe = StepCosts(step=0.3, eval=2.25, save=1.0, sample=0.2)
+    sim = simulate(150, probe, step=0.4, eval=3.0, save=1.5, eval_interval=25, checkpoint_interval=100)
+    assert sim.evals == (sim.steps - 1) // 25 >= 5  # ~20% of the budget went to evals: they must be charged
+    _within_budget(sim, 150)
+    without = simulate(150, probe, step=0.4, eval=3.0, save=1.5)  # the end-of-run eval only
+    assert without.steps > sim.steps + 30
+
+
+def test_budget_with_long_steps_refits_after_a_share_of_the_budget():
+    # 5 steps of 2 s would be a sixth of a 60 s budget: the re-fit comes after 5% of it (2 steps).
+    sim = simulate(60, StepCosts(step=1.0, eval=0.0, save=0.5, sample=0.1), step=2.0)
+    assert sim.schedule.refit_step == 2
+    _within_budget(sim, 60)
+
+
+def test_budget_deadline_stops_a_run_that_slows_down():
+    # The machine gets 3x slower after the re-fit: the schedule no longer fits; the loop must stop
+    # in time, still leaving room for the final eval, save and sample.
+    sim = simulate(150, StepCosts(step=0.4, eval=1.0, save=1.0, sample=0.2), step=0.4, eval=1.0,
+                   eval_interval=50, slow_from=20, slow=3.0)
+    assert sim.stopped == "time_budget" and sim.steps < sim.schedule.total
+    assert 0.9 * 150 <= sim.seconds <= 150
+
+
+def test_budget_too_small_for_one_step():
+    sim = simulate(5, StepCosts(step=2.0, eval=1.0, save=1.0, sample=0.2), step=2.0, eval=1.0, setup=3.0)
+    assert sim.first_total == 1 and sim.steps == 0 and sim.stopped == "time_budget"
+
+
+def test_budget_refits_once_and_not_on_resume():
+    probe = StepCosts(step=1.0, eval=0.0, save=1.0, sample=0.1)
+    budget = TimeBudget(0.0, 100, probe, max_steps=1000, eval_interval=0, checkpoint_interval=0, clock=FakeClock(0.0))
+    for n in range(1, 5):
+        budget.record_step(0.5)
+        assert budget.refit(n) is None  # 4 steps, 2% of the budget: not yet
+    budget.record_step(0.5)
+    assert budget.refit(5) is not None
+    budget.record_step(0.5)
+    assert budget.refit(6) is None  # once
+    resumed = TimeBudget(0.0, 100, probe, max_steps=1000, eval_interval=0, checkpoint_interval=0,
+                         can_refit=False, clock=FakeClock(0.0))
+    for n in range(1, 20):
+        resumed.record_step(0.5)
+        assert resumed.refit(n) is None
+
+
+def test_lr_schedule_refit_keeps_the_past_and_ends_at_min_lr():
+    base = LrSchedule(lr=1.0, min_lr=0.1, warmup=10, total=100)
+    assert [base.at(s) for s in range(1, 130)] == [lr_at(s, lr=1.0, min_lr=0.1, warmup=10, total=100)
+                                                  for s in range(1, 130)]
+    for refit_step, total in [(5, 300), (5, 40), (50, 200), (50, 60), (99, 400)]:
+        new = base.refit(refit_step, total)
+        assert new.total == total and new.warmup == 10
+        assert [new.at(s) for s in range(1, refit_step + 1)] == [base.at(s) for s in range(1, refit_step + 1)]
+        assert new.at(total) == 0.1 and new.at(total + 7) == 0.1  # min_lr exactly at the new end
+        lrs = [new.at(s) for s in range(10, total + 1)]
+        assert all(a >= b for a, b in zip(lrs, lrs[1:])), (refit_step, total)  # no jump up after the peak
+        if refit_step >= new.warmup:  # re-fitted in the cosine: it goes on from where it was
+            drop = new.at(refit_step) - new.at(refit_step + 1)
+            largest_cosine_step = (1.0 - 0.1) * math.pi / 2 / (total - refit_step)
+            assert 0 <= drop <= largest_cosine_step, (refit_step, total)
+        assert LrSchedule.from_dict(json.loads(json.dumps(new.to_dict())), lr=1.0, min_lr=0.1) == new
+    with pytest.raises(ConfigError, match="once"):
+        base.refit(5, 50).refit(10, 60)
+    assert base.refit(8, 3).total == 11  # never shorter than the warmup + 1: the cosine needs a step
+
+
+def test_probe_times_after_warmup_and_changes_nothing_a_step_reads():
+    from deploykit.model.config import preset
+    from deploykit.model.graph import CausalLM
+    from deploykit.train.budget import PROBE_WARMUP_PASSES, UPDATE_OVERHEAD
+
+    class Scripted:
+        """Each (start, end) pair of calls lasts the next of `durations` seconds."""
+
+        def __init__(self, durations):
+            self.durations, self.calls, self.now = list(durations), 0, 0.0
+
+        def __call__(self):
+            self.calls += 1
+            if self.calls % 2 == 0:
+                self.now += self.durations.pop(0)
+            return self.now
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("nano", vocab_size=256, max_seq_len=64))
+    blocks = torch.randint(0, 256, (8, 17))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    warmup = [9.0] * PROBE_WARMUP_PASSES  # the slow first passes: ignored
+    clock = Scripted(warmup + [1.0, 1.2] + [5.0, 0.5, 0.2, 0.01])  # 2 timed passes, then eval/token x2
+    costs = probe_costs(model, blocks, batch_size=4, grad_accum=2, eval_batches=3, sample_tokens=9,
+                        autocast=contextlib.nullcontext, clock=clock)
+    assert costs.step == pytest.approx(1.0 * 2 * UPDATE_OVERHEAD)  # the fastest timed pass, per micro-batch
+    assert costs.eval == pytest.approx(0.2 * 3) and costs.sample == pytest.approx(0.01 * 10)
+    assert not clock.durations  # every duration was used: the script matches the probe's passes
+    # Exact: the probe only reads the weights (same tensors, nothing written), and draws no random numbers.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_budget_refit_is_saved_and_a_resumed_run_follows_it(corpus, tmp_path, monkeypatch):
+    """A budgeted run re-fitted at step 5, uninterrupted vs stopped at step 7 and resumed: the same
+    schedule (read back from the trainer state) and bit-identical losses. The probe and the clock are
+    fakes, so the fit is the same in both runs: the probe says 2 s/step, and every clock reading
+    moves 1 ms, so measured steps take 1 ms and the re-fit lengthens the schedule to --steps."""
+    import importlib
+    import itertools
+
+    pt = importlib.import_module("deploykit.train.pretrain")
+    monkeypatch.setattr(pt, "probe_costs", lambda *a, **kw: StepCosts(step=2.0, eval=0.1, save=0.1, sample=0.1))
+
+    def fake_clock():
+        ticks = itertools.count()
+        return lambda: 1000.0 + 1e-3 * next(ticks)
+
+    kw = dict(steps=20, time_budget=30.0, eval_interval=4)
+    full = tmp_path / "full"
+    cfg = _cfg(corpus, full, **kw)
+    res = pretrain(cfg, progress=False, stream=None, clock=fake_clock())
+    state = json.loads((full / "trainer_state.json").read_text())
+    first_total = state["schedule"]["previous_total"]
+    assert 5 < first_total < 20  # (30 s - margin - finish) / 2 s: fitted to the probe...
+    assert state["schedule"] == {"total": 20, "warmup": 1, "refit_step": 5, "previous_total": first_total}
+    assert res.stopped == "done" and res.steps == res.schedule_steps == 20  # ...then re-fitted to --steps
+    split = tmp_path / "split"
+    pretrain(_cfg(corpus, split, stop_at=7, **kw), progress=False, stream=None, clock=fake_clock())
+    assert json.loads((split / "trainer_state.json").read_text())["schedule"] == state["schedule"]
+    pretrain(_cfg(corpus, split, resume=True, **kw), progress=False, stream=None, clock=fake_clock())
+    lr_loss = [(r["step"], r["lr"], r["loss"]) for r in _log(full) if r["kind"] == "train"]
+    assert lr_loss == [(r["step"], r["lr"], r["loss"]) for r in _log(split) if r["kind"] == "train"]  # exact
+    schedule = LrSchedule.from_dict(state["schedule"], lr=cfg.lr, min_lr=cfg.min_lr)
+    assert [lr for _, lr, _ in lr_loss] == [schedule.at(s) for s in range(1, 21)]
+    assert lr_loss[-1][1] == cfg.min_lr  # the re-fitted cosine ends at min_lr at its new last step
+
+
+def test_budget_run_on_the_real_clock(corpus, tmp_path):
+    """Smoke test of the real probe and clock: a tiny run under a 4 s budget fits, re-fits, ends."""
+    res = pretrain(_cfg(corpus, tmp_path / "b", steps=100_000, time_budget=4.0, eval_interval=0),
+                   progress=False, stream=None)
+    state = json.loads((tmp_path / "b" / "trainer_state.json").read_text())
+    assert res.stopped in ("done", "time_budget") and res.steps >= 1
+    if res.steps > 5:
+        assert state["schedule"]["refit_step"] == 5
+    assert res.seconds < 4.0 + 2.0  # the finish may be slower than estimated on a loaded machine

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 EXAMPLES = """\
@@ -60,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=int, default=S, help=f"optimizer steps; the cosine ends here {default('steps')}")
     g.add_argument("--time-budget", type=float, default=S, metavar="SECONDS",
-                   help="wall-clock budget for the whole command: after 5 steps the schedule is shortened to fit, "
-                        "and the run stops cleanly (with a checkpoint) if it still runs late")
+                   help="wall-clock budget for the whole command (from process start): the schedule is fitted "
+                        "to a timed probe, re-fitted once to the first measured steps, and the run stops cleanly "
+                        "(with a checkpoint) if it still runs late")
     g.add_argument("--stop-at", type=int, default=S, metavar="STEP",
                    help="stop after this step with a checkpoint, keeping the --steps schedule; --resume continues")
     g.add_argument("--batch-size", type=int, default=S, help=f"blocks per micro-batch {default('batch_size')}")
@@ -124,12 +127,36 @@ def _saved_config(out: Path) -> dict:
                               hint="resume from an intact run folder, or start over with --force") from e
 
 
+def _process_start() -> float | None:
+    """``time.perf_counter()`` reading of this process's start when the process IS the command
+    (``deploykit ...`` or ``python -m deploykit ...``); None otherwise, or where /proc does not say.
+
+    --time-budget is for the whole command, and Python plus torch take a second or two to import
+    before ``run`` is called. /proc/self/stat gives the start in clock ticks since boot, counted on
+    CLOCK_BOOTTIME. Called in-process (``main([...])`` from tests or a notebook) the process is older
+    than the command, so the budget then counts from the call.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    entry = spec.name if spec is not None else Path(sys.argv[0] if sys.argv else "").name
+    if entry not in ("deploykit", "deploykit.__main__"):
+        return None
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5); `fields` starts at 3
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, IndexError, ValueError, AttributeError):  # not Linux
+        return None
+    return time.perf_counter() - age if age >= 0 else None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import pretrain
 
+    started = _process_start()
     cfg = build_config(args)
     # With --json, stdout carries exactly one JSON document; human lines go to stderr.
-    result = pretrain(cfg, progress=not args.no_progress, stream=sys.stderr if args.json else sys.stdout)
+    result = pretrain(cfg, progress=not args.no_progress, stream=sys.stderr if args.json else sys.stdout,
+                      started=started)
     if args.json:
         summary = result.to_dict()
         summary["seconds"] = round(summary["seconds"], 2)

@@ -47,7 +47,7 @@ class TrainConfig:
     checkpoint_interval: int = 500  # steps between checkpoints; 0: only at the end
     seed: int = 0
     val_fraction: float = 0.05  # share of blocks held out for validation
-    time_budget: float | None = None  # seconds for the whole call; fixes the schedule to fit, stops cleanly
+    time_budget: float | None = None  # seconds for the whole call: schedule fitted, re-fitted once (budget.py)
     stop_at: int | None = None  # stop (with a checkpoint) after this step; --resume continues the schedule
     threads: int | None = None  # torch threads; None: all cores this process may use
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured by a 2048³ matmul at start-up

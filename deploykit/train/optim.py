@@ -1,9 +1,12 @@
-"""Optimizer pieces of pretraining: AdamW parameter groups, the learning-rate schedule, and the
-peak FLOP/s that model FLOPs utilisation is measured against."""
+"""Optimizer pieces of pretraining: AdamW parameter groups, the learning-rate schedule (``lr_at``,
+and ``LrSchedule`` for a run's length and its one re-fit), and the peak FLOP/s that model FLOPs
+utilisation is measured against."""
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -65,6 +68,69 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
         return min_lr
     progress = (step - warmup) / max(1, total - warmup)  # in (0, 1)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The lr of every optimizer step of one run: ``lr_at`` with its length, possibly re-fitted once.
+
+    A ``--time-budget`` run fixes its length before step 1 from a probe, then re-fits it once from
+    measured step times (``refit``). The warmup is kept (changing it would bend a ramp already under
+    way), and the cosine still reaches ``min_lr`` exactly at the new ``total``. A re-fit inside the
+    warmup changes nothing already run: the ramp does not depend on the length. A re-fit during the
+    cosine continues from the progress already reached, so the lr stays continuous.
+    """
+
+    lr: float
+    min_lr: float
+    warmup: int
+    total: int  # the last step; lr == min_lr there and after
+    refit_step: int = 0  # last step run under `previous_total`; 0: never re-fitted
+    previous_total: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total < 1 or self.warmup < 0:
+            raise ConfigError(f"LrSchedule: total={self.total} must be >= 1 and warmup={self.warmup} >= 0")
+        if self.refit_step and not self.refit_step < self.total:
+            raise ConfigError(f"LrSchedule: refit_step={self.refit_step} must come before total={self.total}")
+
+    def at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (1-based)."""
+        kw = dict(lr=self.lr, min_lr=self.min_lr, warmup=self.warmup)
+        if not self.refit_step or self.refit_step <= self.warmup:
+            return lr_at(step, **kw, total=self.total)
+        if step <= self.refit_step:
+            return lr_at(step, **kw, total=self.previous_total)
+        if step >= self.total:
+            return self.min_lr
+        # Cosine progress reached under the old length, then the rest of the way in the steps left.
+        start = min(1.0, (self.refit_step - self.warmup) / max(1, self.previous_total - self.warmup))
+        progress = start + (1.0 - start) * (step - self.refit_step) / (self.total - self.refit_step)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def refit(self, step: int, total: int) -> LrSchedule:
+        """The same lr up to ``step``, then ending at ``min_lr`` at ``total``.
+
+        ``total`` is raised to ``step + 1`` and past the warmup if needed: a cosine needs at least
+        one step after the ramp. (Only a probe some 20x too optimistic asks for less; the loop's
+        deadline check then ends the run in time, before the schedule does.)
+        """
+        if self.refit_step:
+            raise ConfigError(f"LrSchedule: already re-fitted at step {self.refit_step}; a run re-fits once")
+        if step < 1:
+            raise ConfigError(f"LrSchedule.refit: step={step} must be >= 1 (re-fit after measured steps)")
+        total = max(total, step + 1, self.warmup + 1)
+        return replace(self, total=total, refit_step=step, previous_total=self.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The length and re-fit only: lr and min_lr come from the run's config."""
+        return {"total": self.total, "warmup": self.warmup, "refit_step": self.refit_step,
+                "previous_total": self.previous_total}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, lr: float, min_lr: float) -> LrSchedule:
+        return cls(lr=lr, min_lr=min_lr, warmup=int(data["warmup"]), total=int(data["total"]),
+                   refit_step=int(data.get("refit_step", 0)), previous_total=int(data.get("previous_total", 0)))
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:

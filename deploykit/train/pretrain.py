@@ -14,8 +14,9 @@ One run, top to bottom:
 
 Bit-for-bit resume holds because everything a step reads is restored exactly: weights (fp32
 safetensors), AdamW moments and step counts, the loader's (epoch, position), the RNG states, and
-the schedule length; and because nothing in a step depends on wall time. Evals and checkpoints
-only read the model.
+the lr schedule (its length, warmup and ``--time-budget`` re-fit); and because nothing in a step
+depends on wall time: a budget decides the schedule (see ``budget.py``), which is then saved. Evals
+and checkpoints only read the model.
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ from ..fsutil import atomic_folder
 from ..model.checkpoint import load_model, save_model
 from ..model.config import ModelConfig
 from ..model.graph import CausalLM
+from .budget import Clock, TimeBudget, eval_batch_count, probe_costs
 from .config import LOG_NAME, MATH_FIELDS, PLOT_NAME, STATE_JSON, TrainConfig
-from .optim import build_adamw, lr_at, measure_peak_flops
+from .optim import LrSchedule, build_adamw, measure_peak_flops
 from .plots import plot_loss
 from .state import optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat, write_state
 
@@ -149,16 +151,20 @@ class _Echo:
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | None = sys.stdout) -> TrainResult:
+def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | None = sys.stdout,
+             started: float | None = None, clock: Clock = time.perf_counter) -> TrainResult:
     """Train (or continue training) a model as ``config`` says; see the module docstring.
 
     ``progress`` shows a tqdm bar on stderr; ``stream`` receives the human-readable log lines
-    (None: silent). Raises ConfigError / DataError / CheckpointError / TargetExistsError with a hint.
+    (None: silent). ``started`` is the ``clock()`` reading a time budget counts from (the CLI
+    passes its process start; default: this call's start). ``clock`` is the time source of the
+    budget and the step timings (tests pass a fake one). Raises ConfigError / DataError /
+    CheckpointError / TargetExistsError with a hint.
     """
     from ..data import BlockLoader, build_blocks, eval_batches, load_texts
     from ..model.tokenizer import Tokenizer
 
-    t_call = time.perf_counter()
+    t_call = clock()
     echo = _Echo(stream)
     cfg = config
     _check_out(cfg)
@@ -208,7 +214,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
 
     step = 0
-    schedule_steps = cfg.steps
+    schedule = LrSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps(cfg.steps), total=cfg.steps)
     schedule_fixed = cfg.time_budget is None  # with a budget, the schedule is fitted to it before step 1
     tokens_seen = 0
     records: list[dict[str, Any]] = []
@@ -218,10 +224,11 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
         rng_from_flat(saved_tensors, saved["rng"])
         loader.load_state_dict(saved["loader"])
         step, tokens_seen = saved["step"], saved["tokens"]
-        schedule_steps, schedule_fixed = saved["schedule_steps"], True
-        if cfg.steps != saved["train_config"]["steps"]:
+        schedule_fixed = True
+        if cfg.steps == saved["train_config"]["steps"]:
+            schedule = _saved_schedule(saved, cfg)
+        else:
             # The user extends (or shortens) the run: the remaining schedule changes shape.
-            schedule_steps = cfg.steps
             echo(f"note: --steps {cfg.steps} differs from the saved run's {saved['train_config']['steps']}: the lr "
                  "schedule is recomputed, so this is no longer the same run as an uninterrupted one")
         records = _read_log(cfg.out / LOG_NAME, step)
@@ -245,7 +252,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
          f"({train_blocks.shape[0] * cfg.block_size / 1e6:.2f}M train tokens); {cfg.tokens_per_step} tokens/step")
     echo(f"peak {peak / 1e9:.0f} GFLOP/s for MFU ({peak_note})")
     if cfg.resume:
-        echo(f"resuming {cfg.out} at step {step}/{schedule_steps}")
+        echo(f"resuming {cfg.out} at step {step}/{schedule.total}")
 
     # -- pieces of the loop ------------------------------------------------------------------------
     live_log = cfg.resume  # OUT/train_log.jsonl is appended to only once OUT is one of our checkpoints
@@ -280,7 +287,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         rng_tensors, rng_meta = rng_to_flat()
         meta = {
-            "step": step, "schedule_steps": schedule_steps, "tokens": tokens_seen,
+            "step": step, "schedule_steps": schedule.total, "schedule": schedule.to_dict(), "tokens": tokens_seen,
             "train_config": cfg.to_dict(), "loader": loader.state_dict(), "optimizer": opt_meta,
             "rng": rng_meta, "data_hash": data_hash, "peak_flops": peak,
         }
@@ -297,8 +304,12 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     # -- the loop ----------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    deadline = None if cfg.time_budget is None else t_call + cfg.time_budget
-    bar = tqdm(total=schedule_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
+    budget: TimeBudget | None = None
+    if cfg.time_budget is not None:
+        budget, schedule = _start_budget(cfg, model, train_blocks, val_blocks, autocast, schedule, step,
+                                         start=t_call if started is None else started, fixed=schedule_fixed,
+                                         clock=clock, echo=echo)
+    bar = tqdm(total=schedule.total, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
                file=sys.stderr, leave=True)
     echo.bar = None if bar.disable else bar
     stopped = "done"
@@ -306,31 +317,19 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     last_val: float | None = None
     last_eval_step = last_save_step = step
     loop_seconds, loop_tokens = 0.0, 0
-    step_times: list[float] = []
-    last_eval_seconds = 0.0  # measured cost of one eval, reserved for the final one
     ema_tps: float | None = None
     params = [p for p in model.parameters() if p.requires_grad]
-    if not schedule_fixed:
-        per_step = _time_one_step(model, train_blocks, cfg, autocast)
-        schedule_steps = _fit_schedule(cfg, step, per_step, deadline)
-        schedule_fixed = True
-        bar.total = schedule_steps
-        bar.refresh()
-        echo(f"time budget {cfg.time_budget:.0f}s: about {per_step:.2f}s/step, so the schedule is "
-             f"{schedule_steps} steps (warmup {cfg.warmup_steps(schedule_steps)})")
     try:
-        while step < schedule_steps:
+        while step < schedule.total:
             if cfg.stop_at is not None and step >= cfg.stop_at:
                 stopped = "stop_at"
                 break
-            if deadline is not None and step_times:
-                # Stop cleanly if the next step plus the final eval and save would overrun the budget.
-                if time.perf_counter() + 1.5 * step_times[-1] + last_eval_seconds + 2.0 > deadline:
-                    stopped = "time_budget"
-                    break
-            t0 = time.perf_counter()
-            lr = lr_at(step + 1, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps(schedule_steps),
-                       total=schedule_steps)
+            if budget is not None and budget.must_stop(step, schedule.total):
+                # Stop cleanly: the next step plus the final eval, save and sample would overrun.
+                stopped = "time_budget"
+                break
+            t0 = clock()
+            lr = schedule.at(step + 1)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ce_sum, aux_sum = 0.0, 0.0
@@ -355,8 +354,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += cfg.tokens_per_step
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
+            dt = clock() - t0
             loop_seconds += dt
             loop_tokens += cfg.tokens_per_step
             tps = cfg.tokens_per_step / dt
@@ -365,7 +363,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
             rec: dict[str, Any] = {
                 "kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": tokens_seen, "step_seconds": round(dt, 5), "tok_per_s": round(tps, 1),
-                "mfu": round(flops_per_token * tps / peak, 5), "elapsed": round(time.perf_counter() - t_call, 3),
+                "mfu": round(flops_per_token * tps / peak, 5), "elapsed": round(clock() - t_call, 3),
             }
             if model_cfg.is_moe:
                 share = counts.sum(0).float() / counts.sum()  # (E,) share of routed assignments
@@ -377,18 +375,32 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
                 postfix["aux"] = f"{rec['aux_loss']:.3f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+            if budget is not None:
+                budget.record_step(dt)
+                total = budget.refit(step)
+                if total is not None:
+                    schedule = schedule.refit(step, total)
+                    bar.total = schedule.total
+                    bar.refresh()
+                    echo(f"time budget: re-fitted at step {step} to the measured {budget.costs().step:.2f}s/step: "
+                         f"the schedule is {schedule.total} steps (warmup {schedule.warmup} kept; the lr still "
+                         "ends at min_lr)")
 
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < schedule_steps:
-                te = time.perf_counter()
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < schedule.total:
+                te = clock()
                 last_val = evaluate()
-                last_eval_seconds = time.perf_counter() - te
+                if budget is not None:
+                    budget.record_eval(clock() - te)
                 last_eval_step = step
                 if last_val is not None:
                     emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
                     echo(f"step {step}: train loss {last_loss:.4f}, val loss {last_val:.4f}, "
                          f"val ppl {math.exp(last_val):.2f}")
-            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < schedule_steps:
+            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < schedule.total:
+                ts = clock()
                 save_checkpoint()
+                if budget is not None:
+                    budget.record_save(clock() - ts)
                 last_save_step = step
     finally:
         bar.close()
@@ -407,12 +419,12 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
         last_loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
     tps = loop_tokens / loop_seconds if loop_seconds else 0.0
     result = TrainResult(
-        out=cfg.out, steps=step, schedule_steps=schedule_steps, stopped=stopped, train_loss=last_loss,
+        out=cfg.out, steps=step, schedule_steps=schedule.total, stopped=stopped, train_loss=last_loss,
         val_loss=last_val, val_ppl=None if last_val is None else math.exp(last_val), tokens_per_second=tps,
         mfu=flops_per_token * tps / peak, peak_flops=peak, params=n_params, active_params=n_active,
-        tokens=tokens_seen, seconds=time.perf_counter() - t_call, sample=sample)
+        tokens=tokens_seen, seconds=clock() - t_call, sample=sample)
     why = {"done": "", "time_budget": " (time budget reached)", "stop_at": f" (stopped at step {cfg.stop_at})"}[stopped]
-    echo(f"done: step {step}/{schedule_steps}{why} in {result.seconds:.1f}s; {tps:,.0f} tok/s, "
+    echo(f"done: step {step}/{schedule.total}{why} in {result.seconds:.1f}s; {tps:,.0f} tok/s, "
          f"MFU {result.mfu:.1%} of {peak / 1e9:.0f} GFLOP/s")
     if last_val is not None:
         echo(f"eval: val loss {last_val:.4f}, val perplexity {result.val_ppl:.2f}")
@@ -421,38 +433,31 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     return result
 
 
-def _time_one_step(model: CausalLM, blocks: torch.Tensor, cfg: TrainConfig, autocast) -> float:
-    """Seconds of one optimizer step, from two timed forward+backward passes on the first blocks.
-
-    Run before step 1 so the lr schedule is fitted to the budget from the start. It changes nothing
-    a training step reads: no optimizer step, gradients dropped, no loader batch or RNG draw taken.
-    The first pass is a warm-up (allocations, thread pool), so only the second is timed.
-    """
-    x, y = blocks[:cfg.batch_size, :-1], blocks[:cfg.batch_size, 1:]  # (B, T) each
-    seconds = 0.0
-    for _ in range(2):
-        t0 = time.perf_counter()
-        with autocast():
-            logits = model(x)  # (B, T, V)
-        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-        seconds = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    return seconds * cfg.grad_accum * 1.1  # + ~10% for clipping and the AdamW update
+def _saved_schedule(saved: dict[str, Any], cfg: TrainConfig) -> LrSchedule:
+    """The schedule a saved run followed; states written before re-fits existed hold only its length."""
+    if "schedule" in saved:
+        return LrSchedule.from_dict(saved["schedule"], lr=cfg.lr, min_lr=cfg.min_lr)
+    total = saved["schedule_steps"]
+    return LrSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps(total), total=total)
 
 
-def _fit_schedule(cfg: TrainConfig, step: int, per_step: float, deadline: float) -> int:
-    """Steps that fit the time budget, fixed once so the cosine still ends at min_lr.
-
-    Evals are charged as forward-only passes (about 1/3 of a training micro-step each), and a
-    reserve is kept for the final eval, the save and the sample. If the machine slows down later,
-    the loop still stops cleanly at the deadline (with a checkpoint) before the schedule ends.
-    """
-    eval_batch = per_step / cfg.grad_accum / 3
-    eval_per_step = (cfg.eval_iters or 50) * eval_batch / cfg.eval_interval if cfg.eval_interval else 0.0
-    reserve = 3.0 + (cfg.eval_iters or 50) * eval_batch
-    left = deadline - time.perf_counter() - reserve
-    fit = step + max(0, int(left / (per_step + eval_per_step)))
-    return max(step + 1, min(cfg.steps, fit))
+def _start_budget(cfg: TrainConfig, model: CausalLM, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
+                  autocast, schedule: LrSchedule, step: int, *, start: float, fixed: bool, clock: Clock,
+                  echo: _Echo) -> tuple[TimeBudget, LrSchedule]:
+    """Probe the costs and fit the schedule to ``--time-budget`` (unless ``fixed``: a resumed run
+    keeps its saved schedule, and the budget only stops it in time)."""
+    costs = probe_costs(model, train_blocks, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                        eval_batches=eval_batch_count(val_blocks.shape[0], cfg.batch_size, cfg.eval_iters),
+                        sample_tokens=cfg.sample_tokens, autocast=autocast, clock=clock)
+    budget = TimeBudget(start, cfg.time_budget, costs, max_steps=cfg.steps, eval_interval=cfg.eval_interval,
+                        checkpoint_interval=cfg.checkpoint_interval, can_refit=not fixed, clock=clock)
+    if fixed:
+        return budget, schedule
+    total = budget.fit(step)
+    schedule = LrSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps(total), total=total)
+    echo(f"time budget {cfg.time_budget:.0f}s: the probe says {costs.step:.2f}s/step and {costs.eval:.2f}s/eval, "
+         f"so the schedule is {schedule.total} steps (warmup {schedule.warmup}); re-fitted once to measured steps")
+    return budget, schedule
 
 
 def _greedy_sample(model: CausalLM, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
