@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import install_fake_dist
+from tolerances import assert_same_greedy
 
 import deploykit
 from deploykit.cli.main import main
@@ -240,4 +241,6 @@ def test_example_echo_plugin(fresh_plugins, nano_checkpoint, tmp_path, monkeypat
     runner = deploykit.load(tmp_path / "e")
     assert runner.info.kv_cache is False
     ref = deploykit.load(nano_checkpoint)
-    assert runner.generate([1, 50, 60], 8) == ref.generate([1, 50, 60], 8)
+    # numpy recompute vs torch with a KV cache: equal tokens, or parting only at a near tie
+    assert_same_greedy(runner.generate([1, 50, 60], 8), ref.generate([1, 50, 60], 8),
+                       lambda ids: ref.forward([ids])[0, -1], [1, 50, 60])
