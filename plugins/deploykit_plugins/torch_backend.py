@@ -347,7 +347,7 @@ class TorchBackend(Backend):
         for step in range(steps + 1):
             logp = F.log_softmax(model(ids).float(), dim=-1)
             loss = F.kl_div(logp, target, log_target=True, reduction="sum") / (ids.shape[0] * ids.shape[1])
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if float(loss) < best[0]:  # step 0 is the PTQ starting point: QAT can only improve on it
                 best = (float(loss), step, [p.detach().clone() for p in params])
             if step == steps:
