@@ -355,6 +355,12 @@ def test_best_for_is_derived_from_the_measurements() -> None:
     assert "fastest decode within 1 % Δppl" in tags[1] and "smallest within 1 % Δppl" in tags[1]
     assert "most accurate compressed" in tags[1] and "least memory" in tags[1]
     assert tags[3] == ""
+    # The fastest, smallest row failed its parity proof: it is recommended for nothing, and the
+    # picks go to the rows that passed.
+    failed = {**row(900, 50, 0.1), "convert_parity_ok": False}
+    tags = best_for([row(100, 400, 0.0), row(300, 100, 0.5), failed])
+    assert tags[2] == "failed its parity proof"
+    assert "fastest decode" in tags[1] and "smallest" in tags[1]
 
 
 def test_cli_help_teaches_with_examples() -> None:

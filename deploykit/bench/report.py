@@ -19,9 +19,20 @@ COMPRESSED_RATIO = 0.6  # a row counts as compressed below 0.6x the fp32 size
 
 # -- "best for", derived from the measurements ----------------------------------------------------------
 def best_for(rows: list[dict[str, Any]]) -> list[str]:
-    """Tags per row: what the measurements of this run make it the best choice for."""
-    ok = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
+    """Tags per row: what the measurements of this run make it the best choice for.
+
+    A row whose artifact failed its parity proof at conversion is never recommended: it is tagged
+    as failed, and the best-of picks run over the rows that passed (or were not verified).
+    """
     tags: list[list[str]] = [[] for _ in rows]
+    ok = []
+    for i, r in enumerate(rows):
+        if r.get("status") != "ok":
+            continue
+        if r.get("convert_parity_ok") is False:
+            tags[i].append("failed its parity proof")
+        else:
+            ok.append(i)
     if rows and rows[0].get("status") == "ok":
         tags[0].append("reference")
 
