@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from deploykit.errors import ConfigError
 from deploykit.train import TrainConfig, pretrain
-from deploykit.train.budget import StepCosts, TimeBudget, probe_costs
+from deploykit.train.budget import REFIT_SHARE, StepCosts, TimeBudget, probe_costs
 from deploykit.train.optim import LrSchedule, lr_at, param_groups
 
 TINY = dict(preset="nano", steps=6, batch_size=4, block_size=32, eval_interval=3, eval_iters=2,
@@ -278,9 +279,11 @@ class Simulated:
 
 def simulate(seconds: float, probe: StepCosts, *, step: float, eval: float = 0.0, save: float = 1.0,
              eval_interval: int = 0, checkpoint_interval: int = 0, setup: float = 5.0,
-             slow_from: int | None = None, slow: float = 1.0, max_steps: int = 100_000) -> Simulated:
+             slow_from: int | None = None, slow: float = 1.0, max_steps: int = 100_000,
+             drift: Callable[[int], float] | None = None) -> Simulated:
     """pretrain's loop without a model: the same TimeBudget / LrSchedule calls in the same order,
-    with steps, evals and saves that cost what the arguments say (``slow`` x from ``slow_from``)."""
+    with steps, evals and saves that cost what the arguments say (``slow`` x from ``slow_from``;
+    ``drift(n)`` multiplies the n-th step's time, for steps that speed up as a run goes on)."""
     clock = FakeClock()
     start = clock()
     clock.advance(setup)  # tokenizer, data, peak FLOP/s and the probe itself
@@ -294,7 +297,7 @@ def simulate(seconds: float, probe: StepCosts, *, step: float, eval: float = 0.0
             stopped = "time_budget"
             break
         lrs.append(schedule.at(n + 1))
-        dt = step * (slow if slow_from is not None and n >= slow_from else 1.0)
+        dt = step * (slow if slow_from is not None and n >= slow_from else 1.0) * (drift(n) if drift else 1.0)
         clock.advance(dt)
         n += 1
         budget.record_step(dt)
@@ -321,7 +324,9 @@ def _within_budget(sim: Simulated, seconds: float) -> None:
 def test_budget_probe_slower_than_the_steps_is_refitted_longer():
     # The demo's case: the probe read 0.81 s/step, the steps then took 0.41 s.
     sim = simulate(150, StepCosts(step=0.81, eval=0.0, save=1.0, sample=0.2), step=0.41)
-    assert sim.schedule.refit_step == 5 and sim.schedule.previous_total == sim.first_total
+    # re-fitted once the steps had spent REFIT_SHARE of the budget
+    assert REFIT_SHARE * 150 <= sim.schedule.refit_step * 0.41 < REFIT_SHARE * 150 + 0.41
+    assert sim.schedule.previous_total == sim.first_total
     assert sim.schedule.total > 1.8 * sim.first_total
     _within_budget(sim, 150)
 
@@ -332,9 +337,20 @@ def test_budget_probe_faster_than_the_steps_is_refitted_shorter():
     _within_budget(sim, 150)
 
 
+def test_budget_steps_that_speed_up_during_the_run_still_fill_it():
+    # make demo on an idle Zen 5: the probe said 0.64 s/step; the first 5 steps took 0.60 s, steps
+    # 5-10 0.56 s, the last ones 0.51 s. Fitted to the first 5 steps, that run ended at 89 % of its
+    # budget (this simulation of it: 87 %); fitted once 20 % of the budget has gone into steps, 96 %.
+    probe = StepCosts(step=0.64, eval=2.9, save=1.0, sample=0.3)
+    sim = simulate(150, probe, step=0.55, eval=2.9, save=1.0, eval_interval=100, setup=4.0,
+                   drift=lambda n: 1.1 if n < 5 else 1.0 - 0.08 * min(n, 220) / 220)
+    assert sim.schedule.refit_step > 5
+    _within_budget(sim, 150)
+
+
 def test_budget_charges_evals_and_checkpoints():
-    # The probe misjudges steps and evals alike (0.75x here): the re-fit at step 5, before any eval
-    # ran, scales the eval estimate by what the steps showed.
+    # The probe misjudges steps and evals alike (0.75x here): the fit scales the eval estimate by
+    # what the steps showed until an eval has been measured.
     probe = StepCosts(step=0.3, eval=2.25, save=1.0, sample=0.2)
     sim = simulate(150, probe, step=0.4, eval=3.0, save=1.5, eval_interval=25, checkpoint_interval=100)
     assert sim.evals == (sim.steps - 1) // 25 >= 5  # ~20% of the budget went to evals: they must be charged
@@ -344,9 +360,9 @@ def test_budget_charges_evals_and_checkpoints():
 
 
 def test_budget_with_long_steps_refits_after_a_share_of_the_budget():
-    # 5 steps of 2 s would be a sixth of a 60 s budget: the re-fit comes after 5% of it (2 steps).
+    # 2 s steps in a 60 s budget: the re-fit comes once they have spent 20 % of it (6 steps).
     sim = simulate(60, StepCosts(step=1.0, eval=0.0, save=0.5, sample=0.1), step=2.0)
-    assert sim.schedule.refit_step == 2
+    assert sim.schedule.refit_step == 6
     _within_budget(sim, 60)
 
 
@@ -354,7 +370,8 @@ def test_budget_deadline_stops_a_run_that_slows_down():
     # The machine gets 3x slower after the re-fit: the schedule no longer fits; the loop must stop
     # in time, still leaving room for the final eval, save and sample.
     sim = simulate(150, StepCosts(step=0.4, eval=1.0, save=1.0, sample=0.2), step=0.4, eval=1.0,
-                   eval_interval=50, slow_from=20, slow=3.0)
+                   eval_interval=50, slow_from=100, slow=3.0)
+    assert sim.schedule.refit_step < 100
     assert sim.stopped == "time_budget" and sim.steps < sim.schedule.total
     assert 0.9 * 150 <= sim.seconds <= 150
 
@@ -367,13 +384,13 @@ def test_budget_too_small_for_one_step():
 def test_budget_refits_once_and_not_on_resume():
     probe = StepCosts(step=1.0, eval=0.0, save=1.0, sample=0.1)
     budget = TimeBudget(0.0, 100, probe, max_steps=1000, eval_interval=0, checkpoint_interval=0, clock=FakeClock(0.0))
-    for n in range(1, 5):
+    for n in range(1, 40):
         budget.record_step(0.5)
-        assert budget.refit(n) is None  # 4 steps, 2% of the budget: not yet
+        assert budget.refit(n) is None  # under 20 % of the budget spent in steps: not yet
     budget.record_step(0.5)
-    assert budget.refit(5) is not None
+    assert budget.refit(40) is not None
     budget.record_step(0.5)
-    assert budget.refit(6) is None  # once
+    assert budget.refit(41) is None  # once
     resumed = TimeBudget(0.0, 100, probe, max_steps=1000, eval_interval=0, checkpoint_interval=0,
                          can_refit=False, clock=FakeClock(0.0))
     for n in range(1, 20):
@@ -447,6 +464,8 @@ def test_budget_refit_is_saved_and_a_resumed_run_follows_it(corpus, tmp_path, mo
 
     pt = importlib.import_module("deploykit.train.pretrain")
     monkeypatch.setattr(pt, "probe_costs", lambda *a, **kw: StepCosts(step=2.0, eval=0.1, save=0.1, sample=0.1))
+    # When the re-fit comes is tested above; here it must come at step 5 whatever the fake steps add up to.
+    monkeypatch.setattr(importlib.import_module("deploykit.train.budget"), "REFIT_SHARE", 0.0)
 
     def fake_clock():
         ticks = itertools.count()
@@ -478,6 +497,6 @@ def test_budget_run_on_the_real_clock(corpus, tmp_path):
                    progress=False, stream=None)
     state = json.loads((tmp_path / "b" / "trainer_state.json").read_text())
     assert res.stopped in ("done", "time_budget") and res.steps >= 1
-    if res.steps > 5:
-        assert state["schedule"]["refit_step"] == 5
+    refit = state["schedule"]["refit_step"]
+    assert refit == 0 or refit >= 5  # 0: the run ended before its steps had spent 20 % of the budget
     assert res.seconds < 4.0 + 2.0  # the finish may be slower than estimated on a loaded machine
