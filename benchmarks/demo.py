@@ -53,17 +53,12 @@ def _demo(args: argparse.Namespace, bench_out: Path, guard: QuietGuard) -> int:
 
     from rich.console import Console
 
-    from deploykit.bench import BenchConfig, run_bench
-    from deploykit.bench.progress import RichReporter
+    from deploykit.bench import BenchConfig
+    from deploykit.bench.progress import run_bench_with_progress
     from deploykit.bench.report import notes, rich_table
 
     cfg = BenchConfig(model=ckpt, out=bench_out, threads=args.threads, repeat=args.repeat, allow_busy=args.allow_busy)
-    reporter = RichReporter(Console(stderr=True))
-    try:
-        results = run_bench(cfg, reporter, guard=guard)
-    finally:
-        if reporter.task is not None:
-            reporter.stop()
+    results = run_bench_with_progress(cfg, guard=guard)
     console = Console() if Console().is_terminal else Console(width=200)
     console.print(rich_table(results))
     for line in notes(results):

@@ -131,8 +131,8 @@ def bench_one(model: str, args: argparse.Namespace, guard: QuietGuard) -> None:
     """Train ``model`` if needed, bench it into ``args.results/<model>``, print its table."""
     from rich.console import Console
 
-    from deploykit.bench import BenchConfig, run_bench
-    from deploykit.bench.progress import RichReporter
+    from deploykit.bench import BenchConfig
+    from deploykit.bench.progress import run_bench_with_progress
     from deploykit.bench.report import rich_table
 
     ckpt = ensure_checkpoint(model, args.runs, args.steps, args.threads, args.train_seconds)
@@ -140,13 +140,8 @@ def bench_one(model: str, args: argparse.Namespace, guard: QuietGuard) -> None:
                       backends=tuple(args.backends.split(",")), schemes=tuple(args.schemes.split(",")),
                       repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len,
                       allow_busy=args.allow_busy)
-    reporter = RichReporter(Console(stderr=True))
-    try:
-        # The guard begun before training: its start load is the machine's, not this script's training.
-        results = run_bench(cfg, reporter, guard=guard)
-    finally:
-        if reporter.task is not None:
-            reporter.stop()
+    # The guard begun before training: its start load is the machine's, not this script's training.
+    results = run_bench_with_progress(cfg, guard=guard)
     console = Console()
     console.print(rich_table(results))
     console.print(f"[{model}] {results['outputs']['md']}")

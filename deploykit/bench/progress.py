@@ -1,10 +1,15 @@
 """Progress of a bench run drawn with rich: what the CLI, ``make demo`` and benchmark scripts show.
 
-Public, so that every caller of ``run_bench`` draws the same thing without reaching into the CLI.
+Public, so that every caller of ``run_bench`` draws the same thing without reaching into the CLI:
+``run_bench_with_progress(cfg)`` is ``run_bench`` with the bar on stderr (so ``--json > file`` stays clean).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .harness import BenchConfig
+    from .quiet import QuietGuard
 
 
 class RichReporter:
@@ -35,3 +40,17 @@ class RichReporter:
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+def run_bench_with_progress(cfg: BenchConfig, *, guard: QuietGuard | None = None) -> dict[str, Any]:
+    """``run_bench(cfg, guard=guard)`` drawing a RichReporter on stderr, stopped however the run ends."""
+    from rich.console import Console
+
+    from .harness import run_bench
+
+    reporter = RichReporter(Console(stderr=True))
+    try:
+        return run_bench(cfg, reporter, guard=guard)
+    finally:
+        if reporter.task is not None:
+            reporter.stop()

@@ -72,10 +72,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..bench import BenchConfig, run_bench
+    from ..bench import BenchConfig
     from ..bench.cache import default_cache_dir
     from ..bench.machine import available_cpus
-    from ..bench.progress import RichReporter
+    from ..bench.progress import run_bench_with_progress
     from ..bench.report import notes, rich_table
 
     out = args.out or Path("bench") / args.model.name
@@ -85,14 +85,7 @@ def run(args: argparse.Namespace) -> int:
                       eval_data=args.eval_data, eval_tokens=args.eval_tokens, n_tasks=args.n_tasks,
                       cache_dir=args.cache or default_cache_dir(), use_cache=not args.no_cache,
                       timeout_s=args.timeout, keep_work=args.keep_work, allow_busy=args.allow_busy)
-    # Progress goes to stderr so `--json > file` stays clean.
-    err = Console(stderr=True)
-    reporter = RichReporter(err)
-    try:
-        results = run_bench(cfg, reporter)
-    finally:
-        if reporter.task is not None:
-            reporter.stop()
+    results = run_bench_with_progress(cfg)  # progress on stderr: `--json > file` stays clean
     if args.json:
         json.dump(results, sys.stdout, indent=2, default=str)
         print()

@@ -2,7 +2,6 @@
 expert index wins), k=1, k=E, experts with no tokens, T=1, T=0."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
