@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..deploy.artifact import MANIFEST_NAME, model_files
 from ..fsutil import sha256_file
 
 CACHE_ENV = "DEPLOYKIT_CACHE"
-MANIFEST = "deploykit.json"
 KEY_VERSION = 1  # bump when the key's contents change meaning
 
 # Files of a checkpoint folder that determine the model (weights, config, tokenizer); others such as
@@ -60,16 +60,11 @@ def artifact_path(cache: Path, model_name: str, source_sha: str, backend: str, s
 def read_manifest(artifact: Path) -> dict[str, Any] | None:
     """The artifact's manifest, or None when the folder is missing or incomplete (then: rebuild)."""
     try:
-        return json.loads((artifact / MANIFEST).read_text())
+        return json.loads((artifact / MANIFEST_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-# Files every artifact carries besides the model itself; they are not counted in its size.
-NON_MODEL_FILES = frozenset({MANIFEST, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                             "generation_config.json"})
-
-
 def model_bytes(artifact: Path) -> int:
     """Bytes of the files that hold the model (weights, graphs, configs); manifest and tokenizer excluded."""
-    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file() and p.name not in NON_MODEL_FILES)
+    return sum(model_files(artifact).values())

@@ -26,10 +26,16 @@ NON_MODEL_FILES = frozenset({MANIFEST_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_F
 
 
 def model_files(folder: str | Path) -> dict[str, int]:
-    """{name: bytes} of the files directly in ``folder`` that hold the model (weights, graphs, configs):
-    everything but the manifest, the tokenizer and the generation config. Their sum is the artifact's size."""
-    return {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir())
-            if p.is_file() and p.name not in NON_MODEL_FILES}
+    """{relative posix path: bytes} of the files under ``folder`` that hold the model (weights, graphs,
+    configs, package folders such as an .mlpackage): everything but the manifest, the tokenizer and
+    the generation config at its top. Their sum is the artifact's size in reports and RunnerInfo."""
+    folder = Path(folder)
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in NON_MODEL_FILES:
+            out[rel] = path.stat().st_size
+    return out
 
 
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
