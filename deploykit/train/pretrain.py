@@ -39,7 +39,7 @@ from ..fsutil import atomic_folder
 from ..model.checkpoint import load_model, save_model
 from ..model.config import ModelConfig
 from ..model.graph import CausalLM
-from .budget import Clock, TimeBudget, eval_batch_count, probe_costs
+from .budget import REFIT_SHARE, Clock, TimeBudget, eval_batch_count, probe_costs
 from .config import LOG_NAME, MATH_FIELDS, PLOT_NAME, STATE_JSON, TrainConfig
 from .optim import LrSchedule, build_adamw, measure_peak_flops
 from .plots import plot_loss
@@ -456,7 +456,8 @@ def _start_budget(cfg: TrainConfig, model: CausalLM, train_blocks: torch.Tensor,
     total = budget.fit(step)
     schedule = LrSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps(total), total=total)
     echo(f"time budget {cfg.time_budget:.0f}s: the probe says {costs.step:.2f}s/step and {costs.eval:.2f}s/eval, "
-         f"so the schedule is {schedule.total} steps (warmup {schedule.warmup}); re-fitted once to measured steps")
+         f"so the schedule is {schedule.total} steps (warmup {schedule.warmup}); it is re-fitted once, when the "
+         f"steps have spent {REFIT_SHARE:.0%} of the budget")
     return budget, schedule
 
 
