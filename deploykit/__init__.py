@@ -27,6 +27,7 @@ from .errors import (
     ConfigError,
     DataError,
     DeploykitError,
+    FilesystemError,
     ParityError,
     TargetExistsError,
 )
@@ -37,7 +38,7 @@ from .model.graph import CausalLM
 
 __all__ = [
     "ArtifactError", "Backend", "BackendError", "BackendUnavailable", "CausalLM", "CheckpointError", "ConfigError",
-    "ConvertContext", "ConvertResult", "DataError", "DeploykitError", "ModelConfig", "ParityError", "Runner",
-    "Scheme", "TargetExistsError", "Tolerance", "__version__", "convert", "generate", "hookimpl", "load",
-    "load_model", "preset", "save_model",
+    "ConvertContext", "ConvertResult", "DataError", "DeploykitError", "FilesystemError", "ModelConfig",
+    "ParityError", "Runner", "Scheme", "TargetExistsError", "Tolerance", "__version__", "convert", "generate",
+    "hookimpl", "load", "load_model", "preset", "save_model",
 ]

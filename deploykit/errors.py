@@ -66,3 +66,13 @@ class TargetExistsError(DeploykitError):
     """The output folder exists and ``--force`` was not given."""
 
     exit_code = 2
+
+
+class FilesystemError(DeploykitError):
+    """The machine refused a read or write: permission, read-only or full disk, a busy file.
+
+    Not the user's input and not a plugin's bug: the message names the path and the errno, the hint
+    says what to free or change. Raised by ``deploykit.fsutil`` around every write deploykit does.
+    """
+
+    exit_code = 5
