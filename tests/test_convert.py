@@ -130,14 +130,23 @@ def test_config_not_matching_weights(nano_checkpoint, tmp_path):
 
 def test_existing_target_needs_force(nano_checkpoint, tmp_path, capsys):
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    deploykit.convert(nano_checkpoint, "torch", out=out, verify=False)
+    (out / "extra.txt").write_text("left by hand")
     with pytest.raises(TargetExistsError):
         deploykit.convert(nano_checkpoint, "torch", out=out)
     assert main(["convert", str(nano_checkpoint), "--backend", "torch", "--out", str(out)]) == 2
-    assert "--force" in capsys.readouterr().err and (out / "keep.txt").is_file()
-    deploykit.convert(nano_checkpoint, "torch", out=out, force=True, verify=False)
-    assert not (out / "keep.txt").exists() and (out / "deploykit.json").is_file()
+    assert "--force" in capsys.readouterr().err and (out / "extra.txt").is_file()
+    deploykit.convert(nano_checkpoint, "torch", out=out, force=True, verify=False)  # an artifact: replaced
+    assert not (out / "extra.txt").exists() and (out / "deploykit.json").is_file()
+
+
+def test_force_never_replaces_a_folder_deploykit_did_not_write(nano_checkpoint, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(TargetExistsError, match="never replaced"):
+        deploykit.convert(nano_checkpoint, "torch", out=out, force=True, verify=False)
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_plugin_raising_names_plugin_leaves_nothing(fresh_plugins, nano_checkpoint, tmp_path, capsys):

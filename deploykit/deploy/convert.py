@@ -13,14 +13,14 @@ import hashlib
 import platform
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError, TargetExistsError
-from ..fsutil import atomic_folder, sha256_file
+from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError
+from ..fsutil import Destination, has_file, sha256_file
 from ..model.checkpoint import TOKENIZER_FILE, TOKENIZER_FILES
-from .artifact import MANIFEST_FORMAT, PICKLE_SUFFIXES, file_entries, write_manifest
+from .artifact import MANIFEST_FORMAT, MANIFEST_NAME, PICKLE_SUFFIXES, file_entries, write_manifest
 from .backend import Backend, ConvertContext, Scheme
 from .parity import ParityReport, calibration_sequences, make_probes, run_parity
 
@@ -89,10 +89,14 @@ class _Job:
     backend: Backend
     plugin: str
     scheme: Scheme
-    out: Path
+    dest: Destination  # checked: not the source, replaceable, writable, with room for the artifact
     reference: CausalLM  # fp32, eval mode: the model every artifact is proven against
     source: Path | None
     ctx: ConvertContext
+
+    @property
+    def out(self) -> Path:
+        return self.dest.path
 
     @property
     def label(self) -> str:
@@ -122,15 +126,17 @@ def convert(
     ``deploykit_after_convert`` observers).
 
     Raises BackendError (unknown backend/scheme, or the backend failed), BackendUnavailable (exit 4),
-    ConfigError (bad options or threads), TargetExistsError (``out`` exists without ``force``),
-    CheckpointError (bad source) and ParityError (exit 3: the artifact is past its tolerance; nothing
+    ConfigError (bad options or threads, or ``out`` is the source, inside it or around it),
+    TargetExistsError (``out`` exists without ``force``, or is not an artifact: ``force`` replaces only
+    artifacts), FilesystemError (exit 5: ``out`` not writable, or too little free space; checked before
+    the work, and any OSError while writing), CheckpointError (bad source) and ParityError (exit 3: the artifact is past its tolerance; nothing
     is written unless ``allow_mismatch=True``, which keeps it and says so in the manifest). With
     ``verify=False`` no proof is run and the manifest says so.
     """
     say = progress or (lambda message: None)
     job = _preflight(model, backend, quant, out, force=force, calibration=calibration, threads=threads,
                      options=options, tokenizer=tokenizer, progress=say)
-    with atomic_folder(job.out, overwrite=force) as tmp:  # renamed onto `out` only when the block completes
+    with job.dest.write() as tmp:  # renamed onto `out` only when the block completes
         manifest = _write(job, tmp)
         report = _prove(job, tmp, manifest, allow_mismatch=allow_mismatch) if verify else None
         _seal(tmp, manifest, report, verify=verify, allow_mismatch=allow_mismatch)
@@ -155,15 +161,18 @@ def _preflight(model: Any, backend: str, quant: str | None, out: str | Path | No
                                  "or choose another backend: `deploykit backends`")
     if out is None:
         raise ConfigError("out is required: the artifact folder to write", hint="e.g. out='artifacts/nano-torch'")
-    out = Path(out)
-    if out.exists() and not force:  # fail before the slow part
-        raise TargetExistsError(f"{out} already exists", hint="pass --force (force=True) or choose another --out")
+    source_folder = (Path(model),) if isinstance(model, (str, Path)) else ()
+    dest = Destination(Path(out), what="artifact", force=force, is_own=has_file(MANIFEST_NAME), sources=source_folder)
+    dest.check()  # fail before the slow part; free space is checked again once the model's size is known
     opts = scheme.parse_options(options, backend=be.name)
     set_threads(check_threads(threads))  # the reference, the conversion and the proof all run on these threads
 
     progress("loading model")
     ref, source, tok = _load_source(model, tokenizer)
     cfg = ref.config
+    # An artifact is at most the fp32 weights plus graphs and tokenizer: 4 bytes a parameter, 10 % spare.
+    dest = replace(dest, need_bytes=int(ref.num_params() * 4 * 1.1) + (1 << 20))
+    dest.check()
     reason = be.unsupported(scheme, cfg)
     if reason:
         valid = [s.name for s in be.schemes if not be.unsupported(s, cfg)]
@@ -173,7 +182,7 @@ def _preflight(model: Any, backend: str, quant: str | None, out: str | Path | No
     calib = calibration if calibration is not None else calibration_sequences(cfg, tok)
     ctx = ConvertContext(source=source, tokenizer=tok, calibration=calib, threads=threads, options=opts,
                          progress=progress)
-    return _Job(registry=reg, backend=be, plugin=reg.plugin_of(be.name), scheme=scheme, out=out, reference=ref,
+    return _Job(registry=reg, backend=be, plugin=reg.plugin_of(be.name), scheme=scheme, dest=dest, reference=ref,
                 source=source, ctx=ctx)
 
 
@@ -191,7 +200,7 @@ def _write(job: _Job, tmp: Path) -> dict[str, Any]:
     try:
         # A deep copy: a backend that quantises or prunes in place must not touch the reference.
         info = job.backend.convert(copy.deepcopy(job.reference), job.scheme, tmp, job.ctx) or {}
-    except DeploykitError:
+    except (DeploykitError, OSError):  # OSError: the disk or permissions, not the plugin (see atomic_folder)
         raise
     except Exception as e:
         raise BackendError(f"{job.label} failed while converting to {job.scheme.name}: {type(e).__name__}: {e}",
@@ -220,7 +229,7 @@ def _prove(job: _Job, tmp: Path, manifest: dict[str, Any], *, allow_mismatch: bo
     job.ctx.progress("verifying parity")
     try:
         runner = job.backend.load(tmp, manifest, threads=job.ctx.threads)
-    except DeploykitError:
+    except (DeploykitError, OSError):
         raise
     except Exception as e:
         raise BackendError(f"{job.label} wrote an artifact it cannot load: {type(e).__name__}: {e}",
