@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploykit.errors import ConfigError
+from deploykit.errors import ConfigError, FilesystemError
 from deploykit.train import TrainConfig, pretrain
 from deploykit.train.budget import REFIT_SHARE, StepCosts, TimeBudget, probe_costs
 from deploykit.train.optim import LrSchedule, lr_at, param_groups
@@ -131,8 +131,9 @@ def test_failed_save_leaves_previous_checkpoint_intact(corpus, tmp_path, monkeyp
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(pt, "plot_loss", boom)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(FilesystemError, match="simulated") as e:  # exit 5, naming the run folder
         pretrain(_cfg(corpus, out, steps=2, force=True, seed=1), progress=False, stream=None)
+    assert e.value.exit_code == 5 and str(out) in str(e.value)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before  # same files, same bytes
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "atomic"]
@@ -172,13 +173,22 @@ def test_cli_missing_data_path(tmp_path, capsys):
     assert rc != 0 and str(missing) in msg and not (tmp_path / "x").exists()
 
 
-def test_cli_refuses_existing_out_without_force(tmp_path, capsys):
+def test_cli_refuses_existing_out_without_force(corpus, tmp_path, capsys):
     out = tmp_path / "run"
+    pretrain(_cfg(corpus, out, steps=1), progress=False, stream=None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, msg = _cli(["--preset", "nano", "--out", str(out)], capsys)
+    assert rc == 2 and str(out) in msg and "--force" in msg and "--resume" in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_cli_force_never_replaces_a_folder_train_did_not_write(tmp_path, capsys):
+    out = tmp_path / "mine"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc, msg = _cli(["--preset", "nano", "--out", str(out)], capsys)
-    assert rc != 0 and str(out) in msg and "--force" in msg and "--resume" in msg
-    assert (out / "keep.txt").read_text() == "mine"
+    rc, msg = _cli(["--preset", "nano", "--out", str(out), "--force"], capsys)
+    assert rc == 2 and "never replaced" in msg and str(out) in msg
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
 def test_cli_resume_without_checkpoint(tmp_path, capsys):

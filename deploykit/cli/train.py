@@ -121,8 +121,11 @@ def _saved_config(out: Path) -> dict:
         raise CheckpointError(f"--resume: {out} {what}",
                               hint="point --out at a folder written by `deploykit train`, or drop --resume")
     try:
-        return json.loads(path.read_text())["train_config"]
-    except (json.JSONDecodeError, KeyError) as e:
+        saved = json.loads(path.read_text())["train_config"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"train_config is {type(saved).__name__}, not an object")
+        return saved
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable training state ({e})",
                               hint="resume from an intact run folder, or start over with --force") from e
 
@@ -161,4 +164,5 @@ def run(args: argparse.Namespace) -> int:
         summary = result.to_dict()
         summary["seconds"] = round(summary["seconds"], 2)
         print(json.dumps(summary))
-    return 0
+    # Interrupted (SIGINT/SIGTERM) but saved: the shell's code for it, so scripts do not take it for done.
+    return 130 if result.stopped == "interrupted" else 0

@@ -24,7 +24,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -34,8 +37,8 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, DataError, TargetExistsError
-from ..fsutil import atomic_folder
+from ..errors import CheckpointError, ConfigError, DataError
+from ..fsutil import Destination, atomic_folder, has_file
 from ..model.checkpoint import load_model, save_model
 from ..model.config import ModelConfig
 from ..model.graph import CausalLM
@@ -53,7 +56,7 @@ class TrainResult:
     out: Path  # the checkpoint folder (loadable by deploykit and transformers)
     steps: int  # optimizer steps completed in total (including those before a resume)
     schedule_steps: int  # length of the lr schedule the run followed
-    stopped: str  # "done", "time_budget" or "stop_at"
+    stopped: str  # "done", "time_budget", "stop_at" or "interrupted" (SIGINT/SIGTERM; checkpoint saved)
     train_loss: float | None  # cross-entropy of the last step (mean over its micro-batches)
     val_loss: float | None  # last eval; None when val_fraction == 0
     val_ppl: float | None
@@ -82,18 +85,56 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _destination(cfg: TrainConfig, need_bytes: int = 0) -> Destination:
+    """The run folder as a guarded destination: replaced only if it is a run (with --force or --resume),
+    never the data or the tokenizer folder, nor inside or around them."""
+    sources = [Path(cfg.tokenizer)] if cfg.tokenizer is not None else []
+    for item in [cfg.data] if isinstance(cfg.data, str) else list(cfg.data):
+        if item != "embedded":
+            head = Path(re.split(r"[*?\[]", item, maxsplit=1)[0] or ".")  # a glob's fixed prefix
+            if head.exists():
+                sources.append(head if head.is_dir() or head == Path(item) else head.parent)
+    return Destination(cfg.out, what="run folder", force=cfg.force or cfg.resume, is_own=has_file(STATE_JSON),
+                       sources=tuple(sources), need_bytes=need_bytes,
+                       exists_hint="pass --resume to continue that run, --force to replace it, or choose another --out")
+
+
 def _check_out(cfg: TrainConfig) -> None:
     """Refuse to clobber an existing folder, or to resume from nothing."""
-    out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise TargetExistsError(f"--out {out} exists and is a file", hint="choose a folder path for --out")
-    if cfg.resume:
-        if not out.is_dir():
-            raise CheckpointError(f"--resume: {out} does not exist",
-                                  hint="drop --resume to start a new run there, or point --out at a run folder")
-    elif out.exists() and not cfg.force:
-        raise TargetExistsError(f"--out {out} already exists",
-                                hint="pass --resume to continue that run, --force to replace it, or choose another --out")
+    if cfg.resume and not cfg.out.is_dir():
+        raise CheckpointError(f"--resume: {cfg.out} does not exist",
+                              hint="drop --resume to start a new run there, or point --out at a run folder")
+    _destination(cfg).check()
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM during the loop: finish the current step, save, and stop (a second one aborts).
+
+    Stopping between steps, never inside one, is what keeps the saved state exact: an interrupt inside
+    ``optimizer.step()`` would leave some parameters updated and others not. Signal handlers can only
+    be set from the main thread; elsewhere (a training call in a worker thread) signals keep their
+    default behaviour.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, echo: Any) -> None:
+        self.echo, self.received, self._previous = echo, None, {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # the second one: the user means it
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        self.echo(f"{self.received}: stopping after this step and saving (again to abort without saving)")
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict[str, Any], source: Path) -> TrainConfig:
@@ -242,6 +283,8 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     elif cfg.resume and cfg.peak_flops is None:
         peak_note = "measured when the run started"
     n_params, n_active = model.num_params(), model_cfg.active_params_per_token()
+    # A save holds the weights and two AdamW moments (fp32), twice while the new folder replaces the old.
+    _destination(cfg, need_bytes=n_params * 4 * 3 * 2 + (16 << 20)).check()
     flops_per_token = 6 * n_active  # forward 2N + backward 4N per token (attention scores ignored)
 
     echo(f"deploykit train: {model_cfg.variant} model, {n_params / 1e6:.2f}M params"
@@ -293,7 +336,7 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
         }
         # One atomic replacement of OUT: the model files, then the training state, log and plot are
         # written into the temporary folder; only a complete folder is renamed onto OUT.
-        with atomic_folder(cfg.out, overwrite=True) as tmp:
+        with atomic_folder(cfg.out, overwrite=True, is_own=has_file(STATE_JSON), what="run folder") as tmp:
             save_model(model, tmp, tokenizer, overwrite=True)
             write_state(tmp, {**opt_tensors, **rng_tensors}, meta)
             (tmp / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -319,8 +362,13 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     loop_seconds, loop_tokens = 0.0, 0
     ema_tps: float | None = None
     params = [p for p in model.parameters() if p.requires_grad]
+    stop_signal = _StopSignal(echo)
     try:
+        stop_signal.install()
         while step < schedule.total:
+            if stop_signal.received:
+                stopped = "interrupted"
+                break
             if cfg.stop_at is not None and step >= cfg.stop_at:
                 stopped = "stop_at"
                 break
@@ -402,18 +450,25 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
                 if budget is not None:
                     budget.record_save(clock() - ts)
                 last_save_step = step
+    except BaseException:
+        stop_signal.restore()
+        raise
     finally:
         bar.close()
         echo.bar = None
 
     # -- the end: eval, save, sample ---------------------------------------------------------------
-    if last_eval_step != step or last_val is None:
-        last_val = evaluate()
-        if last_val is not None:
-            emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
-    if last_save_step != step or not (cfg.out / STATE_JSON).is_file():
-        save_checkpoint()
-    sample = _greedy_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
+    interrupted = stopped == "interrupted"  # then only save what was trained: the user is waiting
+    try:  # a second Ctrl-C still aborts the save, and the previous checkpoint stays as it was
+        if not interrupted and (last_eval_step != step or last_val is None):
+            last_val = evaluate()
+            if last_val is not None:
+                emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
+        if last_save_step != step or not (cfg.out / STATE_JSON).is_file():
+            save_checkpoint()
+    finally:
+        stop_signal.restore()
+    sample = "" if interrupted else _greedy_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
     model.train()
     if last_loss is None:  # nothing trained this call (resumed a finished run)
         last_loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
@@ -423,12 +478,14 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
         val_loss=last_val, val_ppl=None if last_val is None else math.exp(last_val), tokens_per_second=tps,
         mfu=flops_per_token * tps / peak, peak_flops=peak, params=n_params, active_params=n_active,
         tokens=tokens_seen, seconds=clock() - t_call, sample=sample)
-    why = {"done": "", "time_budget": " (time budget reached)", "stop_at": f" (stopped at step {cfg.stop_at})"}[stopped]
+    why = {"done": "", "time_budget": " (time budget reached)", "stop_at": f" (stopped at step {cfg.stop_at})",
+           "interrupted": f" (interrupted; saved: continue with --resume --out {cfg.out})"}[stopped]
     echo(f"done: step {step}/{schedule.total}{why} in {result.seconds:.1f}s; {tps:,.0f} tok/s, "
          f"MFU {result.mfu:.1%} of {peak / 1e9:.0f} GFLOP/s")
     if last_val is not None:
         echo(f"eval: val loss {last_val:.4f}, val perplexity {result.val_ppl:.2f}")
-    echo(f"sample (greedy): {cfg.sample_prompt}{sample}")
+    if not interrupted:
+        echo(f"sample (greedy): {cfg.sample_prompt}{sample}")
     echo(f"checkpoint: {cfg.out}  (deploykit generate {cfg.out} --prompt \"...\")")
     return result
 
