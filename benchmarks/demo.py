@@ -57,7 +57,8 @@ def _demo(args: argparse.Namespace, bench_out: Path, guard: QuietGuard) -> int:
     from deploykit.bench.progress import run_bench_with_progress
     from deploykit.bench.report import notes, rich_table
 
-    cfg = BenchConfig(model=ckpt, out=bench_out, threads=args.threads, repeat=args.repeat, allow_busy=args.allow_busy)
+    cfg = BenchConfig(model=ckpt, out=bench_out, threads=args.threads, repeat=args.repeat, allow_busy=args.allow_busy,
+                      force=True)  # the demo replaces its own earlier report
     results = run_bench_with_progress(cfg, guard=guard)
     console = Console() if Console().is_terminal else Console(width=200)
     console.print(rich_table(results))

@@ -139,7 +139,7 @@ def bench_one(model: str, args: argparse.Namespace, guard: QuietGuard) -> None:
     cfg = BenchConfig(model=ckpt, out=args.results / model, threads=args.threads,
                       backends=tuple(args.backends.split(",")), schemes=tuple(args.schemes.split(",")),
                       repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                      allow_busy=args.allow_busy)
+                      allow_busy=args.allow_busy, force=True)  # regenerating the committed reports
     # The guard begun before training: its start load is the machine's, not this script's training.
     results = run_bench_with_progress(cfg, guard=guard)
     console = Console()

@@ -5,20 +5,19 @@ Reading order: the config → planning rows → running one subprocess → one r
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import BackendError, ConfigError
+from ..fsutil import Destination
 from . import cache
 from .machine import (
     ALLOCATOR_ENV,
@@ -56,6 +55,7 @@ class BenchConfig:
     timeout_s: float = 1200.0  # per subprocess (one conversion or one measurement)
     keep_work: bool = False  # keep the temporary folder with inputs, specs and worker logs
     allow_busy: bool = False  # write into benchmarks/results/ on a busy machine too (stamped; see .quiet)
+    force: bool = False  # replace an earlier bench report in ``out`` (never a folder bench did not write)
 
     def __post_init__(self) -> None:
         for name, low in (("prompt_len", 1), ("gen_len", 1), ("batch", 1), ("threads", 1), ("repeat", 1),
@@ -65,8 +65,9 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= {low}")
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout {self.timeout_s} must be > 0 seconds")
-        if not isinstance(self.allow_busy, bool):
-            raise ConfigError(f"allow_busy={self.allow_busy!r} must be True or False")
+        for name in ("allow_busy", "force", "use_cache", "keep_work"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (self.model / "config.json").is_file():
             raise ConfigError(f"{self.model}: not a checkpoint folder (no config.json)",
                               hint="pass the folder written by `deploykit train` (e.g. runs/micro)")
@@ -330,8 +331,6 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, guard: QuietGu
     one begun earlier by a caller that did work of its own first (training), so the start load is the
     one read before that work.
     """
-    from ..model.tokenizer import Tokenizer
-    from .inputs import InputSpec, prepare_inputs
     from .report import write_reports
 
     reporter = reporter or _Silent()
@@ -341,50 +340,82 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None, guard: QuietGu
 
     source = cfg.model.resolve()
     planned = plan_rows(registered, cfg.backends, cfg.schemes, load_config(source))
+    dest, cache_dest = destinations(cfg)
+    dest.check()
+    cache_dest.check_writable()
     guard = guard or QuietGuard.begin(cfg.out, allow_busy=cfg.allow_busy, threads=cfg.threads)
-    created = not cfg.out.exists()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-", dir=cfg.out))
-    try:
-        machine = machine_info(cfg.threads)
-        # The start load is the guard's: read before any work of this run (a caller's training included).
-        machine["load_average_start"] = None if guard.start.averages is None else guard.start.averages[0]
-        native_probe = start_native_probe()
-        reporter.start(len(planned))
-        reporter.stage(0, "inputs", "preparing held-out text, tasks and the fp32 reference")
-        ref = prepare_inputs(source, InputSpec(cfg.prompt_len, cfg.gen_len, cfg.batch, cfg.eval_tokens,
-                                               cfg.n_tasks, cfg.eval_data), work)
-        tasks = json.loads((work / "tasks.json").read_text())
-        tokenizer = Tokenizer.load(source)
-        ctx = Context(cfg, registered, cache.source_sha256(source), source.name, work, reporter)
-        rows: list[dict[str, Any]] = []
-        for i, p in enumerate(planned):
-            rows.append(bench_row(ctx, p, i, tokenizer, tasks))
-            reporter.done(i, rows[-1])
-        derive(rows, ref["params"])
-        verdict = guard.finish(cfg.out)  # right after the last measurement, before writing anything
-        machine["load_average_end"] = None if verdict.end.averages is None else verdict.end.averages[0]
-        machine["native_cpu_features"] = finish_native_probe(native_probe)
-        results = {
-            "schema_version": SCHEMA_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "wall_s": time.time() - started,
-            "model": {"path": str(source), "name": source.name, "sha256": ctx.source_sha, **ref},
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                         if k not in ("model", "out", "keep_work")},
-            "machine": machine,
-            "quiet": verdict.stamp(),
-            "versions": library_versions({f"backend:{b}": json.dumps(_backend_versions(be), sort_keys=True)
-                                          for b, be in registered.items()}),
-            "columns": list(COLUMN_NAMES),
-            "rows": rows,
-        }
-        results["outputs"] = {k: str(v) for k, v in write_reports(results, verdict.write_to).items()}
-    finally:
+    # The reports (and --keep-work's files) are written beside OUT and renamed onto it complete.
+    with dest.write() as staged:
+        work = staged / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+        work.mkdir()
+        results, verdict = _measure(cfg, planned, registered, source, work, reporter, guard, started)
+        if verdict.diverted:
+            write_reports(results, verdict.write_to)
+            if cfg.keep_work:
+                shutil.move(work, verdict.write_to / work.name)
+            verdict.raise_if_diverted()  # OUT stays as it was; the staged folder is removed
         if not cfg.keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    if verdict.diverted and created:
-        with contextlib.suppress(OSError):  # not empty (--keep-work): leave it
-            cfg.out.rmdir()
-    verdict.raise_if_diverted()
+        write_reports(results, staged, named=cfg.out)  # results.json names the files where they will be
     return results
+
+
+def destinations(cfg: BenchConfig) -> tuple[Destination, Destination]:
+    """The report folder and the artifact cache, each kept away from the source checkpoint."""
+    source = (cfg.model,)
+    report = Destination(cfg.out, what="bench report", force=cfg.force, is_own=is_bench_report, sources=source,
+                         need_bytes=16 << 20)
+    # The cache holds one fp32-sized artifact per row at most; one must fit now (4 bytes a weight).
+    need = sum(p.stat().st_size for p in cfg.model.glob("model*.safetensors")) * 2
+    return report, Destination(cfg.cache_dir, what="artifact cache", flag="--cache", sources=source, need_bytes=need)
+
+
+def is_bench_report(folder: Path) -> bool:
+    """A folder ``run_bench`` wrote: its results.json is a bench results document."""
+    try:
+        doc = json.loads((folder / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and "schema_version" in doc and isinstance(doc.get("rows"), list)
+
+
+def _measure(cfg: BenchConfig, planned: list[Any], registered: dict[str, Any], source: Path, work: Path,
+             reporter: Reporter, guard: QuietGuard, started: float) -> tuple[dict[str, Any], Any]:
+    """Every row measured, and the results document (without outputs); with the guard's verdict."""
+    from ..model.tokenizer import Tokenizer
+    from .inputs import InputSpec, prepare_inputs
+
+    machine = machine_info(cfg.threads)
+    # The start load is the guard's: read before any work of this run (a caller's training included).
+    machine["load_average_start"] = None if guard.start.averages is None else guard.start.averages[0]
+    native_probe = start_native_probe()
+    reporter.start(len(planned))
+    reporter.stage(0, "inputs", "preparing held-out text, tasks and the fp32 reference")
+    ref = prepare_inputs(source, InputSpec(cfg.prompt_len, cfg.gen_len, cfg.batch, cfg.eval_tokens,
+                                           cfg.n_tasks, cfg.eval_data), work)
+    tasks = json.loads((work / "tasks.json").read_text())
+    tokenizer = Tokenizer.load(source)
+    ctx = Context(cfg, registered, cache.source_sha256(source), source.name, work, reporter)
+    rows: list[dict[str, Any]] = []
+    for i, p in enumerate(planned):
+        rows.append(bench_row(ctx, p, i, tokenizer, tasks))
+        reporter.done(i, rows[-1])
+    derive(rows, ref["params"])
+    verdict = guard.finish(cfg.out)  # right after the last measurement, before writing anything
+    machine["load_average_end"] = None if verdict.end.averages is None else verdict.end.averages[0]
+    machine["native_cpu_features"] = finish_native_probe(native_probe)
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_s": time.time() - started,
+        "model": {"path": str(source), "name": source.name, "sha256": ctx.source_sha, **ref},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                     if k not in ("model", "out", "keep_work", "force")},
+        "machine": machine,
+        "quiet": verdict.stamp(),
+        "versions": library_versions({f"backend:{b}": json.dumps(_backend_versions(be), sort_keys=True)
+                                      for b, be in registered.items()}),
+        "columns": list(COLUMN_NAMES),
+        "rows": rows,
+    }
+    return results, verdict

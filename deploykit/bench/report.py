@@ -243,10 +243,14 @@ def write_png(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
-    paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "report.md",
-             "png": out / "report.png"}
-    results["outputs"] = {k: str(v) for k, v in paths.items()}
+REPORT_FILES = {"json": "results.json", "csv": "results.csv", "md": "report.md", "png": "report.png"}
+
+
+def write_reports(results: dict[str, Any], out: Path, *, named: Path | None = None) -> dict[str, Path]:
+    """The four reports into ``out``; ``results["outputs"]`` names them under ``named`` (default ``out``):
+    the folder they will be in once a staged folder is renamed onto it."""
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
+    results["outputs"] = {kind: str((named or out) / name) for kind, name in REPORT_FILES.items()}
     paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n")
     write_csv(results, paths["csv"])
     paths["md"].write_text(markdown(results))

@@ -15,13 +15,14 @@ examples:
   deploykit bench runs/micro --schemes torch:bf16,onnx:int8-static --threads 2
   deploykit bench runs/micro-moe --prompt-len 64 --gen-len 32 --repeat 5 --out bench/micro-moe
   deploykit bench runs/micro --eval-data held_out.jsonl --json > results.json
-  deploykit bench runs/micro --out benchmarks/results/micro   # refused on a busy machine (--allow-busy)
+  deploykit bench runs/micro --out benchmarks/results/micro --force   # refused on a busy machine (--allow-busy)
 
 Every row is measured in its own subprocess (a crashing runtime becomes an error row); the first row
 is always fp32 torch and every speed, size and accuracy change is relative to it, in the same run.
 Artifacts are cached by source sha256 + backend + scheme + library versions in
 ~/.cache/deploykit/artifacts (or --cache / $DEPLOYKIT_CACHE); a changed checkpoint converts afresh.
-Writes OUT/results.json, results.csv, report.md (the summary table) and report.png.
+Writes OUT/results.json, results.csv, report.md (the summary table) and report.png, all at once when
+the run ends; an earlier report in OUT is replaced only with --force.
 
 benchmarks/results/ holds the project's committed numbers, so a run into it needs a quiet machine: a
 1-minute load average over 0.75 per CPU (1.5 on 2) refuses it before any work (exit code 75), and a run
@@ -60,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=60, dest="n_tasks",
                    help="exact-match task examples from the held-out task set (default 60; 0 = skip)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: bench/<model name>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier bench report in --out (a folder bench did not write is never replaced)")
     p.add_argument("--cache", type=Path, default=None, help="artifact cache (default ~/.cache/deploykit/artifacts)")
     p.add_argument("--no-cache", action="store_true", help="convert every row again, replacing cached artifacts")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per conversion or measurement (default 1200)")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads or available_cpus(), repeat=args.repeat, warmup=args.warmup,
                       eval_data=args.eval_data, eval_tokens=args.eval_tokens, n_tasks=args.n_tasks,
                       cache_dir=args.cache or default_cache_dir(), use_cache=not args.no_cache,
-                      timeout_s=args.timeout, keep_work=args.keep_work, allow_busy=args.allow_busy)
+                      timeout_s=args.timeout, keep_work=args.keep_work, allow_busy=args.allow_busy, force=args.force)
     results = run_bench_with_progress(cfg)  # progress on stderr: `--json > file` stays clean
     if args.json:
         json.dump(results, sys.stdout, indent=2, default=str)
