@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from typing import NoReturn
 
-from ..errors import DeploykitError
+from ..errors import ConfigError, DeploykitError
+from ..fsutil import filesystem_error
 
 # Order here is the order in `deploykit --help`.
 COMMANDS = ("train", "generate", "convert", "backends", "bench")
@@ -27,7 +30,7 @@ Run `deploykit COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deploykit", description="Train a small decoder-only LLM and ship it to every runtime, "
         "proving each conversion against the fp32 model.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,22 +45,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _UsageError(Exception):
+    """argparse's complaint about the command line, raised instead of argparse's own exit."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors come back to :func:`main`, so that they too can be JSON."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+class Interrupted(DeploykitError):
+    """Ctrl-C: reported like any error, with the shell's conventional exit code."""
+
+    exit_code = 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 ok, 1 failed run (e.g. bench's fp32 row), 2 bad input, 3 parity past
+    tolerance, 4 unavailable here (package, plugin, GPU), 5 environment (disk full, permission), 75 busy
+    machine for benchmarks/results, 130 interrupted. Under --json, an error is a JSON object on stdout too."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        e.parser.print_usage(sys.stderr)
+        return _report(ConfigError(f"{e.parser.prog}: {e}", hint=f"see `{e.parser.prog} --help`"),
+                       as_json="--json" in argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    as_json = bool(getattr(args, "json", False))
     try:
         return int(args.func(args) or 0)
     except DeploykitError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _report(e, as_json=as_json)
+    except OSError as e:  # one no writer translated at its source: still the machine's, not the user's
+        if args.debug:
+            raise
+        return _report(filesystem_error(e, e.filename or "?", "read or write"), as_json=as_json)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _report(Interrupted("interrupted", hint="nothing half-written was left behind"), as_json=as_json)
+
+
+def _report(error: DeploykitError, *, as_json: bool) -> int:
+    """One error on stderr ("error: ..." and a HINT line); under --json also a JSON object on stdout."""
+    print(f"error: {error}", file=sys.stderr)
+    if as_json:
+        message = str(error.args[0]) if error.args else type(error).__name__
+        print(json.dumps({"error": message, "hint": error.hint, "exit": error.exit_code,
+                          "type": type(error).__name__}))
+    return error.exit_code
 
 
 if __name__ == "__main__":
