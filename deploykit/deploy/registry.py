@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError
 from . import hookspecs
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class _BuiltinLoader:
 
     @hookspecs.hookimpl(trylast=True)
     def deploykit_load_artifact(self, path: Path, manifest: dict[str, Any], options: dict[str, Any]) -> Runner | None:
-        backend = self._registry.get_backend(str(manifest.get("backend")))
+        backend = self._backend_for(path, manifest)
         options = dict(options)
         threads = options.pop("threads", None)
         unknown = sorted(options)
@@ -64,7 +64,33 @@ class _BuiltinLoader:
             raise ConfigError(f"{path}: unknown load option(s) {', '.join(unknown)} for a {backend.name!r} artifact",
                               hint="deploykit.load accepts threads=N; other options are for plugins that take over "
                               "loading (deploykit_load_artifact)")
-        return backend.load(Path(path), manifest, threads=threads)
+        try:
+            return backend.load(Path(path), manifest, threads=threads)
+        except (DeploykitError, OSError):  # OSError: the disk or permissions, reported as such by the CLI
+            raise
+        except Exception as e:
+            raise BackendError(f"{path}: backend {backend.name!r} (plugin {self._registry.plugin_of(backend.name)!r}) "
+                               f"failed to load its artifact: {type(e).__name__}: {e}",
+                               hint="this is a bug in that plugin: rerun with --debug for the traceback and report "
+                               "it to the plugin's authors") from e
+
+    def _backend_for(self, path: Path, manifest: dict[str, Any]) -> Backend:
+        """The manifest's backend, if it is installed and can run here; BackendUnavailable (exit 4) if not."""
+        name, plugin = str(manifest.get("backend")), str(manifest.get("plugin") or "?")
+        found = self._registry.backends()
+        if name not in found:
+            broken = [f for f in self._registry.plugin_errors() if f.plugin == plugin]
+            why = f"its plugin failed to load ({broken[0].error})" if broken else "no installed plugin provides it"
+            raise BackendUnavailable(
+                f"{path}: the artifact needs backend {name!r} (plugin {plugin!r}), and {why}",
+                hint=f"install the package that provides plugin {plugin!r} (built-in backends come with "
+                f"`pip install 'deploykit[all]'`); installed backends: {', '.join(sorted(found)) or '(none)'}")
+        backend = found[name]
+        missing = backend.missing_requirements()
+        if missing:
+            raise BackendUnavailable(f"{path}: backend {name!r} cannot run here: {'; '.join(missing)}",
+                                     hint="install what is missing (the pip command is in the reason above)")
+        return backend
 
 
 class PluginRegistry:
