@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from .schema import JsonObject, coerce, describe, field_kinds, matches
 
 Variant = Literal["dense", "moe", "legacy"]
 VARIANTS: tuple[str, ...] = ("dense", "moe", "legacy")
@@ -42,6 +43,13 @@ class ModelConfig:
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        # Types first (a string or a bool where a size belongs fails here, not as a TypeError below);
+        # ints given for float fields become floats, so equal configs compare and serialise equal.
+        for name, kind in field_kinds(ModelConfig).items():
+            value = getattr(self, name)
+            if not matches(value, kind):
+                _fail(name, value, f"must be {describe(kind)}")
+            object.__setattr__(self, name, coerce(value, kind))
         # Fill derived fields first so every rule below sees concrete numbers.
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
@@ -55,7 +63,7 @@ class ModelConfig:
             if self.d_model % self.n_heads:
                 _fail("n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set head_dim explicitly)")
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        elif not isinstance(self.head_dim, int) or self.head_dim < 1:
+        elif self.head_dim < 1:
             _fail("head_dim", self.head_dim, "must be a positive integer")
         if self.n_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads} (grouped-query attention)")
@@ -66,6 +74,8 @@ class ModelConfig:
                 _fail("n_kv_heads", self.n_kv_heads, "must equal n_heads for the legacy (GPT-2) variant")
             if self.head_dim * self.n_heads != self.d_model:
                 _fail("head_dim", self.head_dim, "must be d_model // n_heads for the legacy (GPT-2) variant")
+        if self.n_experts < 0 or self.top_k < 0:
+            _fail("n_experts" if self.n_experts < 0 else "top_k", min(self.n_experts, self.top_k), "must be >= 0")
         if self.variant == "moe":
             if self.n_experts < 2:
                 _fail("n_experts", self.n_experts, "must be >= 2 for the moe variant")
@@ -79,6 +89,8 @@ class ModelConfig:
             _fail("norm_eps", self.norm_eps, "must be > 0")
         if self.router_aux_coef < 0:
             _fail("router_aux_coef", self.router_aux_coef, "must be >= 0")
+        if self.init_std < 0:
+            _fail("init_std", self.init_std, "must be >= 0")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
@@ -121,14 +133,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"ModelConfig: unknown field(s) {', '.join(unknown)}",
-                hint=f"valid fields: {', '.join(sorted(known))}",
-            )
-        return cls(**data)
+        """The config of ``to_dict``'s output. Given a :class:`~deploykit.model.schema.JsonObject`
+        (read from a file), every error names that file and the key."""
+        if isinstance(data, JsonObject):
+            return data.build(cls)
+        if not isinstance(data, dict):
+            raise ConfigError(f"ModelConfig.from_dict: expected a dict of fields, got {type(data).__name__}")
+        doc = JsonObject(data, source="ModelConfig", error=ConfigError, hint="see ModelConfig's fields")
+        return cls(**doc.dataclass_fields(cls))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
