@@ -26,6 +26,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fsutil import atomic_folder
 from .config import ModelConfig
 from .graph import CausalLM
+from .schema import JsonObject, ListOf, non_negative, one_of, positive, read_json_object, relative_file
 from .tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 FORMAT_VERSION = 1
@@ -94,22 +95,38 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def from_hf_config(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConfig:
-    """Read a config.json: deploykit's own block if present, else translate a transformers family."""
-    own = data.get("deploykit", {}).get("model_config")
+    """Read a config.json: deploykit's own block if present, else translate a transformers family.
+
+    A malformed field is a ConfigError naming ``source`` and the key; a well-formed config of a
+    model deploykit's graph cannot run (another family, a feature it lacks) is a CheckpointError.
+    """
+    doc = data if isinstance(data, JsonObject) else _config_object(data, source)
+    own = doc.object("deploykit", default=None)
     if own is not None:
-        return ModelConfig.from_dict(own)
-    model_type = data.get("model_type")
+        own.field("format_version", int, default=FORMAT_VERSION, check=one_of(FORMAT_VERSION))
+        block = own.object("model_config", default=None)
+        if block is not None:
+            return ModelConfig.from_dict(block)
+    model_type = doc.field("model_type", str, default=None)
     if model_type not in HF_FAMILIES:
         raise CheckpointError(
             f"{source}: model_type {model_type!r} is not supported",
             hint=f"deploykit reads these transformers families: {', '.join(HF_FAMILIES)}",
         )
-    try:
-        if model_type == "gpt2":
-            return _config_from_gpt2(data, source)
-        return _config_from_llama_like(data, model_type, source)
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: {e}") from e
+    if model_type == "gpt2":
+        return _config_from_gpt2(doc)
+    return _config_from_llama_like(doc, model_type)
+
+
+CONFIG_HINT = ("restore config.json from the original checkpoint (deploykit train and transformers' "
+               "save_pretrained write it)")
+
+
+def _config_object(data: Any, source: str) -> JsonObject:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the model config must be a JSON object {{...}}, got {type(data).__name__}",
+                          hint=CONFIG_HINT)
+    return JsonObject(data, source=source, error=ConfigError, hint=CONFIG_HINT)
 
 
 def _unsupported(source: str, what: str) -> CheckpointError:
@@ -117,59 +134,94 @@ def _unsupported(source: str, what: str) -> CheckpointError:
                            hint="only the features of the stock Llama/Mistral/Qwen2/Mixtral/GPT-2 layouts are mapped")
 
 
-def _token_ids(data: dict[str, Any]) -> dict[str, int]:
-    def first(v: Any) -> int | None:
-        return v[0] if isinstance(v, list) and v else v
+def _size(doc: JsonObject, key: str, **default: Any) -> int:
+    return doc.field(key, int, check=positive, **default)
 
-    bos, eos, pad = first(data.get("bos_token_id")), first(data.get("eos_token_id")), first(data.get("pad_token_id"))
+
+def _token_ids(doc: JsonObject) -> dict[str, int]:
+    def first(key: str) -> int | None:
+        # transformers allows a list of ids (several eos tokens); deploykit stops on the first.
+        v = doc.field(key, (int, ListOf(int)), default=None, check=_non_negative_ids)
+        return (v[0] if v else None) if isinstance(v, list) else v
+
+    bos, eos, pad = first("bos_token_id"), first("eos_token_id"), first("pad_token_id")
     eos = eos if eos is not None else 0
     return {"bos_token_id": bos if bos is not None else eos, "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else eos}
 
 
-def _config_from_llama_like(data: dict[str, Any], model_type: str, source: str) -> ModelConfig:
-    if data.get("hidden_act", "silu") != "silu":
-        raise _unsupported(source, f"hidden_act={data['hidden_act']!r}")
-    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+def _non_negative_ids(value: int | list[int]) -> str | None:
+    return None if all(v >= 0 for v in (value if isinstance(value, list) else [value])) else "must be >= 0"
+
+
+def _rope(doc: JsonObject) -> tuple[str, float | None]:
+    """(rope type, theta or None) from rope_parameters (transformers >= 4.56) or rope_scaling."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = doc.object(key, default=None)
+        if rope:
+            kind = rope.field("rope_type", str, default=None) or rope.field("type", str, default="default")
+            return kind, rope.field("rope_theta", float, default=None, check=positive)
+    return "default", None
+
+
+def _config_from_llama_like(doc: JsonObject, model_type: str) -> ModelConfig:
+    source = doc.source
+    act = doc.field("hidden_act", str, default="silu")
+    if act != "silu":
+        raise _unsupported(source, f"hidden_act={act!r}")
+    rope_type, theta = _rope(doc)
     if rope_type != "default":
         raise _unsupported(source, f"rope_type={rope_type!r}")
-    theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
-    if model_type == "llama" and (data.get("attention_bias") or data.get("mlp_bias")):
+    if theta is None:
+        theta = doc.field("rope_theta", float, default=10000.0, check=positive)
+    if model_type == "llama" and (doc.field("attention_bias", bool, default=False)
+                                  or doc.field("mlp_bias", bool, default=False)):
         raise _unsupported(source, "Llama attention_bias/mlp_bias")
-    max_len = data.get("max_position_embeddings", 2048)
-    window = data.get("sliding_window")
-    use_window = data.get("use_sliding_window", model_type != "qwen2")
+    max_len = _size(doc, "max_position_embeddings", default=2048)
+    window = doc.field("sliding_window", int, default=None, check=positive)
+    use_window = doc.field("use_sliding_window", bool, default=model_type != "qwen2")
     if window and use_window and window < max_len:
         # A window at least as long as the sequence has no effect, so cap the length at the window.
         max_len = window
     moe = model_type == "mixtral"
-    return ModelConfig(
-        variant="moe" if moe else "dense",
-        vocab_size=data["vocab_size"], d_model=data["hidden_size"], n_layers=data["num_hidden_layers"],
-        n_heads=data["num_attention_heads"], n_kv_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
-        head_dim=data.get("head_dim"), ffn_dim=data["intermediate_size"], max_seq_len=max_len,
-        rope_theta=float(theta), norm_eps=data.get("rms_norm_eps", 1e-6),
-        tie_embeddings=data.get("tie_word_embeddings", False), attn_bias=model_type == "qwen2",
-        n_experts=data.get("num_local_experts", 0) if moe else 0, top_k=data.get("num_experts_per_tok", 2),
-        router_aux_coef=data.get("router_aux_loss_coef", 0.01), **_token_ids(data),
+    heads = _size(doc, "num_attention_heads")
+    return _model_config(
+        doc, variant="moe" if moe else "dense",
+        vocab_size=_size(doc, "vocab_size"), d_model=_size(doc, "hidden_size"), n_layers=_size(doc, "num_hidden_layers"),
+        n_heads=heads, n_kv_heads=_size(doc, "num_key_value_heads", default=heads),
+        head_dim=_size(doc, "head_dim", default=None), ffn_dim=_size(doc, "intermediate_size"), max_seq_len=max_len,
+        rope_theta=theta, norm_eps=doc.field("rms_norm_eps", float, default=1e-6, check=positive),
+        tie_embeddings=doc.field("tie_word_embeddings", bool, default=False), attn_bias=model_type == "qwen2",
+        n_experts=doc.field("num_local_experts", int, default=0, check=non_negative) if moe else 0,
+        top_k=doc.field("num_experts_per_tok", int, default=2, check=positive),
+        router_aux_coef=doc.field("router_aux_loss_coef", float, default=0.01, check=non_negative), **_token_ids(doc),
     )
 
 
-def _config_from_gpt2(data: dict[str, Any], source: str) -> ModelConfig:
-    act = data.get("activation_function", "gelu_new")
+def _config_from_gpt2(doc: JsonObject) -> ModelConfig:
+    act = doc.field("activation_function", str, default="gelu_new")
     if act != "gelu":
         # GPT-2's default gelu_new is the tanh approximation; deploykit's legacy MLP uses exact GELU.
-        raise _unsupported(source, f"activation_function={act!r} (only exact 'gelu')")
-    if data.get("scale_attn_by_inverse_layer_idx") or data.get("reorder_and_upcast_attn"):
-        raise _unsupported(source, "GPT-2 attention scaling variants")
-    d = data["n_embd"]
-    return ModelConfig(
-        variant="legacy", vocab_size=data["vocab_size"], d_model=d, n_layers=data["n_layer"],
-        n_heads=data["n_head"], ffn_dim=data.get("n_inner") or 4 * d, max_seq_len=data["n_positions"],
-        norm_eps=data.get("layer_norm_epsilon", 1e-5), tie_embeddings=data.get("tie_word_embeddings", True),
-        **_token_ids(data),
+        raise _unsupported(doc.source, f"activation_function={act!r} (only exact 'gelu')")
+    if (doc.field("scale_attn_by_inverse_layer_idx", bool, default=False)
+            or doc.field("reorder_and_upcast_attn", bool, default=False)):
+        raise _unsupported(doc.source, "GPT-2 attention scaling variants")
+    d = _size(doc, "n_embd")
+    return _model_config(
+        doc, variant="legacy", vocab_size=_size(doc, "vocab_size"), d_model=d, n_layers=_size(doc, "n_layer"),
+        n_heads=_size(doc, "n_head"), ffn_dim=_size(doc, "n_inner", default=4 * d), max_seq_len=_size(doc, "n_positions"),
+        norm_eps=doc.field("layer_norm_epsilon", float, default=1e-5, check=positive),
+        tie_embeddings=doc.field("tie_word_embeddings", bool, default=True), **_token_ids(doc),
     )
+
+
+def _model_config(doc: JsonObject, **fields: Any) -> ModelConfig:
+    """ModelConfig from translated fields; a rule it enforces (n_heads divides hidden_size) names the file."""
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{doc.source}: {e.args[0]} (translated from its {doc.field('model_type', str)} fields)",
+                          hint=e.hint or CONFIG_HINT) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,11 +340,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json", hint="a checkpoint folder holds config.json and model.safetensors")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})", hint="restore config.json from the original checkpoint") from e
-    return from_hf_config(data, str(path))
+    return from_hf_config(read_json_object(path, error=ConfigError, what="model config", hint=CONFIG_HINT), str(path))
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -303,7 +351,7 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = _checked_folder(folder)
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _index_shards(folder, index)
     elif (folder / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
@@ -322,6 +370,29 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{folder / name}: corrupt or truncated safetensors file ({e})",
                                   hint="re-save the checkpoint; a copy that was cut short cannot be repaired") from e
     return sd
+
+
+INDEX_HINT = ("restore model.safetensors.index.json and every model-*.safetensors shard it names from the "
+              "original checkpoint")
+
+
+def _index_shards(folder: Path, index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index names: safetensors files inside ``folder``, all present."""
+    doc = read_json_object(index, error=CheckpointError, what="safetensors index", hint=INDEX_HINT)
+    weight_map = doc.mapping("weight_map", str, check=_shard_name)
+    if not weight_map:
+        doc.fail("weight_map", "is empty: it must map every tensor name to its shard file")
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: weight_map names shard(s) that are not in {folder}: "
+                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}", hint=INDEX_HINT)
+    return shards
+
+
+def _shard_name(name: str) -> str | None:
+    # Only safetensors shards: an index pointing at .bin files must not smuggle a pickle past the refusal.
+    return relative_file(name) or (None if name.endswith(".safetensors") else "must name a .safetensors file")
 
 
 def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> CausalLM:
@@ -345,6 +416,9 @@ def _check_tensors(model: CausalLM, sd: dict[str, torch.Tensor], folder: Path) -
     problems += [f"unexpected {k}" for k in sd if k not in expected and not k.endswith("rotary_emb.inv_freq")]
     problems += [f"{k}: weights {tuple(sd[k].shape)} vs config {shape}" for k, shape in expected.items()
                  if k in sd and tuple(sd[k].shape) != shape]
+    # Integer tensors would load and then fail in the first matmul: refuse them with the rest.
+    problems += [f"{k}: dtype {sd[k].dtype}, expected floating point" for k in expected
+                 if k in sd and not sd[k].is_floating_point()]
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{folder}: config.json does not match the weights: {'; '.join(problems[:5])}{more}",
