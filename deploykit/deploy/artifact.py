@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import ArtifactError
 from ..fsutil import sha256_file
 from ..model.checkpoint import GENERATION_CONFIG_NAME, TOKENIZER_FILES
+from ..model.schema import ListOf, non_negative, read_json_object, relative_file, short_repr
 
 MANIFEST_NAME = "deploykit.json"
 MANIFEST_FORMAT = 1
@@ -59,29 +60,56 @@ def is_artifact(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST_NAME).is_file()
 
 
+MANIFEST_HINT = "the artifact was damaged or edited after conversion; convert again"
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Parse and sanity-check ``deploykit.json`` (does not hash files; see :func:`verify`)."""
+    """Parse and check ``deploykit.json`` (does not hash files; see :func:`verify`).
+
+    The fields deploykit and the backends use are type-checked here, so a damaged manifest is one
+    ArtifactError naming the key, not a TypeError in whoever reads it next. Every listed file must be
+    a path inside the folder: :func:`verify` hashes exactly those.
+    """
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: artifact folder not found", hint=HOW_TO_MAKE)
     if not path.is_file():
         raise ArtifactError(f"{folder}: not a deploykit artifact (no {MANIFEST_NAME})", hint=HOW_TO_MAKE)
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: manifest is not valid JSON ({e})",
-                            hint="the artifact was damaged; convert again") from e
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: manifest must be a JSON object", hint="convert again")
-    version = manifest.get("format_version")
-    if version != MANIFEST_FORMAT:
-        raise ArtifactError(f"{path}: manifest format_version {version!r}, this deploykit reads {MANIFEST_FORMAT}",
+    doc = read_json_object(path, error=ArtifactError, what="manifest", hint=MANIFEST_HINT)
+    version = doc.get("format_version")
+    if type(version) is not int or version != MANIFEST_FORMAT:  # neither true nor 1.0
+        raise ArtifactError(f"{path}: manifest format_version {short_repr(version)}, this deploykit reads {MANIFEST_FORMAT}",
                             hint="convert the model again with this deploykit version")
-    for key in ("backend", "quant", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: manifest lacks {key!r}", hint="the artifact was damaged; convert again")
-    return manifest
+    doc.field("backend", str, check=_non_empty)
+    doc.field("quant", str, check=_non_empty)
+    files = doc.object("files")
+    if not files:
+        doc.fail("files", "is empty: nothing could be verified")
+    for rel in files:
+        files.value(rel, rel, str, check=relative_file)
+        entry = files.object(rel)
+        entry.field("sha256", str, check=_sha256_hex)
+        entry.field("bytes", int, check=non_negative)
+    for key, kind in _OPTIONAL.items():
+        doc.field(key, kind, default=None)
+    return doc
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _sha256_hex(value: str) -> str | None:
+    return None if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else "must be 64 lowercase hex digits"
+
+
+# Fields convert writes that readers (the CLI summary, bench, plugins) use: their types, when present.
+_OPTIONAL: dict[str, Any] = {
+    "plugin": (str, None), "scheme": dict, "options": dict, "created_utc": str, "source": dict, "versions": dict,
+    "model_config": dict, "tokenizer": bool, "backend_info": dict, "total_bytes": int, "pickle_files": ListOf(str),
+    "verified": bool, "allow_mismatch": bool, "parity_passed": (bool, None), "parity": (dict, None),
+}
 
 
 def verify(folder: str | Path) -> dict[str, Any]:
@@ -92,18 +120,18 @@ def verify(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     manifest = read_manifest(folder)
     problems: list[str] = []
-    for rel, entry in manifest["files"].items():
+    for rel, entry in manifest["files"].items():  # checked by read_manifest: relative paths, typed entries
         path = folder / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
             continue
         size = path.stat().st_size
-        if size != entry.get("bytes"):
-            problems.append(f"{rel}: size {size} bytes, manifest says {entry.get('bytes')}")
+        if size != entry["bytes"]:
+            problems.append(f"{rel}: size {size} bytes, manifest says {entry['bytes']}")
             continue
         actual = sha256_file(path)
-        if actual != entry.get("sha256"):
-            problems.append(f"{rel}: sha256 mismatch: expected {entry.get('sha256')}, actual {actual}")
+        if actual != entry["sha256"]:
+            problems.append(f"{rel}: sha256 mismatch: expected {entry['sha256']}, actual {actual}")
     if problems:
         raise ArtifactError(f"{folder}: artifact files do not match {MANIFEST_NAME}: {'; '.join(problems)}",
                             hint="the artifact was modified or damaged after conversion; convert again "

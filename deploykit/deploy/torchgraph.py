@@ -27,6 +27,7 @@ from ..errors import ArtifactError
 from ..model.checkpoint import CONFIG_NAME, load_config, to_hf_config
 from ..model.config import ModelConfig
 from ..model.graph import CausalLM, Experts
+from ..model.schema import JsonObject, read_json_object, short_repr
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -130,28 +131,44 @@ def save_artifact(out: Path, config: ModelConfig, tensors: dict[str, torch.Tenso
     (out / layout_file).write_text(json.dumps({"format": layout_format, **layout}, indent=2) + "\n")
 
 
-def read_layout(folder: Path, layout_file: str, layout_format: int) -> dict[str, Any]:
-    """The layout JSON, refused with a hint when it is unreadable or another format version."""
+def read_layout(folder: Path, layout_file: str, layout_format: int) -> JsonObject:
+    """The layout JSON, refused with a hint when it is unreadable or another format version.
+
+    The result is a dict whose typed accessors (``layout.mapping("modules", str)``) raise an
+    ArtifactError naming the file and the key: each backend checks the fields it reads with them.
+    """
     path = Path(folder) / layout_file
-    try:
-        layout = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{folder}: unreadable {layout_file} ({e})", hint="convert again") from e
-    if not isinstance(layout, dict) or layout.get("format") != layout_format:
-        found = layout.get("format") if isinstance(layout, dict) else type(layout).__name__
-        raise ArtifactError(f"{path}: format {found!r}, this deploykit reads {layout_format}",
+    layout = read_json_object(path, error=ArtifactError, what="layout", hint="convert again")
+    found = layout.get("format")
+    if type(found) is not int or found != layout_format:  # neither true nor 1.0
+        raise ArtifactError(f"{path}: format {short_repr(found)}, this deploykit reads {layout_format}",
                             hint="convert again with this version of deploykit")
     return layout
+
+
+def check_module_names(folder: Path, layout: JsonObject, key: str, names: Iterable[str], model: nn.Module) -> None:
+    """Every module name a layout lists under ``key`` is a module of ``model`` (refused naming the first
+    one that is not: a layout edited or written for another model)."""
+    known = dict(model.named_modules())
+    for name in names:
+        if name not in known:
+            layout.fail(key, f"names module {short_repr(name)}, which this model does not have",
+                        hint="the layout does not belong to this config.json; convert again")
 
 
 def load_tensors(folder: Path, weights: str) -> dict[str, torch.Tensor]:
     """Every tensor of the artifact's safetensors file (refused with a hint when it is missing)."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     path = Path(folder) / weights
     if not path.is_file():
         raise ArtifactError(f"{folder}: no {weights}", hint="convert again")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: corrupt or truncated safetensors file ({e})", hint="convert again") from e
 
 
 def rebuild(folder: Path, tensors: dict[str, torch.Tensor], replaced: Iterable[str], *,
@@ -169,6 +186,11 @@ def rebuild(folder: Path, tensors: dict[str, torch.Tensor], replaced: Iterable[s
     if prepare is not None:
         prepare(model)
     plain = {k: v for k, v in tensors.items() if not _under(k, replaced)}
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(expected[k].shape)} {expected[k].dtype}"
+             for k, v in plain.items() if k in expected and (v.shape != expected[k].shape or v.dtype != expected[k].dtype)]
+    if wrong:
+        raise ArtifactError(f"{folder}: tensors do not match config.json: {'; '.join(wrong[:3])}", hint="convert again")
     missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings) and not _under(k, replaced)]
     if missing or unexpected:

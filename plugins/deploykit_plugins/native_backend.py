@@ -33,10 +33,12 @@ from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, Sche
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import Int8Options
 from deploykit.deploy.roles import ATTENTION, MLP, QUANTIZED, Role, by_parent, linear_roles
-from deploykit.deploy.torchgraph import load_tensors, plain_state, read_layout, rebuild, save_artifact, set_module
+from deploykit.deploy.torchgraph import (check_module_names, load_tensors, plain_state, read_layout, rebuild,
+                                         save_artifact, set_module)
 from deploykit.errors import ArtifactError, BackendError
 from deploykit.model.config import ModelConfig
-from deploykit.model.graph import CausalLM
+from deploykit.model.graph import CausalLM, MoE, SwiGLU
+from deploykit.model.schema import one_of
 
 WEIGHTS = "native.safetensors"
 LAYOUT_FILE = "native_layout.json"
@@ -183,12 +185,23 @@ def install(model: nn.Module, layout: dict[str, str], tensors: dict[str, torch.T
     return model
 
 
+# What each packed kind replaces in deploykit's graph (a layout naming another module is refused).
+_MODULE_KINDS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "swiglu": SwiGLU, "moe": MoE}
+
+
 def load_native_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
     """Rebuild the native CausalLM of an artifact folder from its packed tensors (nothing is re-packed)."""
     layout = read_layout(folder, LAYOUT_FILE, LAYOUT_FORMAT)
-    modules: dict[str, str] = layout["modules"]
+    modules: dict[str, str] = layout.mapping("modules", str, check=one_of(*_MODULE_KINDS))
+    layout.field("scheme", str, default=None)
+    layout.field("quantize_lm_head", bool, default=None)
     tensors = load_tensors(folder, WEIGHTS)
     model = rebuild(folder, tensors, [_packed_prefix(n, k) for n, k in modules.items()])
+    check_module_names(folder, layout, "modules", modules, model)
+    for name, kind in modules.items():
+        if not isinstance(model.get_submodule(name), _MODULE_KINDS[kind]):
+            layout.fail("modules", f"packs {name!r} as {kind!r}, but it is a {type(model.get_submodule(name)).__name__}",
+                        hint="the layout does not belong to this config.json; convert again")
     try:
         install(model, modules, tensors)
     except KeyError as e:

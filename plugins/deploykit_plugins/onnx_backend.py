@@ -47,13 +47,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploykit.deploy.backend import (EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme,
-                                      as_int64_batch)
+from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme
 from deploykit.deploy.runtime import check_threads
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.errors import ArtifactError, BackendError, ConfigError
 
 if TYPE_CHECKING:
+    from deploykit.model.config import ModelConfig
     from deploykit.model.graph import CausalLM
 
 MODEL_FILE = "model.onnx"
@@ -442,6 +442,20 @@ def _empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+def config_from_metadata(meta: dict[str, str], path: Path) -> ModelConfig:
+    """The ModelConfig stamped into the graph's metadata (``stamp_metadata``), refused naming the key
+    when it is absent or malformed (a graph not written by this backend, or edited)."""
+    from deploykit.model.config import ModelConfig
+    from deploykit.model.schema import parse_json_object
+
+    hint = "re-run deploykit convert --backend onnx"
+    if META_CONFIG not in meta:
+        raise ArtifactError(f"{path}: no {META_CONFIG} metadata; not written by deploykit's onnx backend", hint=hint)
+    doc = parse_json_object(meta[META_CONFIG], source=f"{path} (metadata {META_CONFIG})", error=ArtifactError,
+                            what="model config", hint=hint)
+    return ModelConfig.from_dict(doc)
+
+
 class OnnxRunner(Runner):
     """An ONNX artifact opened in one onnxruntime InferenceSession (CPU EP).
 
@@ -462,12 +476,7 @@ class OnnxRunner(Runner):
         options.inter_op_num_threads = 1  # the graph is a chain; parallelism lives inside ops
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
-        if META_CONFIG not in meta:
-            raise ArtifactError(f"{path}: no {META_CONFIG} metadata; not written by deploykit's onnx backend",
-                                hint="re-run deploykit convert --backend onnx")
-        from deploykit.model.config import ModelConfig
-
-        self.config = ModelConfig.from_dict(json.loads(meta[META_CONFIG]))
+        self.config = config_from_metadata(meta, path)
         self.eos_token_id = self.config.eos_token_id
         self.max_length = self.config.max_seq_len
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -502,8 +511,10 @@ class OnnxRunner(Runner):
         outputs = self.session.run(self.output_names, {"input_ids": input_ids, **past})
         return outputs[0], dict(zip(past, outputs[1:]))
 
-    def forward(self, input_ids: Any) -> np.ndarray:
-        logits, _ = self.run(as_int64_batch(input_ids), None)
+    def forward(self, input_ids: np.ndarray) -> np.ndarray:
+        # Runner checked input_ids (int64 (B, T), ids in the vocabulary, T <= max_length): ORT's Gather
+        # would wrap a negative id into a valid row instead of failing.
+        logits, _ = self.run(input_ids, None)
         return logits.astype(np.float32, copy=False)
 
     def new_session(self) -> OnnxDecodeSession:
@@ -519,7 +530,7 @@ class OnnxDecodeSession:
         self._lock = threading.Lock()  # a session is one sequence; serialise accidental concurrent feeds
 
     def feed(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = as_int64_batch(list(token_ids))  # (1, T_new)
+        ids = np.asarray([token_ids], dtype=np.int64)  # (1, T_new); Runner's CheckedSession checked the ids
         with self._lock:
             logits, self.past = self.runner.run(ids, self.past)
         return logits[0, -1].astype(np.float32, copy=False)  # (V,)

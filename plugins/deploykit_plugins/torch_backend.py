@@ -37,11 +37,12 @@ from deploykit.deploy.backend import EXACT, HALF, INT8, LOSSY, Backend, ConvertC
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import Int8Options, SchemeOptions, option
 from deploykit.deploy.roles import EXPERT, MLP, QUANTIZED, Role, by_parent, linear_roles, select
-from deploykit.deploy.torchgraph import (load_tensors, plain_state, quantize_int8, read_layout, rebuild,
-                                         restack_experts, save_artifact, set_module, unstack_experts)
+from deploykit.deploy.torchgraph import (check_module_names, load_tensors, plain_state, quantize_int8, read_layout,
+                                         rebuild, restack_experts, save_artifact, set_module, unstack_experts)
 from deploykit.errors import ArtifactError, ConfigError
 from deploykit.model.config import ModelConfig
 from deploykit.model.graph import CausalLM, Experts
+from deploykit.model.schema import ListOf, one_of, positive
 
 LAYOUT_FILE = "torch_quant.json"
 WEIGHTS = "model.safetensors"
@@ -209,7 +210,7 @@ def _pack_sparse(t: torch.Tensor) -> dict[str, torch.Tensor]:
 def _unpack_sparse(mask: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
     import numpy as np
 
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     bits = np.unpackbits(mask.numpy(), count=n).astype(bool)
     dense = np.zeros(n, dtype=np.float32)
     dense[bits] = values.numpy()
@@ -221,32 +222,59 @@ def _save(out: Path, config: ModelConfig, tensors: dict[str, torch.Tensor], layo
                   layout_format=LAYOUT_FORMAT, dtype=dtype)
 
 
+_KINDS = ("hf", "hf-bf16", "sparse", "int8-dynamic", "int8-static")
+
+
 def load_artifact_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
     """Rebuild the (quantised) CausalLM of a torch artifact folder."""
     from deploykit.model.checkpoint import load_model
 
     layout = read_layout(folder, LAYOUT_FILE, LAYOUT_FORMAT)
-    kind = layout.get("kind")
+    kind = layout.field("kind", str, check=one_of(*_KINDS))
     if kind in ("hf", "hf-bf16"):  # a plain checkpoint folder
         return load_model(folder, dtype=torch.bfloat16 if kind == "hf-bf16" else torch.float32).eval(), layout
-    if kind not in ("sparse", "int8-dynamic", "int8-static"):
-        raise ArtifactError(f"{folder}: {LAYOUT_FILE} kind {kind!r} is unknown to this deploykit", hint="convert again")
     tensors = load_tensors(folder, WEIGHTS)
     if kind == "sparse":
-        for name, shape in layout["packed"].items():
-            tensors[name] = _unpack_sparse(tensors.pop(f"{name}.mask"), tensors.pop(f"{name}.values"), shape)
-    quantized = layout.get("quantized", {})
+        for name, shape in layout.mapping("packed", ListOf(int), check=_shape).items():
+            tensors[name] = _sparse_tensor(folder, tensors, name, shape)
+    quantized = layout.object("quantized", default=None) or {}
+    act_scales: dict[str, float | None] = {}  # int8-static: each module's calibrated activation scale
+    for name in quantized:
+        entry = quantized.object(name)
+        act_scales[name] = entry.field("act_scale", float, check=positive) if kind == "int8-static" else None
     # int8 experts are one module per expert weight, as convert made them (a no-op for dense models)
     model = rebuild(folder, tensors, quantized, prepare=unstack_experts if kind != "sparse" else None)
-    for name, entry in quantized.items():
+    check_module_names(folder, layout, "quantized", quantized, model)
+    for name, scale in act_scales.items():
         try:
             q, s = tensors[f"{name}.qweight"], tensors[f"{name}.wscale"]
         except KeyError as e:
             raise ArtifactError(f"{folder}: {WEIGHTS} lacks {e.args[0]}", hint="convert again") from e
         bias = tensors.get(f"{name}.bias")
-        mod = dynamic_linear(q, s, bias) if kind == "int8-dynamic" else StaticInt8Linear(q, s, entry["act_scale"], bias)
+        mod = dynamic_linear(q, s, bias) if scale is None else StaticInt8Linear(q, s, scale, bias)
         set_module(model, name, mod)
     return model.eval(), layout
+
+
+def _shape(shape: list[int]) -> str | None:
+    return None if all(d >= 0 for d in shape) else "must be a tensor shape (sizes >= 0)"
+
+
+def _sparse_tensor(folder: Path, tensors: dict[str, torch.Tensor], name: str, shape: list[int]) -> torch.Tensor:
+    """The dense tensor of a pruned weight from its bitmask and values, refused when they do not fit
+    ``shape`` (the bitmask bounds the size, so an edited shape cannot ask for unbounded memory)."""
+    mask, values = tensors.pop(f"{name}.mask", None), tensors.pop(f"{name}.values", None)
+    if mask is None or values is None:
+        raise ArtifactError(f"{folder}: {WEIGHTS} lacks {name}.mask or {name}.values", hint="convert again")
+    n = math.prod(shape)
+    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (n + 7) // 8 or values.dtype != torch.float32:
+        raise ArtifactError(f"{folder}: {LAYOUT_FILE}: packed {name} of shape {shape} does not match its "
+                            f"{WEIGHTS} tensors", hint="convert again")
+    try:
+        return _unpack_sparse(mask, values.reshape(-1), shape)
+    except ValueError as e:  # more or fewer values than set bits
+        raise ArtifactError(f"{folder}: {WEIGHTS}: {name}.values do not fit its bitmask ({e})",
+                            hint="convert again") from e
 
 
 # ---------------------------------------------------------------------------------------------
