@@ -18,8 +18,12 @@ Every conversion is loaded back and compared with the fp32 torch model (max |Δl
 greedy decoding); past the scheme's tolerance convert exits with code 3 and writes nothing.
 See `deploykit backends` for backends, schemes and their tolerances.
 
-exit codes: 0 ok, 2 bad input (unknown backend/scheme, bad checkpoint, target exists),
-            3 parity past tolerance, 4 backend unavailable here (the message gives the pip command)"""
+--out is never the checkpoint, inside it or around it; an existing --out is replaced only with --force and
+only if it is an artifact. The artifact is written beside --out and renamed onto it when complete.
+
+exit codes: 0 ok, 2 bad input (unknown backend/scheme, bad checkpoint, --out exists or is not replaceable),
+            3 parity past tolerance, 4 backend unavailable here (the message gives the pip command),
+            5 environment (--out not writable, disk full). With --json, errors are JSON on stdout too."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,7 +68,7 @@ def summary(manifest: dict) -> dict:
         "tolerance": manifest["scheme"]["tolerance"], "violations": parity.get("violations", []),
         "total_bytes": manifest["total_bytes"], "files": sorted(manifest["files"]),
         "source_sha256": manifest["source"]["sha256"], "created_utc": manifest["created_utc"],
-        "backend_info": manifest.get("backend_info", {}),
+        "backend_info": manifest.get("backend_info", {}), "tokenizer": manifest.get("tokenizer"),
     }
 
 
@@ -95,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
             out.print(f"[yellow]kept despite: {'; '.join(result.report.violations())} (--allow-mismatch)[/]")
     else:
         out.print("[yellow]parity not verified (--no-verify); the manifest records it[/]")
+    if not result.manifest["tokenizer"]:
+        out.print(f"[yellow]note: {args.model} has no tokenizer.json, so neither has the artifact: it takes token ids "
+                  "(Python API), not text (`deploykit generate --prompt`). Convert from a folder with its tokenizer.[/]",
+                  soft_wrap=True)
     size = result.manifest["total_bytes"]
     out.print(f"wrote {result.path} ({size / 1e6:.2f} MB, {result.backend}/{result.quant})")
     return 0
