@@ -510,3 +510,75 @@ def test_budget_run_on_the_real_clock(corpus, tmp_path):
     refit = state["schedule"]["refit_step"]
     assert refit == 0 or refit >= 5  # 0: the run ended before its steps had spent 20 % of the budget
     assert res.seconds < 4.0 + 2.0  # the finish may be slower than estimated on a loaded machine
+
+
+def test_sigint_saves_the_last_complete_step_and_resume_is_exact(corpus, tmp_path):
+    """Ctrl-C stops between steps and saves: resuming gives the uninterrupted run, bit for bit."""
+    import itertools
+    import signal
+    import time
+
+    kw = dict(grad_accum=2, eval_interval=2)
+    full = tmp_path / "full"
+    pretrain(_cfg(corpus, full, **kw), progress=False, stream=None)
+    calls = itertools.count()
+
+    def clock() -> float:  # read a few times a step: the signal lands in the middle of the run
+        if next(calls) == 9:
+            signal.raise_signal(signal.SIGINT)
+        return time.perf_counter()
+
+    split = tmp_path / "split"
+    first = pretrain(_cfg(corpus, split, **kw), progress=False, stream=None, clock=clock)
+    assert first.stopped == "interrupted" and 0 < first.steps < 6
+    assert json.loads((split / "trainer_state.json").read_text())["step"] == first.steps
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    pretrain(_cfg(corpus, split, resume=True, **kw), progress=False, stream=None)
+    assert _train_losses(full) == _train_losses(split)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(full / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_second_sigint_aborts_without_saving(corpus, tmp_path):
+    import itertools
+    import signal
+    import time
+
+    calls = itertools.count()
+
+    def clock() -> float:
+        if next(calls) in (9, 10):
+            signal.raise_signal(signal.SIGINT)
+        return time.perf_counter()
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(corpus, tmp_path / "run"), progress=False, stream=None, clock=clock)
+    assert list(tmp_path.iterdir()) == []  # a new run: nothing saved, no temporary folder left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_sigint_exits_130_after_saving(corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deploykit", "train", "--data", corpus["data"], "--tokenizer", str(corpus["tokenizer"]),
+           "--preset", "nano", "--steps", "100000", "--batch-size", "4", "--block-size", "32", "--eval-interval", "0",
+           "--checkpoint-interval", "0", "--threads", "1", "--peak-flops", "1e11", "--out", str(out), "--json",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # human lines go to stderr under --json; the loop starts after "peak ..."
+        if line.startswith("peak"):
+            break
+    import time
+
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    summary = json.loads(stdout)
+    assert summary["stopped"] == "interrupted" and summary["steps"] > 0
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == summary["steps"]
