@@ -212,6 +212,13 @@ def sweep_leftovers(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _empty_folder(path: Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+    except OSError:
+        return False
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -243,7 +250,7 @@ def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False,
     OSErrors, the block's included, become :class:`FilesystemError`.
     """
     target = Path(os.path.abspath(target))
-    if target.exists() and not overwrite:
+    if target.exists() and not overwrite and not _empty_folder(target):
         raise TargetExistsError(f"{target} already exists", hint="pass --force (overwrite=True) or choose another path")
     sweep_leftovers(target)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -264,9 +271,9 @@ def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False,
 def _publish(tmp: Path, target: Path, tag: str, *, overwrite: bool, is_own: Callable[[Path], bool] | None,
              what: str) -> None:
     """Rename ``tmp`` onto ``target``; an existing target is moved aside first and removed after."""
-    if not target.exists():
+    if not target.exists() or _empty_folder(target):
         try:
-            os.rename(tmp, target)  # fails on a non-empty folder created meanwhile; never replaces one
+            os.rename(tmp, target)  # replaces an empty folder; fails on a non-empty one created meanwhile
             return
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
