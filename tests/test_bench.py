@@ -66,9 +66,29 @@ class Crashy(Backend):
         return ModelRunner(load_model(Path(artifact) / "model"), backend="crashy", quant="fp32")
 
 
+class Wobbly(Backend):
+    """Converts a model that computes something else (lm_head scaled): it fails its parity proof."""
+
+    name = "wobbly"
+    description = "an artifact past its tolerance"
+    schemes = (Scheme("fp32", "plain", EXACT),)
+    artifact_files = ("model/*",)
+
+    def convert(self, model, scheme, out, ctx):
+        import torch
+
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)
+        save_model(model, Path(out) / "model")
+        return {}
+
+    def load(self, artifact, manifest, **options):
+        return ModelRunner(load_model(Path(artifact) / "model"), backend="wobbly", quant="fp32")
+
+
 @deploykit.hookimpl
 def deploykit_backends():
-    return [Ghost(), Crashy()]
+    return [Ghost(), Crashy(), Wobbly()]
 
 
 @deploykit.hookimpl
@@ -140,9 +160,9 @@ def tiny_config(model: Path, out: Path, cache: Path, schemes: tuple[str, ...], *
 def bench(nano_checkpoint: Path, fake_plugin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("bench")
     second = _second_backend()
-    backends = ("torch", second.split(":")[0], "ghost", "crashy")
+    backends = ("torch", second.split(":")[0], "ghost", "crashy", "wobbly")
     cfg = tiny_config(nano_checkpoint, tmp / "out", tmp / "cache", ("torch:fp32", second, "ghost:fp32",
-                      "ghost:int4", "crashy:fp32"), backends=tuple(dict.fromkeys(backends)))
+                      "ghost:int4", "crashy:fp32", "wobbly:fp32"), backends=tuple(dict.fromkeys(backends)))
     results = run_bench(cfg)
     return {"results": results, "cfg": cfg, "second": second}
 
@@ -168,14 +188,14 @@ def test_results_json_schema_and_every_column(bench: dict[str, Any]) -> None:
     for row in on_disk["rows"]:
         missing = [c for c in COLUMN_NAMES if c not in row]
         assert not missing, f"{row['backend']}/{row['scheme']} lacks {missing}"
-    assert len(on_disk["rows"]) == len(results["rows"]) == 4  # fp32, second backend, ghost, crashy
+    assert len(on_disk["rows"]) == len(results["rows"]) == 5  # fp32, second backend, ghost, crashy, wobbly
 
 
 def test_measured_rows_have_numbers(bench: dict[str, Any]) -> None:
     results = bench["results"]
     ok = [r for r in results["rows"] if r["status"] == "ok"]
     assert [(r["backend"], r["scheme"]) for r in ok][0] == ("torch", "fp32")
-    assert len(ok) == 2
+    assert len(ok) == 3  # fp32, the second backend, wobbly (measured though it failed its proof)
     for r in ok:
         for col in ("size_bytes", "bits_per_weight", "load_s", "prefill_ms", "prefill_tok_s", "decode_tok_s",
                     "peak_rss_bytes", "parity_max_abs_logit", "parity_top1", "parity_kl", "perplexity",
@@ -254,6 +274,32 @@ def test_report_files(bench: dict[str, Any]) -> None:
     assert [r["backend"] for r in rows] == [r["backend"] for r in bench["results"]["rows"]]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("bench-*")), "the temporary work folder must be removed"
+
+
+def test_a_row_that_failed_its_proof_is_marked_everywhere_and_never_recommended(bench: dict[str, Any]) -> None:
+    from deploykit.bench.report import FAILED_MARK, notes, rich_table
+
+    results, out = bench["results"], bench["cfg"].out
+    row = _row(results, "wobbly", "fp32")
+    assert row["status"] == "ok" and row["convert_parity_ok"] is False
+    assert "max |Δlogit|" in row["parity_violations"] or "top-1" in row["parity_violations"]
+    assert row["best_for"] == "failed its parity proof"
+    assert all(r["best_for"] is None or "wobbly" not in str(r["best_for"]) for r in results["rows"])
+    md = (out / "report.md").read_text()
+    assert md.count(f"wobbly fp32 **{FAILED_MARK}**") == 2  # the summary and the measurements table
+    assert row["parity_violations"] in md
+    with open(out / "results.csv", newline="") as f:
+        csv_row = next(r for r in csv.DictReader(f) if r["backend"] == "wobbly")
+    assert csv_row["convert_parity_ok"] == "False" and csv_row["parity_violations"] == row["parity_violations"]
+    assert json.loads((out / "results.json").read_text())["rows"][results["rows"].index(row)]["convert_parity_ok"] is False
+    assert any(line.startswith(f"wobbly fp32: {FAILED_MARK}") for line in notes(results))
+    from rich.console import Console
+
+    console = Console(width=250, record=True)
+    console.print(rich_table(results))
+    assert f"wobbly fp32 {FAILED_MARK}" in console.export_text()
+    others = [r for r in results["rows"] if r["status"] == "ok" and r["backend"] != "wobbly"]
+    assert others and all(r["convert_parity_ok"] is not False and not r["parity_violations"] for r in others)
 
 
 def test_artifacts_are_reused_then_rebuilt_when_the_checkpoint_changes(bench: dict[str, Any], tmp_path: Path) -> None:

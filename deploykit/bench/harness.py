@@ -268,6 +268,8 @@ def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks:
     manifest = cache.read_manifest(artifact) or {}
     row.update(size_bytes=cache.model_bytes(artifact), convert_parity_ok=_parity_verdict(manifest))
     row["convert_parity"] = manifest.get("parity")
+    violations = (manifest.get("parity") or {}).get("violations") or []
+    row["parity_violations"] = "; ".join(map(str, violations)) if row["convert_parity_ok"] is False else None
 
     ctx.reporter.stage(index, f"{planned.backend}/{planned.scheme}", "measuring")
     spec = {"phase": "measure", "backend": planned.backend, "scheme": planned.scheme, "artifact": str(artifact),

@@ -84,6 +84,19 @@ def _method(row: dict[str, Any]) -> str:
     return f"{row['backend']} {row['scheme']}"
 
 
+FAILED_MARK = "✗ failed parity"
+
+
+def failed_parity(row: dict[str, Any]) -> bool:
+    """The row's artifact broke its declared tolerance at conversion (kept only for measuring)."""
+    return row.get("convert_parity_ok") is False
+
+
+def _marked(row: dict[str, Any], bold: str = "**") -> str:
+    """The method, and for a row that failed its proof the mark, in every table."""
+    return f"{_method(row)} {bold}{FAILED_MARK}{bold}" if failed_parity(row) else _method(row)
+
+
 def _reason(row: dict[str, Any]) -> str:
     return str(row.get("reason") or "").replace("|", "/").replace("\n", " ")
 
@@ -111,7 +124,7 @@ def seed_table(results: dict[str, Any]) -> str:
                          f"{r['status']}: {_reason(r)} |")
             continue
         reduction = None if not r.get("size_ratio") else 1.0 / r["size_ratio"]
-        lines.append(f"| {_method(r)} | {_num(r.get('decode_speedup'), '.2f', '×')} | {_num(reduction, '.2f', '×')} | "
+        lines.append(f"| {_marked(r)} | {_num(r.get('decode_speedup'), '.2f', '×')} | {_num(reduction, '.2f', '×')} | "
                      f"{_num(r.get('ppl_delta_pct'), '+.2f', ' %')} | {r.get('platform') or 'n/a'} | "
                      f"{r.get('best_for') or '—'} |")
     return "\n".join(lines)
@@ -132,7 +145,7 @@ def full_table(results: dict[str, Any]) -> str:
         ppl = f"{_num(r.get('perplexity'), '.3f')} ({_num(r.get('ppl_delta_pct'), '+.2f')})"
         acc = f"{_num(None if r.get('task_accuracy') is None else 100 * r['task_accuracy'], '.1f', ' %')} " \
               f"({_num(r.get('task_accuracy_delta'), '+.1f')})"
-        cells = [_method(r), _mb(r.get("size_bytes")), _num(r.get("bits_per_weight"), ".2f"),
+        cells = [_marked(r), _mb(r.get("size_bytes")), _num(r.get("bits_per_weight"), ".2f"),
                  _num(r.get("load_s"), ".2f", " s"), _speed(r, "prefill_tok_s", "prefill_speedup"),
                  f"{_num(r.get('prefill_ms'), '.2f')} ({_num(r.get('prefill_ms_min'), '.2f')}–{_num(r.get('prefill_ms_max'), '.2f')})",
                  _speed(r, "decode_tok_s", "decode_speedup"),
@@ -181,16 +194,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"model on {len(model['probe_lengths'])} probes of lengths {', '.join(map(str, model['probe_lengths']))}.",
     ]
     problems = [r for r in results["rows"] if r["status"] != "ok"]
-    failed_parity = [r for r in results["rows"] if r.get("convert_parity_ok") is False]
+    failed = [r for r in results["rows"] if failed_parity(r)]
     plugin_failed = [r for r in results["rows"] if r.get("plugin_metric_errors")]
-    if problems or failed_parity or plugin_failed:
+    if problems or failed or plugin_failed:
         lines += ["", "## Not measured / notes", ""]
         lines += [f"- **{_method(r)}** — {r['status']}: {_reason(r)}" for r in problems]
         lines += [f"- **{_method(r)}**: deploykit_bench_metrics of plugin {name!r} failed ({error}); "
                   "its columns are missing from this row" for r in plugin_failed
                   for name, error in sorted(r["plugin_metric_errors"].items())]
-        lines += [f"- **{_method(r)}** exceeded its declared parity tolerance at conversion (kept with "
-                  "--allow-mismatch; see `convert_parity` in results.json)." for r in failed_parity]
+        lines += [f"- **{_method(r)}** {FAILED_MARK}: at conversion it broke its declared tolerance "
+                  f"({r.get('parity_violations') or 'see convert_parity in results.json'}); measured for the "
+                  "record, never recommended, and `deploykit convert` refuses it (exit 3)." for r in failed]
     lines += ["", "Files: `results.json` (all numbers, raw timings, machine and versions), `results.csv`, "
               "`report.png` (decode tokens/s vs size, coloured by Δ perplexity).", ""]
     return "\n".join(lines)
@@ -227,8 +241,13 @@ def write_png(results: dict[str, Any], path: Path) -> None:
         lim = max([1.0] + finite)
         # Diverging colours centred on 0: white-ish is "as accurate as fp32", red worse, blue better.
         sc = ax.scatter(x, y, c=d, cmap="coolwarm", vmin=-lim, vmax=lim, s=70, edgecolors="black", linewidths=0.6)
+        bad = [(xi, yi) for r, xi, yi in zip(rows, x, y) if failed_parity(r)]
+        if bad:  # a red cross over each row whose artifact failed its proof
+            ax.scatter(*zip(*bad), marker="x", s=160, c="red", linewidths=2, label=FAILED_MARK, zorder=3)
+            ax.legend(loc="best", fontsize=8)
         for r, xi, yi in zip(rows, x, y):
-            ax.annotate(_method(r), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(_marked(r, bold=""), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8,
+                        color="red" if failed_parity(r) else "black")
         fig.colorbar(sc, ax=ax, label="Δ perplexity vs fp32 torch (%)")
         ax.set_xscale("log")
     else:
@@ -278,7 +297,8 @@ def rich_table(results: dict[str, Any]) -> Any:
         acc = "n/a" if r.get("task_accuracy") is None else \
             f"{100 * r['task_accuracy']:.0f} % ({_num(r.get('task_accuracy_delta'), '+.0f')})"
         kv = "" if r.get("kv_cache") else " [dim]recompute[/dim]"
-        t.add_row(_method(r), f"{_mb(r.get('size_bytes'))} ({_num(r.get('size_ratio'), '.2f')})",
+        method = f"{_method(r)} [bold red]{FAILED_MARK}[/]" if failed_parity(r) else _method(r)
+        t.add_row(method, f"{_mb(r.get('size_bytes'))} ({_num(r.get('size_ratio'), '.2f')})",
                   _speed(r, "decode_tok_s", "decode_speedup") + kv, _speed(r, "prefill_tok_s", "prefill_speedup"),
                   _mb(r.get("peak_rss_bytes")),
                   _num(None if r.get("parity_top1") is None else 100 * r["parity_top1"], ".1f", " %"),
@@ -289,6 +309,8 @@ def rich_table(results: dict[str, Any]) -> Any:
 def notes(results: dict[str, Any]) -> list[str]:
     """One line per row that was not measured, with its reason (printed under the terminal table)."""
     lines = [f"{_method(r)}: {r['status']}: {_reason(r)}" for r in results["rows"] if r["status"] != "ok"]
+    lines += [f"{_method(r)}: {FAILED_MARK} at conversion ({r.get('parity_violations') or 'see results.json'}): "
+              "never recommended; `deploykit convert` refuses it" for r in results["rows"] if failed_parity(r)]
     warning = busy_warning(results["machine"])
     stamp = results.get("quiet") or {}
     if stamp.get("measured_on_busy_machine"):  # the stamp's line, without its markdown
@@ -296,4 +318,4 @@ def notes(results: dict[str, Any]) -> list[str]:
     return lines + ([f"warning: {warning}"] if warning else [])
 
 
-__all__ = ["COLUMNS", "best_for", "markdown", "notes", "rich_table", "seed_table", "write_reports"]
+__all__ = ["COLUMNS", "FAILED_MARK", "best_for", "failed_parity", "markdown", "notes", "rich_table", "seed_table", "write_reports"]

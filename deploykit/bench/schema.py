@@ -18,6 +18,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("cached", "artifact reused from the cache (no conversion this run)"),
     ("convert_s", "conversion time in seconds (null when cached)"),
     ("convert_parity_ok", "the manifest's parity verdict against the declared tolerance"),
+    ("parity_violations", "the limits the artifact broke at conversion ('; '-separated; empty when it passed)"),
     ("size_bytes", "bytes of the model files (manifest and tokenizer excluded)"),
     ("size_ratio", "size_bytes / fp32 torch size_bytes"),
     ("bits_per_weight", "8 * size_bytes / parameters of the source model"),
