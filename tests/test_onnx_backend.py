@@ -288,8 +288,10 @@ def test_bad_input_is_named(artifacts, variant, tmp_path):
     from deploykit.errors import ArtifactError, ConfigError
 
     runner = runner_for(artifacts, variant, "fp32")
-    with pytest.raises(ConfigError, match="max_seq_len=64"):
+    with pytest.raises(ConfigError, match="65 tokens per sequence, more than this model's max_length=64"):
         runner.forward(np.zeros((1, 65), dtype=np.int64))
+    with pytest.raises(ConfigError, match=r"input_ids must be token ids in \[0, 320\)"):
+        runner.forward([[1, -1]])  # ONNX Runtime's Gather would wrap it to the last row
     with pytest.raises(ConfigError, match="threads"):
         BACKEND.load(artifacts["fp32"], {}, threads=-1)
     with pytest.raises(ArtifactError, match="no model.onnx"):

@@ -38,7 +38,7 @@ def test_forward_accepts_lists_arrays_tensors(nano_checkpoint):
     np.testing.assert_array_equal(a, runner.forward(ids[0]))
     with pytest.raises(ConfigError):
         runner.forward([[]])
-    with pytest.raises(ConfigError, match="input_ids must be in"):
+    with pytest.raises(ConfigError, match=r"input_ids must be token ids in \[0, 2048\)"):
         runner.forward([[1, 99999]])
 
 

@@ -12,6 +12,8 @@ backend — it finds them through the ``deploykit.backends`` entry-point group (
 """
 from __future__ import annotations
 
+import functools
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ import numpy as np
 
 from ..errors import BackendError, ConfigError
 from ..model.generation import DecodeSession, SamplingConfig, decode_loop
+from ..model.inputs import check_max_new_tokens, check_prompt_length, check_stop, token_batch, token_list
 from .options import NoOptions, SchemeOptions
 
 if TYPE_CHECKING:
@@ -122,6 +125,10 @@ class RunnerInfo:
             raise ConfigError(f"RunnerInfo: backend={self.backend!r} and quant={self.quant!r} must be non-empty strings")
         if not isinstance(self.kv_cache, bool):
             raise ConfigError(f"RunnerInfo: kv_cache={self.kv_cache!r} must be True or False")
+        for name in ("vocab_size", "max_length"):  # the limits every runner's inputs are checked against
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"RunnerInfo: {name}={value!r} must be a positive integer (or None: unknown)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,7 +137,24 @@ class RunnerInfo:
 class Runner(ABC):
     """A loaded artifact, the same API for every backend. Safe to call from several threads at once.
 
-    Subclasses implement ``forward`` and, where the runtime can carry a KV cache, ``new_session``.
+    Subclasses implement ``forward`` and, where the runtime can carry a KV cache, ``new_session``;
+    ``generate`` is inherited (a runtime with its own sampler may override it).
+
+    Inputs are checked here, once, for every backend, third-party ones included: the ``forward``,
+    ``new_session`` and ``generate`` a subclass defines are wrapped when the class is created
+    (``__init_subclass__``), so plugins written before the checks existed get them unchanged, and no
+    backend can forget one. Limits come from ``info`` (``vocab_size``, ``max_length``; None: unknown,
+    not checked). What a subclass can rely on:
+
+    - ``forward(input_ids)`` receives a C-contiguous int64 numpy array (B, T), B, T >= 1, every id in
+      [0, vocab_size), T <= max_length, whatever the caller passed (list, array, tensor; (B, T) or (T,)).
+    - Every ``feed(token_ids)`` of a session it returns receives a non-empty ``list[int]`` of ids in
+      range, and never grows the sequence past max_length (the session is a :class:`CheckedSession`
+      around the subclass's own, whose other attributes it passes through).
+    - ``generate`` receives a checked prompt (text, or ``list[int]``), settings and stop strings
+      (``deploykit.model.inputs``); a prompt that does not fit max_length never reaches it.
+
+    A bad input raises :class:`~deploykit.errors.ConfigError` naming it, what was wrong and the fix.
     """
 
     info: RunnerInfo  # set by subclasses
@@ -138,13 +162,27 @@ class Runner(ABC):
     eos_token_id: int | None = None
     max_length: int | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, wrap in (("forward", _checked_forward), ("new_session", _checked_new_session),
+                           ("generate", _checked_generate)):
+            fn = cls.__dict__.get(name)
+            if callable(fn) and not getattr(fn, "__deploykit_checked__", False):
+                setattr(cls, name, wrap(fn))
+
     @abstractmethod
     def forward(self, input_ids: Any) -> np.ndarray:
         """Logits (B, T, V) float32 for input_ids (numpy array, torch tensor or nested list, (B, T) or (T,))."""
 
     def new_session(self) -> DecodeSession:
         """Incremental decoding state. Default: recompute the whole sequence at every step."""
-        return RecomputeSession(self)
+        return CheckedSession(RecomputeSession(self), *self.input_limits())
+
+    def input_limits(self) -> tuple[int | None, int | None]:
+        """(vocab_size, max_length) that inputs are checked against; None where the runner does not say."""
+        info = getattr(self, "info", None)  # getattr: a subclass may call forward before it sets info
+        vocab = info.vocab_size if info is not None else None
+        return vocab, (info.max_length if info is not None and info.max_length is not None else self.max_length)
 
     def generate(
         self,
@@ -157,21 +195,102 @@ class Runner(ABC):
         seed: int | None = None,
         stop: Sequence[str] = (),
     ) -> str | list[int]:
-        """Continue a prompt. A string prompt returns the continuation as text, token ids return ids."""
-        as_text = isinstance(prompt, str)
-        if as_text:
+        """Continue a prompt. A string prompt returns the continuation as text, token ids return ids.
+
+        Stops after ``max_new_tokens``, at the eos token, at max_length, or once the text contains one of
+        ``stop`` (needs a tokenizer). A prompt longer than max_length (or filling it) is refused.
+        """
+        ids, max_new_tokens, sampling, stop = self._check_generate(prompt, max_new_tokens, temperature=temperature,
+                                                                   top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        detok = (lambda new: self.tokenizer.decode(new)) if self.tokenizer is not None else None
+        new = decode_loop(self.new_session(), ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                          eos_token_id=self.eos_token_id, max_length=self.input_limits()[1], detokenize=detok)
+        return self.tokenizer.decode(new) if isinstance(prompt, str) else new
+
+    def _check_generate(self, prompt: Any, max_new_tokens: Any, *, temperature: Any, top_k: Any, top_p: Any,
+                        seed: Any, stop: Any) -> tuple[list[int], int, SamplingConfig, tuple[str, ...]]:
+        """generate()'s arguments checked: (prompt ids, max_new_tokens, sampling, stop strings)."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stop = check_stop(stop)
+        vocab, max_length = self.input_limits()
+        if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ConfigError("this artifact has no tokenizer; pass token ids instead of text")
+                raise ConfigError("this artifact has no tokenizer, so a text prompt cannot be encoded",
+                                  hint="pass token ids, or convert from a checkpoint that has tokenizer.json")
             ids = self.tokenizer.encode(prompt, add_bos=True)
         else:
-            ids = [int(t) for t in prompt]
-        detok = (lambda new: self.tokenizer.decode(new)) if self.tokenizer is not None else None
-        new = decode_loop(
-            self.new_session(), ids, max_new_tokens=max_new_tokens,
-            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-            eos_token_id=self.eos_token_id, max_length=self.max_length, stop=stop, detokenize=detok,
-        )
-        return self.tokenizer.decode(new) if as_text else new
+            ids = token_list(prompt, vocab_size=vocab, name="prompt")
+        if stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer to decode the continuation; this artifact has none",
+                              hint="drop stop, or convert from a checkpoint with tokenizer.json")
+        check_prompt_length(len(ids), max_new_tokens, max_length)
+        return ids, max_new_tokens, sampling, stop
+
+
+def _checked_forward(forward: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    @functools.wraps(forward)
+    def checked(self: Runner, input_ids: Any) -> np.ndarray:
+        vocab, max_length = self.input_limits()
+        return forward(self, token_batch(input_ids, vocab_size=vocab, max_length=max_length))
+
+    checked.__deploykit_checked__ = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _checked_new_session(new_session: Callable[..., Any]) -> Callable[..., DecodeSession]:
+    @functools.wraps(new_session)
+    def checked(self: Runner) -> DecodeSession:
+        session = new_session(self)
+        # A subclass whose new_session returns super().new_session() already has a checked one.
+        return session if isinstance(session, CheckedSession) else CheckedSession(session, *self.input_limits())
+
+    checked.__deploykit_checked__ = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _checked_generate(generate: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(generate)
+    def checked(self: Runner, prompt: Any, max_new_tokens: Any = 64, *, temperature: Any = 0.0, top_k: Any = 0,
+                top_p: Any = 1.0, seed: Any = None, stop: Any = (), **more: Any) -> Any:
+        ids, max_new_tokens, sampling, stop = self._check_generate(
+            prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        return generate(self, prompt if isinstance(prompt, str) else ids, max_new_tokens, stop=stop,
+                        temperature=sampling.temperature, top_k=int(sampling.top_k), top_p=sampling.top_p,
+                        seed=sampling.seed, **more)
+
+    checked.__deploykit_checked__ = True  # type: ignore[attr-defined]
+    return checked
+
+
+class CheckedSession:
+    """The DecodeSession every runner hands out: checks each ``feed`` against the runner's limits (ids in
+    [0, vocab_size), the sequence within max_length), then passes it to the backend's own session.
+
+    A refused feed leaves the session as it was. Other attributes are the backend session's.
+    """
+
+    def __init__(self, inner: DecodeSession, vocab_size: int | None, max_length: int | None) -> None:
+        self.inner, self.vocab_size, self.max_length = inner, vocab_size, max_length
+        self.length = 0  # tokens fed so far
+        self._lock = threading.Lock()  # a session is one sequence: length and the backend's cache move together
+
+    def feed(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = token_list(token_ids, vocab_size=self.vocab_size)
+        with self._lock:
+            total = self.length + len(ids)
+            if self.max_length is not None and total > self.max_length:
+                raise ConfigError(f"token_ids: feeding {len(ids)} more token(s) after {self.length} makes {total}, "
+                                  f"more than this model's max_length={self.max_length}",
+                                  hint="start a new session (runner.new_session()) for another sequence")
+            logits = self.inner.feed(ids)
+            self.length = total
+        return logits
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 class RecomputeSession:
@@ -181,20 +300,18 @@ class RecomputeSession:
         self.runner, self.ids = runner, []
 
     def feed(self, token_ids: Sequence[int]) -> np.ndarray:
-        self.ids.extend(int(t) for t in token_ids)
-        return self.runner.forward(np.asarray([self.ids], dtype=np.int64))[0, -1]
+        ids = self.ids + [int(t) for t in token_ids]
+        logits = self.runner.forward(np.asarray([ids], dtype=np.int64))[0, -1]  # (V,)
+        self.ids = ids  # only once forward succeeded: a failed feed leaves the sequence as it was
+        return logits
 
 
-def as_int64_batch(input_ids: Any) -> np.ndarray:
-    """Normalise runner input to a contiguous int64 array (B, T)."""
-    if hasattr(input_ids, "detach"):  # torch tensor
-        input_ids = input_ids.detach().cpu().numpy()
-    arr = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] == 0:
-        raise ConfigError(f"input_ids must have shape (B, T) or (T,) with T >= 1, got {arr.shape}")
-    return arr
+def as_int64_batch(input_ids: Any, *, vocab_size: int | None = None, max_length: int | None = None) -> np.ndarray:
+    """Runner input as a contiguous int64 array (B, T), checked (``deploykit.model.inputs.token_batch``).
+
+    ``Runner.forward`` already receives its input this way; this is for code outside a runner's forward.
+    """
+    return token_batch(input_ids, vocab_size=vocab_size, max_length=max_length)
 
 
 class Backend(ABC):

@@ -16,11 +16,17 @@ import torch
 
 from ..errors import ConfigError
 from .graph import CausalLM, KVCache
+from .inputs import (check_max_new_tokens, check_prompt_length, check_seed, check_stop, check_temperature,
+                     check_top_k, check_top_p, token_list)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters; seed None draws a fresh one.
+
+    Validated on construction (``deploykit.model.inputs``): a finite temperature >= 0, an integer
+    top_k >= 0, a finite top_p in (0, 1], a seed that is None or an integer >= 0.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -28,12 +34,10 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+        check_temperature(self.temperature)
+        check_top_k(self.top_k)
+        check_top_p(self.top_p)
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -85,11 +89,15 @@ def decode_loop(
 
     Stops at eos (not included), at ``max_length`` total tokens, or once the decoded continuation
     contains a ``stop`` string (needs ``detokenize``; the ids up to and including that token are kept).
+    A prompt longer than ``max_length``, or filling it while new tokens are asked for, is refused.
     """
-    if not prompt_ids:
-        raise ConfigError("prompt is empty", hint="pass at least one token (e.g. the bos token)")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    stop = check_stop(stop)
+    prompt_ids = token_list(prompt_ids, name="prompt")
+    check_prompt_length(len(prompt_ids), max_new_tokens, max_length)
     if stop and detokenize is None:
-        raise ConfigError("stop strings need a detokenize function")
+        raise ConfigError("stop strings need a detokenize function",
+                          hint="pass detokenize=tokenizer.decode, or no stop strings")
     rng = np.random.default_rng(sampling.seed)
     budget = max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(prompt_ids))
     new: list[int] = []
@@ -137,6 +145,7 @@ def generate(
 ) -> list[int]:
     """Generate from a deploykit model with its KV cache; returns the new token ids."""
     model.eval()
+    prompt_ids = token_list(prompt_ids, vocab_size=model.config.vocab_size, name="prompt")
     return decode_loop(
         TorchSession(model), prompt_ids, max_new_tokens=max_new_tokens,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
