@@ -24,10 +24,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.8 to sample")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop once this string appears (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling, >= 0 (default: a fresh one)")
+    p.add_argument("--stop", action="append", default=[], help="stop once this non-empty string appears (repeatable)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The sampling flags checked by the rules Runner.generate applies, named as typed, before the model loads."""
+    from ..model import inputs
+
+    inputs.check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    inputs.check_temperature(args.temperature, "--temperature")
+    inputs.check_top_k(args.top_k, "--top-k")
+    inputs.check_top_p(args.top_p, "--top-p")
+    inputs.check_seed(args.seed, "--seed")
+    inputs.check_stop(args.stop, "--stop")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..deploy.runtime import load
 
+    check_flags(args)
     runner = load(args.path)
     t0 = time.perf_counter()
     text = runner.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
