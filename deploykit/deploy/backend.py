@@ -218,7 +218,8 @@ class Runner(ABC):
             if self.tokenizer is None:
                 raise ConfigError("this artifact has no tokenizer, so a text prompt cannot be encoded",
                                   hint="pass token ids, or convert from a checkpoint that has tokenizer.json")
-            ids = self.tokenizer.encode(prompt, add_bos=True)
+            # Checked too: a tokenizer larger than the model's vocabulary would otherwise fail mid-decode.
+            ids = token_list(self.tokenizer.encode(prompt, add_bos=True), vocab_size=vocab, name="prompt")
         else:
             ids = token_list(prompt, vocab_size=vocab, name="prompt")
         if stop and self.tokenizer is None:
@@ -230,9 +231,9 @@ class Runner(ABC):
 
 def _checked_forward(forward: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
     @functools.wraps(forward)
-    def checked(self: Runner, input_ids: Any) -> np.ndarray:
+    def checked(self: Runner, input_ids: Any, *args: Any, **kwargs: Any) -> np.ndarray:
         vocab, max_length = self.input_limits()
-        return forward(self, token_batch(input_ids, vocab_size=vocab, max_length=max_length))
+        return forward(self, token_batch(input_ids, vocab_size=vocab, max_length=max_length), *args, **kwargs)
 
     checked.__deploykit_checked__ = True  # type: ignore[attr-defined]
     return checked
@@ -240,8 +241,8 @@ def _checked_forward(forward: Callable[..., np.ndarray]) -> Callable[..., np.nda
 
 def _checked_new_session(new_session: Callable[..., Any]) -> Callable[..., DecodeSession]:
     @functools.wraps(new_session)
-    def checked(self: Runner) -> DecodeSession:
-        session = new_session(self)
+    def checked(self: Runner, *args: Any, **kwargs: Any) -> DecodeSession:
+        session = new_session(self, *args, **kwargs)
         # A subclass whose new_session returns super().new_session() already has a checked one.
         return session if isinstance(session, CheckedSession) else CheckedSession(session, *self.input_limits())
 
