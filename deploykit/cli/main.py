@@ -42,7 +42,38 @@ def build_parser() -> argparse.ArgumentParser:
         p = module.register(sub)
         p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
         p.set_defaults(func=module.run)
+    add_plugin_commands(sub, set(COMMANDS))
     return parser
+
+
+def add_plugin_commands(sub: argparse._SubParsersAction, taken: set[str]) -> None:
+    """Subcommands plugins contribute (the ``deploykit_cli_commands`` hook), after the built-in ones.
+
+    The CLI imports no plugin: they come through the registry. A plugin whose hook or ``register``
+    raises, or a name already taken, is skipped with a warning, so one broken plugin cannot take the
+    command line down.
+    """
+    from ..deploy.registry import registry
+
+    for plugin, commands, error in registry().call_isolated("deploykit_cli_commands"):
+        if error is not None:
+            print(f"warning: plugin {plugin!r}: deploykit_cli_commands failed ({type(error).__name__}: {error}); "
+                  "its commands are missing", file=sys.stderr)
+            continue
+        for command in commands or []:
+            name = getattr(command, "name", None)
+            if not isinstance(name, str) or name in taken:
+                print(f"warning: plugin {plugin!r}: command {name!r} skipped (the name is taken or not a string)",
+                      file=sys.stderr)
+                continue
+            try:
+                p = command.register(sub)
+            except Exception as e:
+                print(f"warning: plugin {plugin!r}: command {name!r} skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+            p.set_defaults(func=command.run)
+            taken.add(name)
 
 
 class _UsageError(Exception):

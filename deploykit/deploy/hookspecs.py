@@ -7,11 +7,13 @@ docs/plugins.md documents each hook; tests/test_plugins.py checks every hook is 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from .backend import Backend, Runner
 
 hookspec = pluggy.HookspecMarker("deploykit")
@@ -55,4 +57,30 @@ def deploykit_bench_metrics(runner: Runner, row: dict[str, Any]) -> dict[str, fl
 
     ``row`` holds the row's measurements so far (read-only). The dicts of all plugins are merged into
     the row, later plugins winning on equal keys; None adds nothing.
+    """
+
+
+# -- command line ----------------------------------------------------------------------------------
+class CliCommand(Protocol):
+    """A subcommand a plugin adds to the ``deploykit`` command line (``deploykit NAME ...``)."""
+
+    name: str  # the subcommand, e.g. "import-gguf"
+
+    def register(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        """Add the parser called ``name`` to ``subparsers`` and return it (cheap: no heavy imports)."""
+        ...
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Run the command; return its exit code. A DeploykitError is reported like a built-in command's."""
+        ...
+
+
+@hookspec
+def deploykit_cli_commands() -> list[CliCommand]:
+    """Return the subcommands this plugin adds to ``deploykit`` (after the built-in ones).
+
+    Results of all plugins are concatenated. deploykit adds ``--debug`` to each parser and calls
+    ``run(args)``; its errors are reported like a built-in command's (one line, HINT, exit code). A name
+    already taken (a built-in command or an earlier plugin's) is skipped with a warning on stderr, and
+    so is every command of a plugin whose hook raises: the rest of the command line stays usable.
     """
