@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, ConfigError
-from ..model.checkpoint import CHECKPOINT_FILES, CONFIG_NAME, TOKENIZER_FILE
+from ..errors import ArtifactError, BackendError, ConfigError, DeploykitError
+from ..fsutil import os_errors
+from ..model.checkpoint import CHECKPOINT_FILES, CONFIG_NAME, PICKLE_SUFFIXES, TOKENIZER_FILE
 from ..model.generation import TorchSession
 from .artifact import HOW_TO_MAKE, MANIFEST_NAME, model_files, read_manifest, verify
-from .backend import Runner, RunnerInfo, as_int64_batch
+from .backend import Runner, RunnerInfo
 
 _THREADS_LOCK = threading.Lock()
 
@@ -115,15 +116,24 @@ def load(path: str | Path, *, threads: int | None = None, verify_files: bool = T
                             "or a checkpoint folder (config.json + model.safetensors)")
     if (path / MANIFEST_NAME).is_file():
         manifest = verify(path) if verify_files else read_manifest(path)
-        runner = plugin_manager().hook.deploykit_load_artifact(path=path, manifest=manifest,
-                                                               options={"threads": threads, **options})
+        try:
+            runner = plugin_manager().hook.deploykit_load_artifact(path=path, manifest=manifest,
+                                                                   options={"threads": threads, **options})
+        except (DeploykitError, OSError):
+            raise
+        except Exception as e:  # raised by a third-party deploykit_load_artifact (the built-in one wraps its own)
+            raise BackendError(f"{path}: a plugin's deploykit_load_artifact hook failed: {type(e).__name__}: {e}",
+                               hint="this is a bug in a plugin: rerun with --debug for the traceback") from e
         if runner is None:
             raise ArtifactError(f"{path}: no plugin could load a {manifest.get('backend')!r} artifact",
                                 hint="install the plugin that provides this backend (see `deploykit backends`)")
         return runner
-    present = {p.name for p in path.iterdir()}
+    with os_errors(path, "read"):
+        present = {p.name for p in path.iterdir()}
     foreign = sorted(n for n in present - CHECKPOINT_FILES if not n.startswith("."))
-    if CONFIG_NAME in present and not foreign:
+    pickled = [n for n in foreign if n.endswith(PICKLE_SUFFIXES)]
+    if CONFIG_NAME in present and (not foreign or foreign == pickled):
+        # Pickle-only weights go to load_model too: its refusal says why and how to convert them.
         if options:
             raise ConfigError(f"unknown option(s) for a checkpoint folder: {', '.join(sorted(options))}",
                               hint="checkpoint folders accept: threads")
