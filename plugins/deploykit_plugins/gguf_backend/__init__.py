@@ -70,37 +70,39 @@ _REQUIREMENTS = {"gguf": "gguf", "llama_cpp": "llama-cpp-python"}
 # -- schemes ---------------------------------------------------------------------------------------
 # Measured through deploykit's parity probes (max |Δlogit| over all positions, mean KL, top-1, greedy
 # match per step) and on HELDOUT_TEXT (Δ perplexity vs fp32 torch): llama-cpp-python 0.3.36, portable
-# build (GGML_NATIVE=OFF), 1 thread, AMD EPYC (AVX-512), 57 conversions, all passing. Models: the test
-# models of tests/test_gguf_backend.py: conftest's nano / nano-moe / nano-legacy (60 AdamW steps on
-# the embedded corpus; d_model 128, so no K-quants) and d_model-256 dense / MoE / legacy ones ("k",
-# 2 layers, 40 steps), which take every scheme.
+# build (GGML_NATIVE=OFF), 1 thread, AMD EPYC (AVX-512); 87 conversions. Models, in this order: the
+# test models of tests/test_gguf_backend.py (conftest's nano, nano-moe, nano-legacy, 60 AdamW steps,
+# d_model 128, so no K-quants; d_model-256 k-dense, k-moe, k-legacy, 40 steps), then micro (val ppl
+# 3.44), micro-moe (4.12) and micro-legacy (22.5, 60 s of training), the models the issue names.
 #
-#   scheme  max |Δlogit|: nano, -moe, -legacy, k, k-moe, k-legacy   KL max  top-1 min  greedy min  Δppl %        bpw nano, k
-#   f32     4.8e-6, 6.2e-6, 5.4e-3*, 2.8e-5, 1.9e-5, 2.3e-3*       1.4e-8  1.000      1.000       -0.00..+0.04  32.5, 32.3
-#   f16     3.2e-3, 3.1e-3, 6.1e-3,  7.9e-3, 9.0e-3, 3.1e-3        5.5e-8  1.000      1.000       -0.01..+0.04  16.5, 16.3
-#   bf16    0.023,  0.14,   0.033,   0.072,  0.045,  0.046         6.4e-6  0.998      1.000       -0.04..+0.08  16.5, 16.3
-#   q8_0    0.079,  0.14,   0.12,    0.075,  0.17,   0.058         1.2e-3  0.993      0.979       -0.35..+0.09   9.0,  8.8
-#   q6_k    -,      -,      -,       0.81,   0.66,   0.21          4.7e-4  0.988      0.990       -0.01..+0.19     -,  6.9
-#   q5_0    0.13,   1.8**,  0.42,    0.33,   0.69,   0.21          1.2e-3  0.988      0.979       -0.65..+0.24   6.7,  6.1
-#   q5_1    0.15,   0.14,   0.28,    0.70,   0.77,   0.28          5.7e-4  0.990      0.990       -0.45..+0.50   7.1,  6.5
-#   q5_k_m  -,      -,      -,       0.78,   1.6**,  0.19          9.7e-4  0.983      1.000       -0.08..+0.20     -,  6.2
-#   q4_0    0.27,   1.8**,  1.1,     0.46,   0.61,   0.49          1.4e-3  0.983      0.990       -1.96..+1.50   6.0,  5.4
-#   q4_1    0.29,   0.26,   0.52,    0.62,   1.6**,  0.43          7.9e-4  0.985      0.979       -1.91..+0.98   6.4,  5.8
-#   q4_k_m  -,      -,      -,       1.3,    0.73,   0.29          8.5e-4  0.985      0.979       -0.38..+0.77     -,  5.6
+#   scheme  max |Δlogit| per model (order above)                  KL max   top-1 min  greedy min  Δppl %         bpw nano/k/micro
+#   f32       5e-6   6e-6 0.0054   3e-5   2e-5 0.0023   1e-4   2e-4 0.0024  4.2e-08  1.000      1.000       -0.00..+0.00   32.5/32.3/32.1
+#   f16     0.0032 0.0031 0.0061 0.0079  0.009 0.0031  0.016  0.009 0.0031  3.1e-07  0.997      1.000       -0.00..+0.00   16.5/16.3/16.1
+#   bf16     0.023   0.14  0.033  0.072  0.045  0.046   0.11   0.88  0.027  5.8e-04  0.995      0.990       -0.02..+0.01   16.5/16.3/16.1
+#   q8_0     0.079   0.14   0.12  0.075   0.17  0.058   0.59    1.1  0.076  1.4e-03  0.986      0.979       -0.10..+0.06   9.0/8.8/8.6
+#   q6_k         -      -      -   0.81   0.66   0.21   0.77      -   0.24  1.2e-03  0.977      0.958       -0.23..+0.13   -/6.9/6.6
+#   q5_0      0.13    1.8   0.42   0.33   0.69   0.21    2.8    3.2   0.24  1.9e-02  0.956      0.958       -0.14..+0.29   6.7/6.1/5.6
+#   q5_1      0.15   0.14   0.28    0.7   0.77   0.28    1.4    3.1   0.26  2.5e-02  0.941      0.969       -0.29..+0.20   7.1/6.5/6.1
+#   q5_k_m       -      -      -   0.78    1.6   0.19    1.8      -   0.24  3.8e-03  0.976      0.969       -0.26..+0.41   -/6.2/5.8
+#   q4_0      0.27    1.8    1.1   0.46   0.61   0.49    5.4    4.4   0.39  2.8e-02  0.916      0.958       -0.25..+0.87   6.0/5.4/4.7
+#   q4_1      0.29   0.26   0.52   0.62    1.6   0.43    4.1    3.0   0.46  2.3e-02  0.930      0.958       -0.31..+0.93   6.4/5.8/5.2
+#   q4_k_m       -      -      -    1.3   0.73   0.29    2.6      -   0.23  1.4e-02  0.938      0.958       -0.28..+0.26   -/5.6/5.0
 #
-# *  legacy F32 differs by llama.cpp's tanh-approximated GELU (see the module doc), not by rounding;
-#    dense and MoE F32 stay below 3e-5 (the tests hold them to 1e-4).
-# ** an expert choice flipped by rounding near a router tie: the MoE logits jump there. llama.cpp
-#    picked the fp32 router's experts for >= 98.9 % of (token, layer) pairs in every scheme.
-# Bounds: about 3x the worst measured max |Δlogit| (5x for 8 bits and up), 5-20x the KL, and the
-# Δppl bound of each scheme 2-4x its measured range. A missing Q/K permutation gives nano in F32 a
-# max |Δlogit| of 2.3, top-1 0.90 and Δppl -7 % (tests/test_gguf_backend.py checks that it fails).
+# F32: legacy differs by llama.cpp's tanh-approximated GELU (see the module doc), not by rounding;
+# dense and MoE stay at 1e-4 and 2e-4 on micro's logits (the tests hold nano to 1e-4). MoE maxima
+# from bf16 on (0.88, 1.1, 3.2...) are expert choices flipped by rounding near a router tie: llama.cpp
+# picked the fp32 router's experts for 96.0-99.96 % of (token, layer) pairs (micro-moe q4_0 lowest).
+# Every scheme passes its bounds below on every model but micro-moe's K-quants, which are refused
+# (its experts' rows are 384 values). Bounds: 2-3x the worst max |Δlogit|, 3-8x the KL, the Δppl
+# bound 3x the measured range. A missing Q/K permutation, in F32, gives held-out max |Δlogit| 4.2,
+# top-1 0.85, Δppl +3.6 % on nano and 14.8, 0.53, +359 % on micro: past the bounds of every scheme
+# but Q4's max |Δlogit| and top-1 (tests/test_gguf_backend.py checks that nano's F32 fails).
 F32_TOL = Tolerance(max_abs_logit=2e-2, min_top1=0.995, max_kl=1e-6, min_greedy_match=0.98)
 F16_TOL = Tolerance(max_abs_logit=0.05, min_top1=0.99, max_kl=1e-5, min_greedy_match=0.95, router_tie=0.02)
-BF16_TOL = Tolerance(max_abs_logit=0.5, min_top1=0.98, max_kl=2e-4, min_greedy_match=0.9, router_tie=0.02)
-Q8_TOL = Tolerance(max_abs_logit=1.0, min_top1=0.95, max_kl=0.01, min_greedy_match=0.9, router_tie=0.05)
-Q5_TOL = Tolerance(max_abs_logit=3.0, min_top1=0.93, max_kl=0.02, min_greedy_match=0.85, router_tie=0.1)
-Q4_TOL = Tolerance(max_abs_logit=5.0, min_top1=0.9, max_kl=0.05, min_greedy_match=0.8, router_tie=0.1)
+BF16_TOL = Tolerance(max_abs_logit=2.0, min_top1=0.98, max_kl=2e-3, min_greedy_match=0.9, router_tie=0.05)
+Q8_TOL = Tolerance(max_abs_logit=3.0, min_top1=0.95, max_kl=0.01, min_greedy_match=0.9, router_tie=0.05)
+Q5_TOL = Tolerance(max_abs_logit=8.0, min_top1=0.88, max_kl=0.08, min_greedy_match=0.85, router_tie=0.1)
+Q4_TOL = Tolerance(max_abs_logit=12.0, min_top1=0.85, max_kl=0.1, min_greedy_match=0.8, router_tie=0.1)
 
 
 @dataclass(frozen=True)
@@ -127,17 +129,17 @@ class GgufScheme:
 
 
 GGUF_SCHEMES = (
-    GgufScheme("f16", "LLAMA_FTYPE_MOSTLY_F16", 1, "F16 weights (llama.cpp's usual base file)", F16_TOL, 0.5),
-    GgufScheme("f32", "LLAMA_FTYPE_ALL_F32", 1, "F32 weights, as written by gguf.GGUFWriter", F32_TOL, 0.2),
-    GgufScheme("bf16", "LLAMA_FTYPE_MOSTLY_BF16", 1, "BF16 weights", BF16_TOL, 0.5),
-    GgufScheme("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 32, "8-bit blocks of 32 with one scale", Q8_TOL, 1.5),
-    GgufScheme("q5_0", "LLAMA_FTYPE_MOSTLY_Q5_0", 32, "5-bit blocks of 32, symmetric", Q5_TOL, 4.0),
-    GgufScheme("q5_1", "LLAMA_FTYPE_MOSTLY_Q5_1", 32, "5-bit blocks of 32 with a minimum", Q5_TOL, 4.0),
-    GgufScheme("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", 32, "4-bit blocks of 32, symmetric", Q4_TOL, 6.0),
-    GgufScheme("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1", 32, "4-bit blocks of 32 with a minimum", Q4_TOL, 6.0),
-    GgufScheme("q6_k", "LLAMA_FTYPE_MOSTLY_Q6_K", 256, "6-bit K-quant (super-blocks of 256)", Q5_TOL, 4.0),
-    GgufScheme("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 256, "5-bit K-quant mix, llama.cpp's Q5_K_M", Q5_TOL, 4.0),
-    GgufScheme("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 256, "4-bit K-quant mix, llama.cpp's Q4_K_M", Q4_TOL, 6.0),
+    GgufScheme("f16", "LLAMA_FTYPE_MOSTLY_F16", 1, "F16 weights (llama.cpp's usual base file)", F16_TOL, 0.1),
+    GgufScheme("f32", "LLAMA_FTYPE_ALL_F32", 1, "F32 weights, as written by gguf.GGUFWriter", F32_TOL, 0.05),
+    GgufScheme("bf16", "LLAMA_FTYPE_MOSTLY_BF16", 1, "BF16 weights", BF16_TOL, 0.25),
+    GgufScheme("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 32, "8-bit blocks of 32 with one scale", Q8_TOL, 0.5),
+    GgufScheme("q5_0", "LLAMA_FTYPE_MOSTLY_Q5_0", 32, "5-bit blocks of 32, symmetric", Q5_TOL, 1.5),
+    GgufScheme("q5_1", "LLAMA_FTYPE_MOSTLY_Q5_1", 32, "5-bit blocks of 32 with a minimum", Q5_TOL, 1.5),
+    GgufScheme("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", 32, "4-bit blocks of 32, symmetric", Q4_TOL, 3.0),
+    GgufScheme("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1", 32, "4-bit blocks of 32 with a minimum", Q4_TOL, 3.0),
+    GgufScheme("q6_k", "LLAMA_FTYPE_MOSTLY_Q6_K", 256, "6-bit K-quant (super-blocks of 256)", Q5_TOL, 1.5),
+    GgufScheme("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 256, "5-bit K-quant mix, llama.cpp's Q5_K_M", Q5_TOL, 1.5),
+    GgufScheme("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 256, "4-bit K-quant mix, llama.cpp's Q4_K_M", Q4_TOL, 3.0),
 )
 _BY_NAME = {s.name: s for s in GGUF_SCHEMES}
 

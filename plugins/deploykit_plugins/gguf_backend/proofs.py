@@ -39,12 +39,21 @@ TOKENIZER_PROOF_TEXTS = (
     "Q: 12+30=? A: 42\nQ: reverse a b c A: c b a",
     "",
 )
+# Documents of deploykit's embedded corpus generator, frozen here (english_documents(1400, seed=7) and
+# task_documents(300, seed=7, split="eval"); the plugin layer does not import deploykit.data): text in
+# the style the models are trained on, from a seed no training run uses, none of it in the probes.
 HELDOUT_TEXT = (
-    "Mia had a small red boat. Every summer she took it to the lake behind her grandmother's house. One "
-    "morning the wind was strong, and the boat went far away from the shore. Mia was scared, but she held "
-    "the rope and sang a song. A duck swam next to her and quacked. Soon the wind stopped, and Mia rowed "
-    "back home. \"You were very brave,\" said Grandma, and they ate warm apple pie together.\n"
-    "Q: 23+19=? A: 42\nQ: reverse x y z A: z y x\nQ: 6*7=? A: 42\nQ: sort 3 1 2 A: 1 2 3\n"
+    "One day, there was a happy baker named Jack who lived in Fairport. Jack had a rabbit named Spot. Before "
+    "dinner, Jack and Spot went to the shop. \"Look at my box!\" said Jack. \"It is heavy,\" said Anna. They ate "
+    "soup because soup is what Jack likes best. The weather was cold, but nobody minded. The end.\n"
+    "Long ago, there was a tall driver named Ella who lived in Maple Hill. Ella had a turtle named Pepper. "
+    "There, she found a blue lamp. Ella held the lamp and felt excited. Pepper danced quickly. Nora and Ella "
+    "slept together at the museum. Ella wore her blue scarf. At the end of the day, Ella went home to Maple "
+    "Hill, sad.\n"
+    "About Noah. Noah is a singer. He has a fish named Coco. His best friend is Emma. His favorite color is "
+    "white. He lives in Riverton. His favorite food is eggs.\n"
+    "Q: 85-68=? A: 17\nQ: reverse k d w A: w d k\nQ: j=4 s=6 c=7 w=7 ; s=? A: 6\nQ: 27+71=? A: 98\n"
+    "Q: sort 92 71 79 12 62 A: 12 62 71 79 92\nQ: 24+95=? A: 119\nQ: 5*7=? A: 35\n"
 )
 
 
