@@ -38,24 +38,22 @@ def _quiet_llama_logs() -> None:
         logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
 
 
-
-# -- runtime ---------------------------------------------------------------------------------------
 _OPEN_LOCK = threading.Lock()  # Llama(verbose=False) silences by swapping the process's fds 1 and 2
 
 
-def _open_llama(path: Path, *, vocab_only: bool = False, n_ctx: int = 0, threads: int | None = None,
-                kv_cache: str = "f32", flash_attn: bool = False) -> Any:
+def _open_llama(path: Path, *, n_ctx: int, threads: int | None, kv_cache: str, flash_attn: bool) -> Any:
+    """One ``llama_cpp.Llama`` over ``path``: batches of up to n_ctx tokens in one ubatch, logits of
+    every position kept, the KV cache in ``kv_cache``."""
     import llama_cpp
 
     _quiet_llama_logs()
     kv = getattr(llama_cpp, KV_TYPES[kv_cache])
     with _OPEN_LOCK:
         try:
-            llm = llama_cpp.Llama(str(path), vocab_only=vocab_only, n_ctx=n_ctx, n_batch=max(n_ctx, 1),
-                                   n_ubatch=max(n_ctx, 1), n_threads=threads, n_threads_batch=threads,
-                                   logits_all=True, type_k=kv, type_v=kv,
-                                   flash_attn=flash_attn or kv_cache == "q8_0",  # a quantized V cache needs it
-                                   verbose=bool(os.environ.get("DEPLOYKIT_GGUF_VERBOSE")))
+            llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                                  n_threads_batch=threads, logits_all=True, type_k=kv, type_v=kv,
+                                  flash_attn=flash_attn or kv_cache == "q8_0",  # a quantized V cache needs it
+                                  verbose=bool(os.environ.get("DEPLOYKIT_GGUF_VERBOSE")))
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise ArtifactError(f"{path}: llama.cpp could not load this GGUF file ({e})",
                                 hint="convert again; DEPLOYKIT_GGUF_VERBOSE=1 shows llama.cpp's reason") from e
@@ -93,9 +91,9 @@ class GgufRunner(Runner):
             from deploykit.model.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.load(path.parent)
-        from deploykit.deploy.artifact import model_files
-
         import llama_cpp
+
+        from deploykit.deploy.artifact import model_files
 
         files = model_files(path.parent)
         self.info = RunnerInfo(
@@ -151,7 +149,7 @@ class GgufSession:
 
 
 def _read_meta(path: Path) -> dict[str, str]:
-    """The file's string-valued keys (deploykit's config and scheme, general.*)."""
+    """The keys the runner reads (deploykit's config, general.*), as strings."""
     import gguf
 
     try:
