@@ -195,6 +195,9 @@ class JsonObject(dict):
         """``cls(**self.dataclass_fields(cls), **overrides)``; a rule the dataclass enforces on
         construction (a ConfigError, "n_heads must divide d_model") is re-raised naming this file."""
         kwargs = {**self.dataclass_fields(cls), **overrides}
+        for f in dataclasses.fields(cls):
+            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(f.name, f"is missing (it must be {describe(field_kinds(cls)[f.name])})")
         try:
             return cls(**kwargs)
         except ConfigError as e:
