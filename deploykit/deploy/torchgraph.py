@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ArtifactError
-from ..model.checkpoint import CONFIG_NAME, load_config, to_hf_config
+from ..model.checkpoint import CONFIG_NAME, check_config_fits, load_config, to_hf_config
 from ..model.config import ModelConfig
 from ..model.graph import CausalLM, Experts
 from ..model.schema import JsonObject, read_json_object, short_repr
@@ -180,6 +180,7 @@ def rebuild(folder: Path, tensors: dict[str, torch.Tensor], replaced: Iterable[s
     modules for the replaced prefixes from ``tensors``. Tensors that do not match the graph are refused.
     """
     cfg = load_config(folder)
+    check_config_fits(cfg, tensors, Path(folder))
     replaced = list(replaced)
     with torch.device("meta"):
         model = CausalLM(cfg)

@@ -155,12 +155,12 @@ def _non_negative_ids(value: int | list[int]) -> str | None:
 
 
 def _rope(doc: JsonObject) -> tuple[str, float | None]:
-    """(rope type, theta or None) from rope_parameters (transformers >= 4.56) or rope_scaling."""
-    for key in ("rope_parameters", "rope_scaling"):
-        rope = doc.object(key, default=None)
-        if rope:
-            kind = rope.field("rope_type", str, default=None) or rope.field("type", str, default="default")
-            return kind, rope.field("rope_theta", float, default=None, check=positive)
+    """(rope type, theta or None) from rope_parameters (transformers >= 4.56), else rope_scaling."""
+    # Both are read, so a malformed one is reported even when the other one decides.
+    found = [doc.object(key, default=None) for key in ("rope_parameters", "rope_scaling")]
+    for rope in (r for r in found if r):
+        kind = rope.field("rope_type", str, default=None) or rope.field("type", str, default="default")
+        return kind, rope.field("rope_theta", float, default=None, check=positive)
     return "default", None
 
 
@@ -243,10 +243,13 @@ def to_hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_hf_state_dict`: transformers tensor names -> deploykit's."""
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig,
+                       source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_hf_state_dict`: transformers tensor names -> deploykit's.
+
+    ``source`` (the folder) is named in the CheckpointError for weights that do not fit ``cfg``."""
     if cfg.variant == "legacy":
-        return _from_gpt2(sd, cfg)
+        return _from_gpt2(sd, cfg, source)
     sd = dict(sd)
     if cfg.variant == "moe":
         pattern = re.compile(r"(.*\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
@@ -255,10 +258,11 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             prefix, e, w = pattern.match(key).groups()
             groups.setdefault((prefix, w), {})[int(e)] = sd.pop(key)
         for (prefix, w), per_expert in groups.items():
-            if sorted(per_expert) != list(range(cfg.n_experts)):
+            # len first: an edited n_experts of 10**9 must not build a list of that length
+            if len(per_expert) != cfg.n_experts or sorted(per_expert) != list(range(cfg.n_experts)):
                 raise CheckpointError(
-                    f"{prefix}.{w}: found experts {sorted(per_expert)}, config says n_experts={cfg.n_experts}",
-                    hint="config.json does not match the weights")
+                    f"{source}: {prefix}.{w}: found experts {sorted(per_expert)[:8]}, config says "
+                    f"n_experts={cfg.n_experts}", hint="config.json does not match the weights")
             sd[f"{prefix}.{w}"] = torch.stack([per_expert[e] for e in range(cfg.n_experts)])
     return sd
 
@@ -283,7 +287,7 @@ def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
     return out
 
 
-def _from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str | Path) -> dict[str, torch.Tensor]:
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}  # both GPT2Model and LMHead layouts
     try:
         out = {"model.embed_tokens.weight": sd["wte.weight"], "model.embed_positions.weight": sd["wpe.weight"],
@@ -303,7 +307,8 @@ def _from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
                                  ("mlp.down_proj", "mlp.c_proj")):
                 out[p + ours + ".weight"], out[p + ours + ".bias"] = sd[h + theirs + ".weight"].t(), sd[h + theirs + ".bias"]
     except KeyError as e:
-        raise CheckpointError(f"GPT-2 checkpoint lacks tensor {e.args[0]!r}", hint="config.json does not match the weights") from e
+        raise CheckpointError(f"{source}: GPT-2 checkpoint lacks tensor {e.args[0]!r}",
+                              hint="config.json does not match the weights") from e
     return out
 
 
@@ -398,13 +403,35 @@ def _shard_name(name: str) -> str | None:
 def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> CausalLM:
     """Load a deploykit or transformers (Llama/Mistral/Qwen2/Mixtral/GPT-2) checkpoint folder."""
     cfg = load_config(folder)
-    sd = from_hf_state_dict(read_weights(folder), cfg)
+    sd = from_hf_state_dict(read_weights(folder), cfg, folder)
+    check_config_fits(cfg, sd, Path(folder))
     with torch.device("meta"):
         model = CausalLM(cfg)
     _check_tensors(model, sd, Path(folder))
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
                           strict=False, assign=True)
     return model.finish_meta_load().eval()
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_config_fits(cfg: ModelConfig, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """The weights could belong to ``cfg``, checked on names and element counts before any graph is
+    built: a config.json edited to n_layers=10**9 or vocab_size=2**60 must be refused at once, not
+    after building 10**9 modules or overflowing torch's size arithmetic. The exact per-tensor check
+    comes after, on the meta-device graph (``_check_tensors``)."""
+    hint = "was config.json edited or copied from another model? Restore the original pair"
+    found = {int(m[1]) for k in tensors if (m := _LAYER.match(k))}
+    if len(found) != cfg.n_layers or found != set(range(cfg.n_layers)):
+        raise CheckpointError(f"{folder}: config.json does not match the weights: n_layers={cfg.n_layers}, "
+                              f"the weights hold {len(found)} layer(s)", hint=hint)
+    # Every size is a factor of some tensor, so bounding the parameter count bounds every size. Twice
+    # the elements held, because packed formats and a stored tied head only ever hold more, not less.
+    held = sum(t.numel() for t in tensors.values())
+    if cfg.num_params() > 2 * held + 4096:
+        raise CheckpointError(f"{folder}: config.json does not match the weights: it describes "
+                              f"{cfg.num_params():,} parameters, the weights hold {held:,} values", hint=hint)
 
 
 def _check_tensors(model: CausalLM, sd: dict[str, torch.Tensor], folder: Path) -> None:
