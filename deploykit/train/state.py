@@ -69,6 +69,12 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
             raise CheckpointError(f"{source / STATE_JSON}: optimizer.scalars has an entry for parameter {idx!r}, "
                                   "which this optimizer does not have", hint=STATE_HINT)
         state.setdefault(int(idx), {}).update(per_param)
+    # torch reads the first parameter's keys as every parameter's (AdamW: its "step"), so one state
+    # missing a key fails deep inside load_state_dict or step(): all must have the same keys.
+    keys = {frozenset(per_param) for per_param in state.values()}
+    if len(keys) > 1:
+        raise CheckpointError(f"{source / STATE_TENSORS}: the parameters' optimizer states differ in their keys "
+                              f"({' vs '.join(sorted(', '.join(sorted(k)) for k in keys)[:2])})", hint=STATE_HINT)
     groups = [dict(g) for g in groups]
     for g in groups:  # JSON turned the betas tuple into a list; AdamW only unpacks it, but keep the type
         if "betas" in g:
@@ -176,10 +182,13 @@ def check_meta(meta: JsonObject, folder: Path) -> None:
     meta.field("schedule_steps", int, check=positive)
     meta.field("data_hash", str)
     meta.field("peak_flops", float, default=None, check=positive)
-    train = meta.object("train_config").build(TrainConfig, out=folder, resume=False, force=False)
-    schedule = meta.object("schedule", default=None)
-    if schedule is not None:
-        schedule.build(LrSchedule, lr=train.lr, min_lr=train.min_lr)
+    train_doc = meta.object("train_config")
+    train = train_doc.build(TrainConfig, out=folder, resume=False, force=False)
+    # Numbers as checked (0 -> 0.0 for betas, which AdamW insists are floats), for the resumed run
+    fields = train_doc.dataclass_fields(TrainConfig)
+    meta["train_config"] = {**train_doc, **{k: v for k, v in fields.items() if k != "model"}}
+    if "schedule" in meta:  # states written before re-fits existed hold only schedule_steps
+        meta.object("schedule").build(LrSchedule, lr=train.lr, min_lr=train.min_lr)
     loader = meta.object("loader")
     for key in ("epoch", "position", "seed", "shuffle", "num_blocks", "batch_size"):
         loader.field(key, int, check=non_negative)
@@ -188,7 +197,8 @@ def check_meta(meta: JsonObject, folder: Path) -> None:
         group = optimizer.nested(f"param_groups[{i}]", group)
         group.field("params", ListOf(int))
         group.field("names", ListOf(str), default=None)
-    optimizer.mapping("scalars", dict, default={})
+    if "scalars" in optimizer:  # present means an object: null is not "no scalars"
+        optimizer.mapping("scalars", dict)
     meta.object("rng").field("python", ListOf((int, float, list, None), length=3), check=_python_rng_state)
 
 
