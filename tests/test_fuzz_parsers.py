@@ -464,12 +464,19 @@ def test_config_json_with_a_wrong_type(checkpoints, hf_checkpoints, tmp_path, fl
     _raises(ConfigError, load_model, folder, "config.json", needle)
 
 
-def test_config_json_whose_sizes_do_not_match_the_weights_is_refused_before_building(checkpoints, tmp_path):
-    folder = _copy(checkpoints["dense"], tmp_path)
+@pytest.mark.parametrize("variant,key,value,needle", [
+    ("dense", "n_layers", 10**9, "n_layers=1000000000, the weights hold 2 layer(s)"),  # would build 10**9 blocks
+    ("dense", "vocab_size", 2**60, "parameters, the weights hold"),  # overflowed torch's size arithmetic
+    ("moe", "n_experts", 10**9, "config says n_experts=1000000000"),
+    ("legacy", "n_layers", 4, "GPT-2 checkpoint lacks tensor 'h.2.ln_1.weight'"),
+])
+def test_config_json_whose_sizes_do_not_fit_the_weights_is_refused_before_building(checkpoints, tmp_path, variant,
+                                                                                   key, value, needle):
+    folder = _copy(checkpoints[variant], tmp_path)
     doc = _json(folder / "config.json")
-    doc["deploykit"]["model_config"]["n_layers"] = 10**9  # building this graph would never finish
+    doc["deploykit"]["model_config"][key] = value
     (folder / "config.json").write_text(json.dumps(doc))
-    _raises(CheckpointError, load_model, folder, "n_layers=1000000000", "the weights hold 2 layer(s)")
+    _raises(CheckpointError, load_model, folder, needle)
 
 
 @pytest.mark.parametrize("index,needle", [
@@ -563,6 +570,9 @@ def test_onnx_metadata_that_is_not_a_config():
     (lambda s: s["optimizer"]["param_groups"][0].update(params=[0]), "optimizer.param_groups[0].params: saved [0]"),
     (lambda s: s["rng"]["python"][1].pop(), "rng.python = [3, [") ,
     (lambda s: s.update(version=2), "training state version 2, expected 1"),
+    (lambda s: s.update(schedule=None), "schedule must be an object, got null"),
+    (lambda s: s["schedule"].pop("total"), "schedule.total is missing (it must be an integer)"),
+    (lambda s: s["optimizer"].update(scalars=None), "optimizer.scalars must be an object, got null"),
 ])
 def test_corrupt_trainer_state(run_folder, tmp_path, change, needle):
     folder = _copy(run_folder, tmp_path)
@@ -570,6 +580,14 @@ def test_corrupt_trainer_state(run_folder, tmp_path, change, needle):
     change(state)
     (folder / "trainer_state.json").write_text(json.dumps(state))
     _raises(CheckpointError, resume_state, folder, "trainer_state.json", needle)
+
+
+def test_trainer_state_numbers_are_returned_as_checked(run_folder, tmp_path):
+    folder = _copy(run_folder, tmp_path)
+    state = _json(folder / "trainer_state.json")
+    state["train_config"]["betas"] = [0, 0.95]  # a hand edit; AdamW refuses int betas
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    resume_state(folder)
 
 
 def test_corrupt_trainer_state_tensors(run_folder, tmp_path):
