@@ -20,6 +20,7 @@
 // Swiglu packs interleave panels: 2j = gate channels [16j, 16j+16), 2j+1 = up channels.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "cpu_features.h"
 
@@ -51,6 +52,13 @@ struct GemmArgs {
 
 // Runs the GEMM with the given variant over rows [0, M) and all units, on nthreads threads.
 void run_gemm(const GemmArgs& a, Isa isa, int nthreads);
+
+// Several GEMMs in one parallel call (the engine's q/k/v, the MoE experts): work items are
+// (GEMM, unit range) pieces of about equal cost, handed out dynamically. `pieces` is the
+// caller's scratch (cleared, reused: no allocation once it has grown).
+struct GemmPiece { int64_t g, u0, u1; };
+void run_gemm_group(const GemmArgs* args, int64_t n, Isa isa, int nthreads,
+                    std::vector<GemmPiece>& pieces);
 int64_t n_units(const GemmArgs& a);
 // Dispatch one block to the variant.
 void gemm_block(Isa isa, const GemmArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1);

@@ -45,6 +45,38 @@ void run_gemm(const GemmArgs& a, Isa isa, int nthreads) {
   });
 }
 
+void run_gemm_group(const GemmArgs* args, int64_t n, Isa isa, int nthreads,
+                    std::vector<GemmPiece>& pieces) {
+  double total = 0;
+  int64_t kp = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (args[i].M) {
+      total += static_cast<double>(args[i].M + 2) * n_units(args[i]);  // +2: weight streaming cost
+      kp = std::max(kp, args[i].Kp);
+    }
+  if (total == 0) return;
+  nthreads = std::max(1, nthreads);
+  if (total * kp * kPanel < 65536.0) nthreads = 1;
+  const double target = total / (4.0 * nthreads);
+  pieces.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (!args[i].M) continue;
+    const int64_t units = n_units(args[i]);
+    const double cost = static_cast<double>(args[i].M + 2) * units;
+    const int64_t parts = nthreads == 1 ? 1 : std::min<int64_t>(
+        units, std::max<int64_t>(1, static_cast<int64_t>(cost / target + 0.5)));
+    for (int64_t j = 0; j < parts; ++j) {
+      long long b, e;
+      split_range(units, j, parts, b, e);
+      pieces.push_back({i, b, e});
+    }
+  }
+  parallel_chunks(nthreads, static_cast<long long>(pieces.size()), [&](long long c) {
+    const GemmPiece& p = pieces[c];
+    gemm_block(isa, args[p.g], 0, args[p.g].M, p.u0, p.u1);
+  });
+}
+
 void quantize_rows(Isa isa, const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
                    int8_t* qa, int64_t lda, float* sa, int nthreads) {
   auto body = [&](int64_t m0, int64_t m1) {

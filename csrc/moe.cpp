@@ -14,6 +14,7 @@
 
 #include "array_check.h"
 #include "int8_kernels.h"
+#include "moe.h"
 #include "thread_pool.h"
 
 namespace deploykit {
@@ -21,7 +22,8 @@ namespace {
 
 // Route T tokens. Single-threaded: O(T * E * k) with E, k small is a few microseconds.
 void route(const float* logits, int64_t T, int64_t E, int64_t k, bool softmax_all, int32_t* ids,
-           float* w, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* inv) {
+           float* w, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* inv,
+           int32_t* cursor) {
   std::fill(counts, counts + E, 0);
   for (int64_t t = 0; t < T; ++t) {
     const float* l = logits + t * E;
@@ -52,7 +54,7 @@ void route(const float* logits, int64_t T, int64_t E, int64_t k, bool softmax_al
   offsets[0] = 0;
   for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
   // Counting sort of the flat (t, slot) indices: stable, so tokens stay ascending per expert.
-  std::vector<int32_t> cursor(offsets, offsets + E);
+  std::copy(offsets, offsets + E, cursor);
   for (int64_t i = 0; i < T * k; ++i) {
     const int32_t j = cursor[ids[i]]++;
     perm[j] = static_cast<int32_t>(i);
@@ -108,36 +110,60 @@ void gather(const Tv* x, const int32_t* perm, int64_t k, int64_t rows, int64_t D
   });
 }
 
-// Run one GEMM stage over all experts in one parallel call: work items are (expert, unit
-// range) pieces of about equal cost (rows x units), handed out dynamically.
-void run_experts(const std::vector<GemmArgs>& args, Isa isa, int nthreads) {
-  struct Piece { int64_t e, u0, u1; };
-  double total = 0;
-  for (const GemmArgs& a : args)
-    if (a.M) total += static_cast<double>(a.M + 2) * n_units(a);  // +2: weight streaming cost
-  if (total == 0) return;
-  nthreads = std::max(1, nthreads);
-  if (total * args[0].Kp * kPanel < 65536.0) nthreads = 1;
-  const double target = total / (4.0 * nthreads);
-  std::vector<Piece> pieces;
-  for (size_t e = 0; e < args.size(); ++e) {
-    if (!args[e].M) continue;
-    const int64_t units = n_units(args[e]);
-    const double cost = static_cast<double>(args[e].M + 2) * units;
-    const int64_t parts = std::min<int64_t>(units, std::max<int64_t>(1, static_cast<int64_t>(cost / target + 0.5)));
-    for (int64_t i = 0; i < parts; ++i) {
-      long long b, en;
-      split_range(units, i, parts, b, en);
-      pieces.push_back({static_cast<int64_t>(e), b, en});
-    }
-  }
-  parallel_chunks(nthreads, static_cast<long long>(pieces.size()), [&](long long c) {
-    const Piece& p = pieces[c];
-    gemm_block(isa, args[p.e], 0, args[p.e].M, p.u0, p.u1);
-  });
+}  // namespace
+
+void MoeWorkspace::ensure(const MoeWeights& w, int64_t T, int64_t k) {
+  const int64_t R = T * k;
+  auto grow = [](auto& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  };
+  grow(ids, R); grow(perm, R); grow(inv, R); grow(wts, R);
+  grow(counts, w.E); grow(offsets, w.E + 1); grow(cursor, w.E);
+  grow(qx, T * w.Dp()); grow(qxs, R * w.Dp()); grow(qh, R * w.Fp());
+  grow(sx, T); grow(sxs, R); grow(h, R * w.F); grow(sh, R); grow(ys, R * w.D);
+  grow(a1, w.E); grow(a2, w.E);
+  if (static_cast<int64_t>(pieces.capacity()) < 8 * w.E + 64) pieces.reserve(static_cast<size_t>(8 * w.E + 64));
 }
 
-}  // namespace
+void moe_ffn_run(const MoeWeights& w, const float* xp, const float* lp, int64_t T, int64_t k,
+                 bool softmax_all, float* o, MoeWorkspace& ws, Isa isa, int nthreads) {
+  if (T == 0) return;
+  ws.ensure(w, T, k);
+  const int64_t R = T * k, E = w.E, D = w.D, F = w.F, Dp = w.Dp(), Fp = w.Fp();
+  const int64_t np13 = w.np13(), np2 = w.np2();
+  route(lp, T, E, k, softmax_all, ws.ids.data(), ws.wts.data(), ws.counts.data(),
+        ws.offsets.data(), ws.perm.data(), ws.inv.data(), ws.cursor.data());
+  const int32_t* offsets = ws.offsets.data();
+  // Quantize each token once, then gather the int8 rows: a token's quantization does not
+  // depend on the expert, so this is k times less quantization work than per expert.
+  quantize_rows(isa, xp, D, T, D, Dp, ws.qx.data(), Dp, ws.sx.data(), nthreads);
+  gather(ws.qx.data(), ws.perm.data(), k, R, Dp, ws.qxs.data(), nthreads);
+  for (int64_t j = 0; j < R; ++j) ws.sxs[j] = ws.sx[ws.perm[j] / k];
+  // Stage 1: h = silu(x W1^T) * (x W3^T) per expert slice.
+  for (int64_t e = 0; e < E; ++e) {
+    GemmArgs& a = ws.a1[e];
+    a = GemmArgs();
+    a.qa = ws.qxs.data() + offsets[e] * Dp; a.lda = Dp; a.sa = ws.sxs.data() + offsets[e];
+    a.w = w.w13 + e * np13 * Dp * kPanel; a.sw = w.s13 + e * np13 * kPanel;
+    a.colsum = w.c13 + e * np13 * kPanel;
+    a.M = ws.counts[e]; a.Kp = Dp; a.n_panels = np13; a.N = F; a.epi = Epilogue::SwiGlu;
+    a.out = ws.h.data() + offsets[e] * F; a.ldo = F;
+  }
+  run_gemm_group(ws.a1.data(), E, isa, nthreads, ws.pieces);
+  // Stage 2: ys = h W2^T per expert slice, on freshly quantized h rows.
+  quantize_rows(isa, ws.h.data(), F, R, F, Fp, ws.qh.data(), Fp, ws.sh.data(), nthreads);
+  for (int64_t e = 0; e < E; ++e) {
+    GemmArgs& a = ws.a2[e];
+    a = GemmArgs();
+    a.qa = ws.qh.data() + offsets[e] * Fp; a.lda = Fp; a.sa = ws.sh.data() + offsets[e];
+    a.w = w.w2 + e * np2 * Fp * kPanel; a.sw = w.s2 + e * np2 * kPanel;
+    a.colsum = w.c2 + e * np2 * kPanel;
+    a.M = ws.counts[e]; a.Kp = Fp; a.n_panels = np2; a.N = D; a.epi = Epilogue::Float;
+    a.out = ws.ys.data() + offsets[e] * D; a.ldo = D;
+  }
+  run_gemm_group(ws.a2.data(), E, isa, nthreads, ws.pieces);
+  scatter(ws.ys.data(), ws.inv.data(), ws.wts.data(), T, k, D, o, nthreads);
+}
 
 void register_moe(py::module_& m) {
   m.def(
@@ -157,8 +183,9 @@ void register_moe(py::module_& m) {
         int32_t* p = check_array<int32_t>(perm, fn, "perm", {T * k}, true);
         int32_t* iv = check_array<int32_t>(inv, fn, "inv", {T * k}, true);
         check_logits(l, T * E);
+        std::vector<int32_t> cursor(E);
         py::gil_scoped_release nogil;
-        route(l, T, E, k, softmax_all, id, w, c, o, p, iv);
+        route(l, T, E, k, softmax_all, id, w, c, o, p, iv, cursor.data());
       },
       py::arg("logits"), py::arg("k"), py::arg("softmax_all"), py::arg("ids"), py::arg("weights"),
       py::arg("counts"), py::arg("offsets"), py::arg("perm"), py::arg("inv"),
@@ -228,41 +255,9 @@ void register_moe(py::module_& m) {
         const Isa isa = resolve_isa(isa_name);
         py::gil_scoped_release nogil;
         if (T == 0) return;
-        const int64_t R = T * k;  // routed rows
-        std::vector<int32_t> ids(R), counts(E), offsets(E + 1), perm(R), inv(R);
-        std::vector<float> wts(R);
-        route(lp, T, E, k, softmax_all, ids.data(), wts.data(), counts.data(), offsets.data(),
-              perm.data(), inv.data());
-        // Quantize each token once, then gather the int8 rows: a token's quantization does not
-        // depend on the expert, so this is k times less quantization work than per expert.
-        std::vector<int8_t> qx(T * Dp), qxs(R * Dp), qh(R * Fp);
-        std::vector<float> sx(T), sxs(R), h(R * F), sh(R), ys(R * D);
-        quantize_rows(isa, xp, D, T, D, Dp, qx.data(), Dp, sx.data(), nthreads);
-        gather(qx.data(), perm.data(), k, R, Dp, qxs.data(), nthreads);
-        for (int64_t j = 0; j < R; ++j) sxs[j] = sx[perm[j] / k];
-        // Stage 1: h = silu(x W1^T) * (x W3^T) per expert slice.
-        std::vector<GemmArgs> a1(E), a2(E);
-        for (int64_t e = 0; e < E; ++e) {
-          GemmArgs& a = a1[e];
-          a.qa = qxs.data() + offsets[e] * Dp; a.lda = Dp; a.sa = sxs.data() + offsets[e];
-          a.w = W13 + e * np13 * Dp * kPanel; a.sw = S13 + e * np13 * kPanel;
-          a.colsum = C13 + e * np13 * kPanel;
-          a.M = counts[e]; a.Kp = Dp; a.n_panels = np13; a.N = F; a.epi = Epilogue::SwiGlu;
-          a.out = h.data() + offsets[e] * F; a.ldo = F;
-        }
-        run_experts(a1, isa, nthreads);
-        // Stage 2: ys = h W2^T per expert slice, on freshly quantized h rows.
-        quantize_rows(isa, h.data(), F, R, F, Fp, qh.data(), Fp, sh.data(), nthreads);
-        for (int64_t e = 0; e < E; ++e) {
-          GemmArgs& a = a2[e];
-          a.qa = qh.data() + offsets[e] * Fp; a.lda = Fp; a.sa = sh.data() + offsets[e];
-          a.w = W2 + e * np2 * Fp * kPanel; a.sw = S2 + e * np2 * kPanel;
-          a.colsum = C2 + e * np2 * kPanel;
-          a.M = counts[e]; a.Kp = Fp; a.n_panels = np2; a.N = D; a.epi = Epilogue::Float;
-          a.out = ys.data() + offsets[e] * D; a.ldo = D;
-        }
-        run_experts(a2, isa, nthreads);
-        scatter(ys.data(), inv.data(), wts.data(), T, k, D, o, nthreads);
+        MoeWeights mw{W13, S13, C13, W2, S2, C2, E, D, F};
+        MoeWorkspace ws;
+        moe_ffn_run(mw, xp, lp, T, k, softmax_all, o, ws, isa, nthreads);
       },
       py::arg("x"), py::arg("logits"), py::arg("k"), py::arg("softmax_all"), py::arg("w13"),
       py::arg("sw13"), py::arg("cs13"), py::arg("w2"), py::arg("sw2"), py::arg("cs2"),

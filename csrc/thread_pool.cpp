@@ -25,7 +25,8 @@ constexpr auto kSpin = std::chrono::microseconds(100);
 // One parallel call. Shared-owned: a worker that wakes late still holds a valid Job, finds no
 // chunk left and never touches fn (which lives on the caller's stack).
 struct Job {
-  const std::function<void(long long)>* fn = nullptr;
+  ChunkCall call = nullptr;
+  const void* ctx = nullptr;
   long long total = 0;
   int max_workers = 0;  // workers with index < max_workers take part
   std::atomic<long long> next{0}, done{0};
@@ -37,7 +38,7 @@ struct Job {
       const long long c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= total) return;
       try {
-        (*fn)(c);
+        call(ctx, c);
       } catch (...) {
         std::lock_guard<std::mutex> lk(err_mu);
         if (!error) error = std::current_exception();
@@ -49,10 +50,11 @@ struct Job {
 
 class Pool {
  public:
-  void run(int nthreads, long long n_chunks, const std::function<void(long long)>& fn) {
+  void run(int nthreads, long long n_chunks, ChunkCall call, const void* ctx) {
     std::lock_guard<std::mutex> job_lock(job_mu_);  // one job at a time (callers from 2 threads)
-    auto job = std::make_shared<Job>();
-    job->fn = &fn;
+    std::shared_ptr<Job> job = reusable_job();
+    job->call = call;
+    job->ctx = ctx;
     job->total = n_chunks;
     job->max_workers = nthreads - 1;
     ensure_workers(nthreads - 1);
@@ -72,6 +74,21 @@ class Pool {
   }
 
  private:
+  // A finished job nobody holds any more (only this list: not job_, no worker), reset; else a
+  // new one. Workers take jobs only from job_ under mu_, so a count of 1 cannot rise under us.
+  std::shared_ptr<Job> reusable_job() {
+    for (auto& j : spare_) {
+      if (j != job_ && j.use_count() == 1) {
+        j->next.store(0);
+        j->done.store(0);
+        j->error = nullptr;
+        return j;
+      }
+    }
+    spare_.push_back(std::make_shared<Job>());
+    return spare_.back();
+  }
+
   void ensure_workers(int n) {
     while (static_cast<int>(workers_.size()) < n) {
       const int idx = static_cast<int>(workers_.size());
@@ -107,22 +124,23 @@ class Pool {
   std::condition_variable cv_;
   std::atomic<unsigned long long> gen_{0};
   std::shared_ptr<Job> job_;
+  std::vector<std::shared_ptr<Job>> spare_;  // guarded by job_mu_
 };
 
 thread_local bool tl_inside = false;
 
 }  // namespace
 
-void parallel_chunks(int nthreads, long long n_chunks, const std::function<void(long long)>& fn) {
+void parallel_chunks_raw(int nthreads, long long n_chunks, ChunkCall call, const void* ctx) {
   if (n_chunks <= 0) return;
   if (nthreads <= 1 || n_chunks == 1 || tl_inside) {
-    for (long long c = 0; c < n_chunks; ++c) fn(c);
+    for (long long c = 0; c < n_chunks; ++c) call(ctx, c);
     return;
   }
   static Pool* pool = new Pool();  // leaked on purpose: no joins during interpreter shutdown
   tl_inside = true;
   try {
-    pool->run(nthreads, n_chunks, fn);
+    pool->run(nthreads, n_chunks, call, ctx);
   } catch (...) {
     tl_inside = false;
     throw;
