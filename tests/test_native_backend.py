@@ -57,6 +57,9 @@ def test_convert_passes_parity_and_loads(request, artifacts, model, scheme, monk
     assert runner.info.backend == "native" and runner.info.quant == scheme
     assert runner.info.kv_cache is True and runner.info.threads == 2
     assert runner.info.details["isa"] == native.selected_isa()
+    assert runner.info.details["runs"] == "native C++ decode engine"
+    assert type(runner).__name__ == "EngineRunner" and runner.engine.isa == native.selected_isa()
+    # The torch modules stay as the reference path, on the same tensors (one copy of the weights).
     layer = runner.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, native.Int8Linear)
     if scheme == "int8":
@@ -250,3 +253,66 @@ def test_scalar_variant_passes_parity(request, artifacts, model, scheme, tmp_pat
 
 def out_vocab(ckpt) -> int:
     return json.loads((ckpt / "config.json").read_text())["vocab_size"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine behind the Runner API: reference path, limits, bad artifacts
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model,scheme", CASES)
+def test_engine_runner_matches_its_torch_reference(request, artifacts, model, scheme):
+    runner = deploykit.load(artifacts(request.getfixturevalue(model), scheme).path, threads=2)
+    ids = _probe_ids(runner.config.vocab_size)
+    got, ref = runner.forward(ids), runner.reference().forward(ids)
+    per_pos = np.abs(got - ref).max(-1)
+    print(f"\nnative/{scheme} engine vs torch modules: median {np.median(per_pos):.1e}, max {per_pos.max():.1e}, "
+          f"within 1e-4 at {(per_pos <= 1e-4).mean():.0%} of positions")
+    # Same int8 math; fp32 summation order differs, which flips an int8 step at a rounding boundary now and then.
+    assert np.median(per_pos) <= 1e-4 and per_pos.max() < 5e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.98
+
+
+def test_engine_session_past_max_length_is_refused(artifacts, nano_checkpoint):
+    from deploykit.errors import ConfigError
+
+    runner = deploykit.load(artifacts(nano_checkpoint, "int8").path)
+    cap = runner.info.max_length
+    s = runner.new_session()
+    s.feed([5] * (cap - 1))
+    s.feed([6])
+    with pytest.raises(ConfigError, match=str(cap)):
+        s.feed([7])
+    with pytest.raises(ValueError, match=f"max_seq_len is {cap}; start a new session"):
+        s.inner.feed([7])  # the engine's own check, under the Runner's
+
+
+def _copy_artifact(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_packed_tensor_is_a_one_line_error(artifacts, nano_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from deploykit.errors import ArtifactError
+
+    art = _copy_artifact(artifacts(nano_checkpoint, "int8").path, tmp_path / "cut")
+    ts = load_file(str(art / "native.safetensors"))
+    ts["model.layers.1.self_attn.k_proj.packed"] = ts["model.layers.1.self_attn.k_proj.packed"][:-64].clone()
+    save_file(ts, str(art / "native.safetensors"))
+    with pytest.raises(ArtifactError) as e:
+        deploykit.load(art, verify_files=False)
+    msg = e.value.args[0]  # the message is one line; the hint follows it on its own
+    assert "\n" not in msg and "self_attn.k_proj: packed tensors do not match" in msg and e.value.hint, msg
+
+
+def test_layout_from_a_newer_format_is_a_one_line_error(artifacts, nano_checkpoint, tmp_path):
+    from deploykit.errors import ArtifactError
+
+    art = _copy_artifact(artifacts(nano_checkpoint, "int8").path, tmp_path / "newer")
+    layout = json.loads((art / "native_layout.json").read_text())
+    (art / "native_layout.json").write_text(json.dumps({**layout, "format": layout["format"] + 1}))
+    with pytest.raises(ArtifactError, match="format 2, this deploykit reads 1") as e:
+        deploykit.load(art, verify_files=False)
+    assert "\n" not in e.value.args[0] and "convert again" in e.value.hint

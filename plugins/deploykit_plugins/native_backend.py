@@ -26,12 +26,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, Scheme
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import Int8Options
+from deploykit.deploy.runtime import ModelRunner
 from deploykit.deploy.roles import ATTENTION, MLP, QUANTIZED, Role, by_parent, linear_roles
 from deploykit.deploy.torchgraph import (check_module_names, load_tensors, plain_state, read_layout, rebuild,
                                          save_artifact, set_module)
@@ -212,6 +214,90 @@ def load_native_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the C++ decode engine over the installed modules' tensors
+# ---------------------------------------------------------------------------------------------
+def _pack(prefix: str, packed: Any, scales: Any, colsum: Any, bias: Any = None) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}.packed": packed, f"{prefix}.scales": scales, f"{prefix}.colsum": colsum}
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias
+    return out
+
+
+def _linear(prefix: str, mod: nn.Module) -> dict[str, torch.Tensor]:
+    return _pack(prefix, mod.packed, mod.scales, mod.colsum, mod.bias)
+
+
+def engine_tensors(model: CausalLM) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) for ``deploykit.native.engine.Engine`` from a model with native modules installed.
+
+    The tensors are the modules' own (the artifact's packed buffers as loaded): the engine and the torch
+    path share one copy of the weights, and the torch modules stay the reference the engine is tested against.
+    """
+    from deploykit import native
+
+    cfg = model.config
+    legacy = cfg.variant == "legacy"
+    lm_int8 = isinstance(model.lm_head, native.Int8Linear)
+    config = {"variant": cfg.variant, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+              "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
+              "max_seq_len": cfg.max_seq_len, "norm_eps": cfg.norm_eps, "n_experts": cfg.n_experts,
+              "top_k": cfg.top_k, "lm_head_int8": lm_int8}
+    dec = model.model
+    t: dict[str, torch.Tensor] = {"embed": dec.embed_tokens.weight, "norm.w": dec.norm.weight}
+    if legacy:
+        t["pos_embed"], t["norm.b"] = dec.embed_positions.weight, dec.norm.bias
+    else:
+        t["rope.inv_freq"] = model.inv_freq
+    t.update(_linear("lm_head", model.lm_head) if lm_int8 else {"lm_head.w": model.lm_head.weight})
+    for i, blk in enumerate(dec.layers):
+        p = f"layers.{i}."
+        t[p + "ln1.w"], t[p + "ln2.w"] = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
+        if legacy:
+            t[p + "ln1.b"], t[p + "ln2.b"] = blk.input_layernorm.bias, blk.post_attention_layernorm.bias
+        at = blk.self_attn
+        for short, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+            t.update(_linear(p + short, getattr(at, name)))
+        if cfg.variant == "dense":
+            m = blk.mlp
+            t.update(_pack(p + "gate_up", m.gate_up_packed, m.gate_up_scales, m.gate_up_colsum))
+            t.update(_pack(p + "down", m.down_packed, m.down_scales, m.down_colsum))
+        elif legacy:
+            t.update(_linear(p + "up", blk.mlp.up_proj))
+            t.update(_linear(p + "down", blk.mlp.down_proj))
+        else:
+            moe = blk.block_sparse_moe
+            t[p + "router.w"] = moe.gate.weight
+            for n, buf in (("w13", "w13"), ("s13", "s13"), ("c13", "c13"), ("w2", "w2"), ("s2", "s2"), ("c2", "c2")):
+                t[f"{p}experts.{n}"] = getattr(moe, buf)
+    return config, {k: v.detach().contiguous() for k, v in t.items()}
+
+
+class EngineRunner(ModelRunner):
+    """The native artifact on the C++ decode engine: one call per prefill or decode step.
+
+    ``model`` (the torch graph with the native int8 modules, sharing the engine's tensors) stays the readable
+    reference: ``reference()`` runs it through the same Runner API.
+    """
+
+    def __init__(self, model: CausalLM, engine: Any, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.engine = engine
+
+    def forward(self, input_ids: np.ndarray) -> np.ndarray:
+        # Runner checked input_ids against info: int64 (B, T), ids in range, T <= max_length.
+        return self.engine.forward(input_ids)
+
+    def new_session(self) -> Any:
+        return self.engine.new_session()
+
+    def reference(self) -> ModelRunner:
+        """The torch-module path over the same loaded weights (same int8 kernels, torch attention/norms)."""
+        return ModelRunner(self.model, backend=self.info.backend, quant=self.info.quant, tokenizer=self.tokenizer,
+                           threads=self.info.threads, files=self.info.files,
+                           details={**self.info.details, "runs": "torch modules"})
+
+
+# ---------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------
 class NativeBackend(Backend):
@@ -264,19 +350,27 @@ class NativeBackend(Backend):
     def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         from deploykit import native
         from deploykit.deploy.artifact import model_files
-        from deploykit.deploy.runtime import ModelRunner, load_tokenizer, set_threads
+        from deploykit.deploy.runtime import load_tokenizer, set_threads
         from deploykit.errors import BackendUnavailable
 
         if not native.available():
             raise BackendUnavailable(f"{artifact}: native artifacts need the compiled kernels "
                                      f"({native.unavailable_reason()})", hint=BUILD_HINT)
+        from deploykit.native.engine import Engine
+
         set_threads(threads)
         model, layout = load_native_model(Path(artifact))
-        # ModelRunner: thread-safe (weights only read, each session owns its KV cache; the kernels'
-        # thread pool serialises concurrent jobs) and decodes with deploykit's KV cache.
-        return ModelRunner(model, backend=self.name, quant=str(manifest.get("quant", layout.get("scheme"))),
-                           threads=threads, tokenizer=load_tokenizer(Path(artifact)), files=model_files(artifact),
-                           details={"isa": native.cpu_summary()["isa"], "quantize_lm_head": layout.get("quantize_lm_head")})
+        config, tensors = engine_tensors(model)
+        try:
+            engine = Engine(config, tensors, threads=torch.get_num_threads())
+        except ValueError as e:  # a tensor of the wrong size for its config: one line naming it
+            raise ArtifactError(f"{artifact}: {e}", hint="convert again with this version of deploykit") from e
+        # Thread-safe: the engine only reads the weights, each session owns its KV cache (and steps
+        # one at a time); the kernels' thread pool serialises concurrent jobs.
+        return EngineRunner(model, engine, backend=self.name, quant=str(manifest.get("quant", layout.get("scheme"))),
+                            threads=threads, tokenizer=load_tokenizer(Path(artifact)), files=model_files(artifact),
+                            details={"isa": native.cpu_summary()["isa"], "quantize_lm_head": layout.get("quantize_lm_head"),
+                                     "runs": "native C++ decode engine"})
 
 
 @hookimpl

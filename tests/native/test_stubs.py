@@ -30,7 +30,7 @@ def compiled_functions(mod) -> dict[str, list[tuple[str, str | None]]]:
     out = {}
     for name in dir(mod):
         obj = getattr(mod, name)
-        if name.startswith("_") or not callable(obj):
+        if name.startswith("_") or not callable(obj) or isinstance(obj, type):
             continue
         sig = obj.__doc__.splitlines()[0]  # "name(a: T, b: T = 1) -> R"
         m = re.match(rf"{name}\((.*)\) ->", sig)
@@ -66,3 +66,20 @@ def test_stub_matches_compiled_module(modname):
     for name in compiled:
         got = [(n, None if d is None else repr(ast.literal_eval(d))) for n, d in compiled[name]]
         assert stub[name] == got, f"{modname}.{name}: stub {stub[name]} != compiled {got}"
+
+
+def stub_classes(path: Path) -> dict[str, list[str]]:
+    tree = ast.parse(path.read_text())
+    return {node.name: sorted(f.name for f in node.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("_"))
+            for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def test_stub_classes_match_compiled_module():
+    """Classes (the decode engine): the same classes, each with the same public methods and properties."""
+    try:
+        mod = importlib.import_module("deploykit.native._native")
+    except ImportError as e:
+        pytest.skip(f"deploykit.native._native not built: {e}")
+    compiled = {name: sorted(m for m in vars(obj) if not m.startswith("_"))
+                for name, obj in vars(mod).items() if isinstance(obj, type) and not name.startswith("_")}
+    assert stub_classes(PKG / "_native.pyi") == compiled

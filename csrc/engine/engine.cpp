@@ -1,0 +1,466 @@
+// The native decode engine: the whole decoder step (prefill or decode) in one call.
+//
+// Engine  = the loaded model: pointers into the artifact's prepacked tensors (kept alive by
+//           references to the numpy views the loader passed in; nothing is copied or
+//           re-packed), the rotary table, and the thread count. Read-only once built, so any
+//           number of sessions may run on it from any number of threads.
+// Session = one sequence: a KV cache preallocated for max_seq_len positions (fp32, position-major
+//           (L, cap, kv_heads * head_dim): the k/v GEMMs write their rows straight into it) and
+//           scratch grown to the largest step seen. A decode step allocates nothing.
+//
+// Step (T new tokens at positions len .. len+T-1), per layer:
+//   h = norm1(x); quantize h once; q/k/v int8 GEMMs in one parallel call (k, v into the cache);
+//   rotary on q, k; causal GQA attention per (row, head); o GEMM; x += .
+//   h = norm2(x); SwiGLU (fused gate/up epilogue) | GELU MLP | fp32 router + moe_ffn_run; x += .
+// then the final norm and lm_head (int8 or fp32) on the rows whose logits are wanted.
+// The int8 math is the Int8Linear / Int8SwiGLU / moe_ffn math of the torch-module path exactly
+// (same kernels, same quantization); the fp32 parts (norms, rotary, softmax) differ from torch's
+// only in summation order.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "array_check.h"
+#include "engine/fp32_ops.h"
+#include "int8_kernels.h"
+#include "moe.h"
+#include "thread_pool.h"
+
+namespace deploykit {
+namespace {
+
+int64_t round_up4(int64_t v) { return (v + 3) / 4 * 4; }
+
+enum class Variant { Dense, Legacy, Moe };
+
+struct Config {
+  Variant variant = Variant::Dense;
+  int64_t V = 0, D = 0, L = 0, H = 0, KV = 0, hd = 0, F = 0, cap = 0, E = 0, top_k = 0;
+  float eps = 1e-5f;
+  bool lm_head_int8 = true;
+  int64_t qdim() const { return H * hd; }
+  int64_t kvdim() const { return KV * hd; }
+};
+
+// A packed int8 linear: the GemmArgs fields that do not change per call.
+struct Pack {
+  GemmArgs g;
+  int64_t K = 0;
+  bool present = false;
+};
+
+struct Layer {
+  const float *ln1_w = nullptr, *ln1_b = nullptr, *ln2_w = nullptr, *ln2_b = nullptr;
+  Pack q, k, v, o;
+  Pack gate_up, up, down;         // dense: gate_up (SwiGLU pack) + down; legacy: up + down
+  const float* router = nullptr;  // moe: (E, D) fp32
+  MoeWeights moe;
+};
+
+// Reads and checks the loader's arrays; every error names the tensor.
+class Arrays {
+ public:
+  explicit Arrays(py::dict d) : d_(std::move(d)) {}
+
+  template <typename T>
+  const T* get(const std::string& name, std::vector<int64_t> dims, bool optional = false) {
+    if (!d_.contains(name)) {
+      if (optional) return nullptr;
+      throw py::value_error("native engine: the artifact lacks tensor '" + name +
+                            "'; convert again with this version of deploykit");
+    }
+    py::array a = d_[py::str(name)].cast<py::array>();
+    const T* p = check_array<T>(a, "native engine: tensor", name.c_str(), std::move(dims));
+    keep.push_back(a);
+    return p;
+  }
+
+  Pack pack(const std::string& name, int64_t N, int64_t K, bool swiglu, bool bias) {
+    Pack p;
+    const int64_t Kp = round_up4(K);
+    const int64_t np = swiglu ? 2 * ((N + kPanel - 1) / kPanel) : (N + kPanel - 1) / kPanel;
+    p.g.w = get<int8_t>(name + ".packed", {np * Kp * kPanel});
+    p.g.sw = get<float>(name + ".scales", {np * kPanel});
+    p.g.colsum = get<int32_t>(name + ".colsum", {np * kPanel});
+    p.g.bias = bias ? get<float>(name + ".bias", {swiglu ? 2 * N : N}, true) : nullptr;
+    p.g.Kp = Kp;
+    p.g.n_panels = np;
+    p.g.N = N;
+    p.g.epi = swiglu ? Epilogue::SwiGlu : Epilogue::Float;
+    p.K = K;
+    p.present = true;
+    return p;
+  }
+
+  std::vector<py::array> keep;
+
+ private:
+  py::dict d_;
+};
+
+int64_t cfg_int(const py::dict& c, const char* key) {
+  if (!c.contains(key)) throw py::value_error(std::string("native engine: config lacks '") + key + "'");
+  return c[key].cast<int64_t>();
+}
+
+class Engine {
+ public:
+  Engine(py::dict config, py::dict arrays, int nthreads, const std::string& isa_name)
+      : isa_(resolve_isa(isa_name)), nthreads_(std::max(1, nthreads)) {
+    const std::string variant = config["variant"].cast<std::string>();
+    if (variant == "dense") c_.variant = Variant::Dense;
+    else if (variant == "legacy") c_.variant = Variant::Legacy;
+    else if (variant == "moe") c_.variant = Variant::Moe;
+    else throw py::value_error("native engine: variant must be dense, legacy or moe, got '" + variant + "'");
+    c_.V = cfg_int(config, "vocab_size");
+    c_.D = cfg_int(config, "d_model");
+    c_.L = cfg_int(config, "n_layers");
+    c_.H = cfg_int(config, "n_heads");
+    c_.KV = cfg_int(config, "n_kv_heads");
+    c_.hd = cfg_int(config, "head_dim");
+    c_.F = cfg_int(config, "ffn_dim");
+    c_.cap = cfg_int(config, "max_seq_len");
+    c_.eps = config["norm_eps"].cast<float>();
+    c_.lm_head_int8 = config["lm_head_int8"].cast<bool>();
+    if (c_.variant == Variant::Moe) {
+      c_.E = cfg_int(config, "n_experts");
+      c_.top_k = cfg_int(config, "top_k");
+    }
+    if (c_.H % c_.KV) throw py::value_error("native engine: n_kv_heads must divide n_heads");
+    Arrays a(arrays);
+    const int64_t D = c_.D, F = c_.F;
+    const bool legacy = c_.variant == Variant::Legacy;
+    embed_ = a.get<float>("embed", {c_.V, D});
+    if (legacy) pos_embed_ = a.get<float>("pos_embed", {c_.cap, D});
+    norm_w_ = a.get<float>("norm.w", {D});
+    if (legacy) norm_b_ = a.get<float>("norm.b", {D});
+    if (c_.lm_head_int8) lm_head_ = a.pack("lm_head", c_.V, D, false, true);
+    else lm_head_w_ = a.get<float>("lm_head.w", {c_.V, D});
+    if (!legacy) {  // rotary table (cap, hd/2), from the model's own inv_freq
+      const float* inv = a.get<float>("rope.inv_freq", {c_.hd / 2});
+      const int64_t half = c_.hd / 2;
+      cos_.resize(static_cast<size_t>(c_.cap * half));
+      sin_.resize(cos_.size());
+      for (int64_t p = 0; p < c_.cap; ++p)
+        for (int64_t i = 0; i < half; ++i) {
+          const float f = static_cast<float>(p) * inv[i];  // as rotary_cos_sin: fp32 product
+          cos_[p * half + i] = std::cos(f);
+          sin_[p * half + i] = std::sin(f);
+        }
+    }
+    layers_.resize(static_cast<size_t>(c_.L));
+    for (int64_t l = 0; l < c_.L; ++l) {
+      Layer& y = layers_[l];
+      const std::string p = "layers." + std::to_string(l) + ".";
+      y.ln1_w = a.get<float>(p + "ln1.w", {D});
+      y.ln2_w = a.get<float>(p + "ln2.w", {D});
+      if (legacy) {
+        y.ln1_b = a.get<float>(p + "ln1.b", {D});
+        y.ln2_b = a.get<float>(p + "ln2.b", {D});
+      }
+      y.q = a.pack(p + "q", c_.qdim(), D, false, true);
+      y.k = a.pack(p + "k", c_.kvdim(), D, false, true);
+      y.v = a.pack(p + "v", c_.kvdim(), D, false, true);
+      y.o = a.pack(p + "o", D, c_.qdim(), false, true);
+      if (c_.variant == Variant::Dense) {
+        y.gate_up = a.pack(p + "gate_up", F, D, true, false);
+        y.down = a.pack(p + "down", D, F, false, false);
+      } else if (legacy) {
+        y.up = a.pack(p + "up", F, D, false, true);
+        y.down = a.pack(p + "down", D, F, false, true);
+      } else {
+        MoeWeights& m = y.moe;
+        m.E = c_.E; m.D = D; m.F = F;
+        y.router = a.get<float>(p + "router.w", {c_.E, D});
+        m.w13 = a.get<int8_t>(p + "experts.w13", {c_.E, m.np13() * m.Dp() * kPanel});
+        m.s13 = a.get<float>(p + "experts.s13", {c_.E, m.np13() * kPanel});
+        m.c13 = a.get<int32_t>(p + "experts.c13", {c_.E, m.np13() * kPanel});
+        m.w2 = a.get<int8_t>(p + "experts.w2", {c_.E, m.np2() * m.Fp() * kPanel});
+        m.s2 = a.get<float>(p + "experts.s2", {c_.E, m.np2() * kPanel});
+        m.c2 = a.get<int32_t>(p + "experts.c2", {c_.E, m.np2() * kPanel});
+      }
+    }
+    keep_ = std::move(a.keep);
+  }
+
+  const Config& config() const { return c_; }
+  Isa isa() const { return isa_; }
+  int nthreads() const { return nthreads_; }
+
+  const float* embed_ = nullptr;
+  const float* pos_embed_ = nullptr;
+  const float *norm_w_ = nullptr, *norm_b_ = nullptr;
+  Pack lm_head_;
+  const float* lm_head_w_ = nullptr;
+  std::vector<float> cos_, sin_;
+  std::vector<Layer> layers_;
+
+ private:
+  Config c_;
+  Isa isa_;
+  int nthreads_;
+  std::vector<py::array> keep_;  // the artifact's tensors every pointer above points into
+};
+
+// Buffers of one session, grown to the largest step (T rows) seen; never shrunk.
+struct Scratch {
+  int64_t rows = 0;
+  std::vector<float> x, h, tmp, q, att, mid, router, scores, logits_row;
+  std::vector<int8_t> qa;
+  std::vector<float> sa;
+  std::vector<GemmPiece> pieces;
+  MoeWorkspace moe;
+};
+
+class Session {
+ public:
+  explicit Session(std::shared_ptr<const Engine> e) : e_(std::move(e)) {
+    const Config& c = e_->config();
+    const size_t n = static_cast<size_t>(c.L * c.cap * c.kvdim());
+    // Not value-initialised: pages are touched only as positions are written.
+    k_.reset(new float[n]);
+    v_.reset(new float[n]);
+  }
+
+  int64_t length() const { return len_; }
+  int64_t capacity() const { return e_->config().cap; }
+  int64_t vocab() const { return e_->config().V; }
+  void reset() {
+    std::lock_guard<std::mutex> lk(mu_);
+    len_ = 0;
+  }
+
+  // Runs T tokens; writes logits of every row (all_rows) or of the last row into out.
+  void step(const int64_t* ids, int64_t T, bool all_rows, float* out) {
+    std::lock_guard<std::mutex> lk(mu_);  // one step at a time per session
+    const Config& c = e_->config();
+    if (len_ + T > c.cap)
+      throw py::value_error("native engine: the session holds " + std::to_string(len_) +
+                            " positions and cannot take " + std::to_string(T) + " more: max_seq_len is " +
+                            std::to_string(c.cap) + "; start a new session");
+    for (int64_t t = 0; t < T; ++t)
+      if (ids[t] < 0 || ids[t] >= c.V)
+        throw py::value_error("native engine: token id " + std::to_string(ids[t]) + " is outside [0, " +
+                              std::to_string(c.V) + ")");
+    py::gil_scoped_release nogil;
+    ensure(T);
+    embed(ids, T);
+    for (int64_t l = 0; l < c.L; ++l) layer(l, T);
+    head(T, all_rows, out);
+    len_ += T;
+  }
+
+ private:
+  void ensure(int64_t T) {
+    if (T <= s_.rows) return;
+    const Config& c = e_->config();
+    const int nt = e_->nthreads();
+    auto grow = [](auto& v, int64_t n) { v.resize(static_cast<size_t>(n)); };
+    grow(s_.x, T * c.D); grow(s_.h, T * c.D); grow(s_.tmp, T * c.D);
+    grow(s_.q, T * c.qdim()); grow(s_.att, T * c.qdim());
+    grow(s_.mid, T * c.F);
+    grow(s_.router, T * std::max<int64_t>(1, c.E));
+    grow(s_.scores, 4LL * nt * c.cap);
+    const int64_t kp = std::max({round_up4(c.D), round_up4(c.qdim()), round_up4(c.F)});
+    grow(s_.qa, T * kp); grow(s_.sa, T);
+    s_.pieces.reserve(static_cast<size_t>(16 * nt + 8));
+    if (c.variant == Variant::Moe) s_.moe.ensure(e_->layers_[0].moe, T, c.top_k);
+    s_.rows = T;
+  }
+
+  void embed(const int64_t* ids, int64_t T) {
+    const Config& c = e_->config();
+    for (int64_t t = 0; t < T; ++t) {
+      float* x = s_.x.data() + t * c.D;
+      std::memcpy(x, e_->embed_ + ids[t] * c.D, sizeof(float) * c.D);
+      if (e_->pos_embed_) engine::add(e_->pos_embed_ + (len_ + t) * c.D, x, c.D);
+    }
+  }
+
+  void norm(const float* w, const float* b, const float* x, float* y, int64_t T) {
+    const Config& c = e_->config();
+    for (int64_t t = 0; t < T; ++t) {
+      if (b) engine::layer_norm(x + t * c.D, w, b, c.eps, c.D, y + t * c.D);
+      else engine::rms_norm(x + t * c.D, w, c.eps, c.D, y + t * c.D);
+    }
+  }
+
+  // Quantize x (T, K) into s_.qa / s_.sa with row stride Kp.
+  int64_t quantize(const float* x, int64_t T, int64_t K) {
+    const int64_t Kp = round_up4(K);
+    quantize_rows(e_->isa(), x, K, T, K, Kp, s_.qa.data(), Kp, s_.sa.data(), e_->nthreads());
+    return Kp;
+  }
+
+  GemmArgs bind(const Pack& p, int64_t T, float* out, int64_t ldo) {
+    GemmArgs g = p.g;
+    g.qa = s_.qa.data();
+    g.lda = p.g.Kp;
+    g.sa = s_.sa.data();
+    g.M = T;
+    g.out = out;
+    g.ldo = ldo;
+    return g;
+  }
+
+  void gemm(const Pack& p, int64_t T, float* out, int64_t ldo) {
+    const GemmArgs g = bind(p, T, out, ldo);
+    run_gemm_group(&g, 1, e_->isa(), e_->nthreads(), s_.pieces);
+  }
+
+  // Llama's rotate-half rotary on `heads` heads of row x (head_dim hd) at position pos.
+  void rotary(float* x, int64_t heads, int64_t pos) {
+    const int64_t hd = e_->config().hd, half = hd / 2;
+    const float* cs = e_->cos_.data() + pos * half;
+    const float* sn = e_->sin_.data() + pos * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + h * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  }
+
+  void attention(int64_t l, int64_t T) {
+    const Config& c = e_->config();
+    const int64_t hd = c.hd, qd = c.qdim(), kvd = c.kvdim(), group = c.H / c.KV;
+    const float* K = k_.get() + l * c.cap * kvd;
+    const float* Vc = v_.get() + l * c.cap * kvd;
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    const int64_t tasks = T * c.H;
+    const double work = static_cast<double>(tasks) * (len_ + T) * hd;
+    const int nt = work < 32768.0 ? 1 : e_->nthreads();
+    const long long chunks = nt == 1 ? 1 : std::min<long long>(tasks, 4LL * nt);
+    parallel_chunks(nt, chunks, [&](long long ch) {
+      long long b, e;
+      split_range(tasks, ch, chunks, b, e);
+      float* sc = s_.scores.data() + ch * c.cap;
+      for (long long task = b; task < e; ++task) {
+        const int64_t t = task / c.H, h = task % c.H, g = h / group, pos = len_ + t;
+        const float* q = s_.q.data() + t * qd + h * hd;
+        float mx = -INFINITY;
+        for (int64_t p = 0; p <= pos; ++p) {
+          sc[p] = engine::dot(q, K + p * kvd + g * hd, hd) * scale;
+          mx = std::max(mx, sc[p]);
+        }
+        float sum = 0.f;
+        for (int64_t p = 0; p <= pos; ++p) {
+          sc[p] = std::exp(sc[p] - mx);
+          sum += sc[p];
+        }
+        float* o = s_.att.data() + t * qd + h * hd;
+        std::fill(o, o + hd, 0.f);
+        for (int64_t p = 0; p <= pos; ++p) engine::axpy(sc[p], Vc + p * kvd + g * hd, o, hd);
+        engine::scale(1.f / sum, o, hd);
+      }
+    });
+  }
+
+  void layer(int64_t l, int64_t T) {
+    const Config& c = e_->config();
+    const Layer& y = e_->layers_[l];
+    const int64_t D = c.D, qd = c.qdim(), kvd = c.kvdim();
+    float *x = s_.x.data(), *h = s_.h.data(), *tmp = s_.tmp.data();
+    float* kc = k_.get() + (l * c.cap + len_) * kvd;
+    float* vc = v_.get() + (l * c.cap + len_) * kvd;
+    // attention
+    norm(y.ln1_w, y.ln1_b, x, h, T);
+    quantize(h, T, D);
+    const GemmArgs qkv[3] = {bind(y.q, T, s_.q.data(), qd), bind(y.k, T, kc, kvd), bind(y.v, T, vc, kvd)};
+    run_gemm_group(qkv, 3, e_->isa(), e_->nthreads(), s_.pieces);
+    if (c.variant != Variant::Legacy)
+      for (int64_t t = 0; t < T; ++t) {
+        rotary(s_.q.data() + t * qd, c.H, len_ + t);
+        rotary(kc + t * kvd, c.KV, len_ + t);
+      }
+    attention(l, T);
+    quantize(s_.att.data(), T, qd);
+    gemm(y.o, T, tmp, D);
+    engine::add(tmp, x, T * D);
+    // MLP / MoE
+    norm(y.ln2_w, y.ln2_b, x, h, T);
+    if (c.variant == Variant::Dense) {
+      quantize(h, T, D);
+      gemm(y.gate_up, T, s_.mid.data(), c.F);  // silu(gate) * up in the epilogue
+      quantize(s_.mid.data(), T, c.F);
+      gemm(y.down, T, tmp, D);
+    } else if (c.variant == Variant::Legacy) {
+      quantize(h, T, D);
+      gemm(y.up, T, s_.mid.data(), c.F);
+      engine::gelu(s_.mid.data(), T * c.F);
+      quantize(s_.mid.data(), T, c.F);
+      gemm(y.down, T, tmp, D);
+    } else {
+      engine::linear_f32(h, T, D, y.router, nullptr, 0, c.E, s_.router.data(), c.E);
+      moe_ffn_run(y.moe, h, s_.router.data(), T, c.top_k, false, tmp, s_.moe, e_->isa(), e_->nthreads());
+    }
+    engine::add(tmp, x, T * D);
+  }
+
+  void head(int64_t T, bool all_rows, float* out) {
+    const Config& c = e_->config();
+    const int64_t r0 = all_rows ? 0 : T - 1, R = T - r0;
+    float* h = s_.h.data();
+    norm(e_->norm_w_, e_->norm_b_, s_.x.data() + r0 * c.D, h, R);
+    if (c.lm_head_int8) {
+      quantize(h, R, c.D);
+      gemm(e_->lm_head_, R, out, c.V);
+      return;
+    }
+    const int nt = static_cast<double>(R) * c.V * c.D < 65536.0 ? 1 : e_->nthreads();
+    const long long chunks = nt == 1 ? 1 : 4LL * nt;
+    parallel_chunks(nt, chunks, [&](long long ch) {
+      long long b, e;
+      split_range(c.V, ch, chunks, b, e);
+      engine::linear_f32(h, R, c.D, e_->lm_head_w_, nullptr, b, e, out, c.V);
+    });
+  }
+
+  std::shared_ptr<const Engine> e_;
+  std::unique_ptr<float[]> k_, v_;  // (L, cap, kv_heads * head_dim)
+  int64_t len_ = 0;
+  Scratch s_;
+  std::mutex mu_;
+};
+
+}  // namespace
+
+void register_engine(py::module_& m) {
+  py::class_<Engine, std::shared_ptr<Engine>>(
+      m, "Engine",
+      "A loaded model for the native decode engine: pointers into the artifact's prepacked "
+      "tensors (not copied). Read-only: sessions on several threads may share it.")
+      .def(py::init<py::dict, py::dict, int, const std::string&>(), py::arg("config"),
+           py::arg("arrays"), py::arg("nthreads") = 1, py::arg("isa") = "")
+      .def_property_readonly("isa", [](const Engine& e) { return std::string(isa_name(e.isa())); })
+      .def_property_readonly("nthreads", &Engine::nthreads)
+      .def_property_readonly("max_seq_len", [](const Engine& e) { return e.config().cap; })
+      .def_property_readonly("vocab_size", [](const Engine& e) { return e.config().V; });
+
+  py::class_<Session>(m, "EngineSession",
+                      "One sequence on an Engine: its own KV cache (capacity max_seq_len).")
+      .def(py::init([](std::shared_ptr<Engine> e) { return new Session(std::move(e)); }),
+           py::arg("engine"))
+      .def_property_readonly("length", &Session::length)
+      .def_property_readonly("capacity", &Session::capacity)
+      .def("reset", &Session::reset, "Forget every position (the cache is reused).")
+      .def(
+          "step",
+          [](Session& s, py::array ids, py::array out, bool all_rows) {
+            const int64_t* p = check_array<int64_t>(ids, "EngineSession.step", "ids", {-1});
+            const int64_t T = ids.shape(0);
+            if (T < 1) throw py::value_error("EngineSession.step: ids must hold at least one token");
+            float* o = check_array<float>(out, "EngineSession.step", "out", {all_rows ? T : 1, s.vocab()}, true);
+            s.step(p, T, all_rows, o);
+          },
+          py::arg("ids"), py::arg("out"), py::arg("all_rows"),
+          "Append ids (T,) int64; out (T, V) float32 (all_rows) or (1, V) gets the logits.");
+}
+
+}  // namespace deploykit

@@ -1,0 +1,30 @@
+// fp32 helpers of the decode engine (norms, rotary, attention, fp32 linears).
+//
+// Each hot loop is one plain C++ source compiled three times by GCC/Clang function
+// multi-versioning (target_clones: AVX-512F, AVX2+FMA, baseline), the best clone picked once by
+// the loader. The baseline clone is the scalar reference; the loops keep 16 independent partial
+// sums, so every clone is deterministic (the same inputs give the same bits on one machine).
+#pragma once
+#include <cstdint>
+
+namespace deploykit {
+namespace engine {
+
+float dot(const float* a, const float* b, int64_t n);        // sum_i a[i] * b[i]
+void axpy(float alpha, const float* x, float* y, int64_t n);  // y += alpha * x
+void scale(float alpha, float* y, int64_t n);                 // y *= alpha
+void add(const float* x, float* y, int64_t n);                // y += x
+
+// out[t, n] = dot(x[t, :], w[n, :]) (+ bias[n]) for rows [0, T), columns [n0, n1).
+void linear_f32(const float* x, int64_t T, int64_t K, const float* w, const float* bias, int64_t n0,
+                int64_t n1, float* out, int64_t ldo);
+
+// y = x * rsqrt(mean(x^2) + eps) * w           (deploykit RMSNorm, fp32)
+void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y);
+// y = (x - mean) * rsqrt(var + eps) * w + b   (torch.nn.LayerNorm, biased variance)
+void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t n, float* y);
+// exact (erf) GELU in place, as F.gelu(approximate="none")
+void gelu(float* y, int64_t n);
+
+}  // namespace engine
+}  // namespace deploykit
