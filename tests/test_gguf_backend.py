@@ -255,6 +255,27 @@ def test_import_round_trip_gives_identical_logits(artifact, checkpoints, tokeniz
         assert again.encode(text) == tokenizer.encode(text), text
 
 
+def test_import_force_replaces_only_a_checkpoint_never_the_gguf_or_a_user_folder(artifact, tmp_path, capsys):
+    import shutil
+
+    src = artifact("nano", "f32").path
+    gguf_copy = tmp_path / "models" / gb.MODEL_FILE
+    gguf_copy.parent.mkdir()
+    shutil.copy(src / gb.MODEL_FILE, gguf_copy)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for out in (gguf_copy.parent, tmp_path, mine):  # the file's folder, one around it, a user folder
+        assert main(["import-gguf", str(gguf_copy), "--out", str(out), "--force"]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "mine" and gguf_copy.is_file()
+    ckpt = tmp_path / "ckpt"
+    assert main(["import-gguf", str(gguf_copy), "--out", str(ckpt)]) == 0
+    assert main(["import-gguf", str(gguf_copy), "--out", str(ckpt)]) == 2  # exists: --force needed
+    assert main(["import-gguf", str(gguf_copy), "--out", str(ckpt), "--force"]) == 0  # a checkpoint: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "mine", "models"]
+
+
 def test_import_without_deploykits_key_reads_the_llama_keys(artifact, checkpoints, tmp_path):
     """A GGUF from llama.cpp's own converter has no deploykit.model_config: the llama.* keys must do."""
     import gguf

@@ -426,15 +426,20 @@ def import_gguf(path: str | Path, out: str | Path, *, force: bool = False) -> di
 
     Everything is read and checked before the folder is written, so a bad file leaves nothing behind.
     """
-    from deploykit.errors import TargetExistsError
-    from deploykit.model.checkpoint import save_model
+    from deploykit.fsutil import Destination
+    from deploykit.model.checkpoint import CHECKPOINT_FILES, save_model
 
     path, out = Path(path), Path(out)
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):  # before the slow part
-        raise TargetExistsError(f"{out} already exists", hint="pass --force or choose another --out")
+    # --force replaces only a checkpoint folder (nothing in it but checkpoint files), never the GGUF's own
+    # folder or one around it; checked before the slow part.
+    dest = Destination(out, what="checkpoint", force=force, sources=(path,),
+                       is_own=lambda f: {p.name for p in f.iterdir()} <= CHECKPOINT_FILES,
+                       need_bytes=2 * path.stat().st_size if path.is_file() else 0)
+    dest.check()
     contents = read_gguf(path)
     model = build_model(contents, path)
-    save_model(model, out, contents.tokenizer, overwrite=force)
+    with dest.write() as tmp:
+        save_model(model, tmp, contents.tokenizer, overwrite=True)  # tmp exists (empty): written into
     return {"source": str(path), "out": str(out), **contents.facts}
 
 
