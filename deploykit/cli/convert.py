@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     out = Console()
     if result.report is not None:
         out.print(result.report.table())
+        for note in result.report.notes:  # the backend's own proofs and caveats (e.g. gguf's tokenizer proof)
+            out.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
         if not result.report.passed():
             out.print(f"[yellow]kept despite: {'; '.join(result.report.violations())} (--allow-mismatch)[/]")
     else:
