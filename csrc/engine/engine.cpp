@@ -343,21 +343,8 @@ class Session {
       float* sc = s_.scores.data() + ch * c.cap;
       for (long long task = b; task < e; ++task) {
         const int64_t t = task / c.H, h = task % c.H, g = h / group, pos = len_ + t;
-        const float* q = s_.q.data() + t * qd + h * hd;
-        float mx = -INFINITY;
-        for (int64_t p = 0; p <= pos; ++p) {
-          sc[p] = engine::dot(q, K + p * kvd + g * hd, hd) * scale;
-          mx = std::max(mx, sc[p]);
-        }
-        float sum = 0.f;
-        for (int64_t p = 0; p <= pos; ++p) {
-          sc[p] = std::exp(sc[p] - mx);
-          sum += sc[p];
-        }
-        float* o = s_.att.data() + t * qd + h * hd;
-        std::fill(o, o + hd, 0.f);
-        for (int64_t p = 0; p <= pos; ++p) engine::axpy(sc[p], Vc + p * kvd + g * hd, o, hd);
-        engine::scale(1.f / sum, o, hd);
+        engine::attend_row(s_.q.data() + t * qd + h * hd, K + g * hd, Vc + g * hd, kvd, pos + 1, hd, scale, sc,
+                           s_.att.data() + t * qd + h * hd);
       }
     });
   }

@@ -23,6 +23,11 @@ void linear_f32(const float* x, int64_t T, int64_t K, const float* w, const floa
 void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y);
 // y = (x - mean) * rsqrt(var + eps) * w + b   (torch.nn.LayerNorm, biased variance)
 void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t n, float* y);
+// One causal attention row: scores[p] = scale * dot(q, K[p]) for p < n (K row stride ldk), softmax,
+// out = sum_p softmax[p] * V[p]. `scores` holds n floats of scratch. The dot products sum in the
+// same order as dot(), whatever the step, so a decode step equals the same row of a prefill.
+void attend_row(const float* q, const float* K, const float* V, int64_t ldk, int64_t n, int64_t hd,
+                float scale, float* scores, float* out);
 // exact (erf) GELU in place, as F.gelu(approximate="none")
 void gelu(float* y, int64_t n);
 
