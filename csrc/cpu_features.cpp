@@ -11,6 +11,13 @@
 #define DK_X86 1
 #include <cpuid.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#endif
 
 #include <pybind11/pybind11.h>
 namespace py = pybind11;
@@ -28,6 +35,28 @@ unsigned long long xgetbv0() {
   return (static_cast<unsigned long long>(edx) << 32) | eax;
 }
 #endif
+
+// Linux hands out AMX tile state only on request: without it the first tile instruction of any
+// thread faults (llama.cpp's crash on such machines). The permission is per process, so one
+// request before any kernel runs covers the thread pool's workers too.
+void request_amx(CpuFeatures& f) {
+  if (!f.os_amx) {
+    f.amx_note = "the OS does not enable AMX tile state (XCR0 bits 17/18)";
+    return;
+  }
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) {
+    f.amx_permission = true;
+  } else {
+    f.amx_note = std::string("the kernel refused the AMX tile permission (arch_prctl ARCH_REQ_XCOMP_PERM: ") +
+                 std::strerror(errno) + "); AMX kernels are off, avx512vnni is used";
+    std::fprintf(stderr, "deploykit: %s\n", f.amx_note.c_str());
+  }
+#else
+  f.amx_note = "AMX permission requests are implemented for Linux x86-64 only";
+#endif
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -77,9 +106,14 @@ CpuFeatures detect() {
     f.avx512bw = (ebx7 & (1u << 30)) && f.os_zmm;
     f.avx512vl = (ebx7 & (1u << 31)) && f.os_zmm;
     f.avx512_vnni = (ecx7 & (1u << 11)) && f.os_zmm;
+    const unsigned edx7 = r[3];
+    f.amx_tile = edx7 & (1u << 24);
+    f.amx_int8 = edx7 & (1u << 25);
     cpuid(7, 1, r);
     f.avx_vnni = (r[0] & (1u << 4)) && f.os_ymm;
   }
+  f.os_amx = (xcr0 & (3ull << 17)) == (3ull << 17);
+  if (f.amx_tile && f.amx_int8) request_amx(f);
 #endif
   return f;
 }
@@ -97,6 +131,8 @@ bool isa_supported(Isa isa) {
     case Isa::Scalar: return true;
     case Isa::Avx2: return f.avx2 && f.fma;
     case Isa::Avx512Vnni: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni;
+    case Isa::Amx:
+      return isa_supported(Isa::Avx512Vnni) && f.amx_tile && f.amx_int8 && f.amx_permission;
   }
   return false;
 }
@@ -112,6 +148,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512Vnni: return "avx512vnni";
+    case Isa::Amx: return "amx";
   }
   return "?";
 }
@@ -120,8 +157,9 @@ Isa parse_isa(const std::string& name) {
   if (name == "scalar") return Isa::Scalar;
   if (name == "avx2") return Isa::Avx2;
   if (name == "avx512vnni") return Isa::Avx512Vnni;
+  if (name == "amx") return Isa::Amx;
   throw std::invalid_argument("unknown ISA '" + name +
-                              "'; valid values: scalar, avx2, avx512vnni");
+                              "'; valid values: scalar, avx2, avx512vnni, amx");
 }
 
 static Isa checked(Isa isa, const char* origin) {
@@ -181,8 +219,13 @@ void register_cpu_features(py::module_& m) {
         d["avx_vnni"] = f.avx_vnni;
         d["os_ymm"] = f.os_ymm;
         d["os_zmm"] = f.os_zmm;
+        d["amx_tile"] = f.amx_tile;
+        d["amx_int8"] = f.amx_int8;
+        d["os_amx"] = f.os_amx;
+        d["amx_permission"] = f.amx_permission;
+        d["amx_note"] = f.amx_note.empty() ? py::object(py::none()) : py::object(py::str(f.amx_note));
         py::list sup;
-        for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni})
+        for (Isa i : kAllIsas)
           if (isa_supported(i)) sup.append(isa_name(i));
         d["supported_isas"] = sup;
         d["best_isa"] = isa_name(best_isa());
@@ -202,7 +245,7 @@ void register_cpu_features(py::module_& m) {
         "Kernel variant used when no isa= argument is given (DEPLOYKIT_NATIVE_ISA overrides).");
   m.def("supported_isas", [] {
     py::list sup;
-    for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni})
+    for (Isa i : kAllIsas)
       if (isa_supported(i)) sup.append(isa_name(i));
     return sup;
   }, "Variants this CPU and OS can run, scalar first.");

@@ -71,6 +71,7 @@ void quantize_rows(Isa isa, const float* x, int64_t ldx, int64_t M, int64_t K, i
 void gemm_block_scalar(const GemmArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1);
 void gemm_block_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1);
 void gemm_block_avx512vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1);
+void gemm_block_amx(const GemmArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1);
 
 // Quantize rows [m0, m1) of x (row stride ldx) into qa (row stride lda, zero-padded to Kp).
 void quantize_rows_scalar(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa,

@@ -15,6 +15,7 @@ int64_t n_units(const GemmArgs& a) {
 
 void gemm_block(Isa isa, const GemmArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
   switch (isa) {
+    case Isa::Amx: gemm_block_amx(a, m0, m1, u0, u1); break;
     case Isa::Avx512Vnni: gemm_block_avx512vnni(a, m0, m1, u0, u1); break;
     case Isa::Avx2: gemm_block_avx2(a, m0, m1, u0, u1); break;
     default: gemm_block_scalar(a, m0, m1, u0, u1); break;

@@ -64,14 +64,15 @@ def cpu_features() -> dict[str, Any]:
 def cpu_summary() -> dict[str, Any]:
     """The chosen variant and the CPU features that decide it, flat (for manifests, runner info, reports)."""
     f = cpu_features()
-    flags = [k for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni") if f.get(k)]
+    flags = [k for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile",
+                         "amx_int8") if f.get(k)]
     return {"isa": f["selected_isa"], "supported_isas": list(f["supported_isas"]),
             "forced_isa": f.get("forced_isa"), "cpu": f"{f.get('vendor', '?')} {f.get('brand', '?')}".strip(),
             "cpu_flags": " ".join(flags), "os_zmm": bool(f.get("os_zmm"))}
 
 
 def selected_isa() -> str:
-    """'avx512vnni', 'avx2' or 'scalar' (DEPLOYKIT_NATIVE_ISA forces one)."""
+    """'avx512vnni', 'avx2' or 'scalar' (DEPLOYKIT_NATIVE_ISA forces one, 'amx' included: AMX is opt-in)."""
     return _require().selected_isa()
 
 

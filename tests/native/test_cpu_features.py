@@ -66,7 +66,12 @@ def test_selected_isa_is_supported_and_best():
     assert f["supported_isas"][0] == "scalar"
     assert native.selected_isa() in f["supported_isas"]
     if not os.environ.get("DEPLOYKIT_NATIVE_ISA"):
-        assert native.selected_isa() == f["best_isa"] == f["supported_isas"][-1]
+        # AMX is opt-in (DEPLOYKIT_NATIVE_ISA=amx) until verified on hardware: the best of the rest is chosen.
+        assert native.selected_isa() == f["best_isa"] == [i for i in f["supported_isas"] if i != "amx"][-1]
+    assert ("amx" in f["supported_isas"]) == bool(f["amx_int8"] and f["amx_tile"] and f["amx_permission"]
+                                                   and "avx512vnni" in f["supported_isas"])
+    if f["amx_int8"] and not f["amx_permission"]:
+        assert f["amx_note"]  # the reason it is off is reported
     if f["avx512_vnni"] and f["avx512bw"] and f["avx512vl"]:
         assert "avx512vnni" in f["supported_isas"]
     if f["avx2"] and f["fma"]:
@@ -89,4 +94,4 @@ def test_env_var_forces_variant(tmp_path):
     assert out.stdout.strip() == "scalar"
     env["DEPLOYKIT_NATIVE_ISA"] = "sse9"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "valid values: scalar, avx2, avx512vnni" in out.stderr
+    assert out.returncode != 0 and "valid values: scalar, avx2, avx512vnni, amx" in out.stderr
