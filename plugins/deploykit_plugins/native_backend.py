@@ -1,7 +1,6 @@
-"""The ``native`` backend: deploykit's own graph with its linears run by the fused int8 C++ kernels.
+"""The ``native`` backend: fused int8 C++ kernels, run by the C++ decode engine.
 
-The core graph stays torch (embeddings, norms, RoPE, attention, the KV cache, the decode loop); the
-backend walks a deploykit ``CausalLM`` and swaps modules for ``deploykit.native`` ones:
+Converting walks a deploykit ``CausalLM`` and swaps modules for ``deploykit.native`` ones:
 
 - ``int8`` (dense and legacy models): every attention projection, every MLP linear and, by default,
   the lm_head become ``Int8Linear`` (int8 per-output-channel weights prepacked for the kernel,
@@ -18,8 +17,15 @@ Artifact (pickle-free): ``config.json`` (the model config, transformers style), 
 is re-quantised or re-packed. The packed layout is the same for every ISA variant, so an artifact
 converted on an AVX-512 machine runs on an AVX2 or scalar one.
 
+Loading rebuilds that module tree and hands its tensors (shared, not copied) to the C++ decode engine
+(``deploykit.native.engine``), which runs a whole prefill or decode step in one call: embedding, norms,
+q/k/v, RoPE, GQA attention over a preallocated KV cache, MLP or MoE, lm_head. The runner
+(:class:`EngineRunner`) keeps the Runner API; the torch modules stay the readable reference
+(``runner.reference()``) the engine is tested against.
+
 The kernels follow ``torch.get_num_threads()`` (``threads=`` when loading sets it), and
-``DEPLOYKIT_NATIVE_ISA=scalar|avx2|avx512vnni`` forces a variant for the whole process.
+``DEPLOYKIT_NATIVE_ISA=scalar|avx2|avx512vnni|amx`` forces a variant for the whole process (``amx`` is
+opt-in: written without AMX hardware to run it on).
 """
 from __future__ import annotations
 
@@ -342,7 +348,7 @@ class NativeBackend(Backend):
                       layout={"scheme": scheme.name, "quantize_lm_head": lm_head, "modules": modules}, dtype="int8")
         counts = {k: sum(1 for v in modules.values() if v == k) for k in ("linear", "swiglu", "moe")}
         kept = "embeddings, norms" + (", MoE routers" if cfg.is_moe else "") + ("" if lm_head else ", lm_head")
-        return {"runs": "deploykit graph (torch attention/norms/KV cache) with deploykit.native._native fused int8 kernels"
+        return {"runs": "the native C++ decode engine on deploykit.native._native fused int8 kernels"
                 + (" and native MoE routing" if cfg.is_moe else ""),
                 "packed_modules": counts, "quantize_lm_head": lm_head, "fp32_kept": kept,
                 "isa_at_convert": native.cpu_summary()["isa"]}
