@@ -81,6 +81,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
     feats = native.cpu_features()
     print("cpu_features:", json.dumps(feats))
     shapes = SHAPES_KN[:2] if args.quick else SHAPES_KN
+    # AMX-INT8 is opt-in (isa="amx"): its column is timed where the CPU and kernel allow it, else NaN.
+    amx = "amx" in native.supported_isas()
+    if not amx:
+        print(f"AMX column: n/a ({feats.get('amx_note') or 'no AMX-INT8 on this CPU'})")
     rows = []
     hdr = (f"{'M':>4} {'K':>5} {'N':>5} | {'native us':>9} {'fbgemm us':>9} {'int_mm us':>9} "
            f"{'fp32 us':>9} | {'x fbgemm':>8} {'x int_mm':>8} {'x fp32':>7} | {'GOP/s':>6}")
@@ -96,9 +100,12 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
             # torch._int_mm requires M > 16: n/a for M = 1, 8.
             a8 = torch.randint(-127, 128, (M, K), dtype=torch.int8)
             with torch.inference_mode():
-                t = timeit_interleaved({"nat": lambda: nat(x), "fb": lambda: qlin(x),
-                                        "fp": lambda: F.linear(x, lin.weight, lin.bias)}, args.repeat,
-                                       with_min=True)
+                fns = {"nat": lambda: nat(x), "fb": lambda: qlin(x), "fp": lambda: F.linear(x, lin.weight, lin.bias)}
+                if amx:
+                    fns["amx"] = lambda: native.int8_linear(x, nat.weight_packed, nat.bias, isa="amx",
+                                                            threads=args.threads)
+                t = timeit_interleaved(fns, args.repeat, with_min=True)
+                t_amx = t.get("amx", float("nan"))
                 t_nat, t_fb, t_fp = t["nat"], t["fb"], t["fp"]
                 t_mm = float("nan")
                 if not args.no_int_mm and M > 16:
@@ -113,7 +120,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                      fp32_min_us=t["fp_min"] * 1e6, vs_fbgemm_min=t["fb_min"] / t["nat_min"],
                      native_us=t_nat * 1e6, fbgemm_us=t_fb * 1e6,
                      int_mm_us=t_mm * 1e6, fp32_us=t_fp * 1e6, vs_fbgemm=t_fb / t_nat,
-                     vs_int_mm=t_mm / t_nat, vs_fp32=t_fp / t_nat, native_gops=ops / t_nat / 1e9)
+                     vs_int_mm=t_mm / t_nat, vs_fp32=t_fp / t_nat, native_gops=ops / t_nat / 1e9,
+                     amx_us=t_amx * 1e6, amx_vs_int_mm=t_mm / t_amx, amx_vs_fbgemm=t_fb / t_amx)
             rows.append(r)
             print(f"{M:>4} {K:>5} {N:>5} | {r['native_us']:>9.1f} {r['fbgemm_us']:>9.1f} "
                   f"{r['int_mm_us']:>9.1f} {r['fp32_us']:>9.1f} | {r['vs_fbgemm']:>8.2f} "
@@ -123,6 +131,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
         "geomean_vs_fbgemm_M_le_8": geomean([r["vs_fbgemm"] for r in rows if r["M"] <= 8]),
         "geomean_vs_int_mm_M_512": geomean([r["vs_int_mm"] for r in rows if r["M"] == 512]),
         "geomean_vs_fp32_all": geomean([r["vs_fp32"] for r in rows]),
+        "amx_geomean_vs_int_mm_M_ge_64": geomean([r["amx_vs_int_mm"] for r in rows if r["M"] >= 64]),
+        "amx_geomean_vs_fbgemm_M_ge_64": geomean([r["amx_vs_fbgemm"] for r in rows if r["M"] >= 64]),
         # best-of-N times: closer to the uncontended speed when the machine is shared
         "geomean_vs_fbgemm_M_ge_64_by_min": geomean([r["vs_fbgemm_min"] for r in rows if r["M"] >= 64]),
         "geomean_vs_fbgemm_M_le_8_by_min": geomean([r["vs_fbgemm_min"] for r in rows if r["M"] <= 8]),
@@ -152,12 +162,16 @@ def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[di
                 f"{args.threads} threads, median of {args.repeat}, torch {torch.__version__}. Ratios are "
                 "speed-ups of native (baseline time / native time, > 1 means native is faster).\n\n")
         f.write("".join(f"{line}\n\n" for line in load_lines(stamp)))
-        f.write("| M | K | N | native µs | fbgemm µs | _int_mm µs | fp32 µs | × fbgemm | × _int_mm | × fp32 | native GOP/s |\n")
-        f.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+        if "amx" not in native.supported_isas():
+            f.write(f"AMX column: n/a here ({feats.get('amx_note') or 'no AMX-INT8 on this CPU'}).\n\n")
+        f.write("| M | K | N | native µs | fbgemm µs | _int_mm µs | fp32 µs | × fbgemm | × _int_mm | × fp32 | native GOP/s "
+                "| amx µs | amx × _int_mm |\n")
+        f.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
         for r in rows:
             f.write(f"| {r['M']} | {r['K']} | {r['N']} | {r['native_us']:.1f} | {r['fbgemm_us']:.1f} | "
                     f"{r['int_mm_us']:.1f} | {r['fp32_us']:.1f} | {r['vs_fbgemm']:.2f} | "
-                    f"{r['vs_int_mm']:.2f} | {r['vs_fp32']:.2f} | {r['native_gops']:.0f} |\n")
+                    f"{r['vs_int_mm']:.2f} | {r['vs_fp32']:.2f} | {r['native_gops']:.0f} | "
+                    f"{r['amx_us']:.1f} | {r['amx_vs_int_mm']:.2f} |\n")
         f.write("\n## Summary (geometric means)\n\n")
         for k, v in summary.items():
             f.write(f"- {k}: {v:.2f}\n")
