@@ -6,6 +6,12 @@ The CLI prints ``str(err)`` on one line (plus ``hint``) and exits with ``err.exi
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one line: runtimes (torch, ORT) append multi-line C++ traces."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class DeploykitError(Exception):
     """Base class. ``hint`` says how to fix it; ``exit_code`` is what the CLI returns."""
 

@@ -647,3 +647,9 @@ def test_cli_convert_on_a_broken_config_json(checkpoints, tmp_path, capsys):
                     str(tmp_path / "out")], capsys)
     assert rc == 2 and "Traceback" not in out, out
     assert "deploykit.model_config.n_experts must be an integer, got a string '4'" in out, out
+
+
+def test_sharded_checkpoint_opens_as_a_runner(sharded_checkpoint):
+    """`deploykit generate` on a sharded folder: the shards are checkpoint files, not foreign ones."""
+    runner = deploykit.load(sharded_checkpoint)
+    assert runner.info.backend == "checkpoint" and runner.forward([[1, 2, 3]]).shape[:2] == (1, 3)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError
+from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError, ParityError, first_line
 from ..fsutil import Destination, has_file, sha256_file
 from ..model.checkpoint import TOKENIZER_FILE, TOKENIZER_FILES
 from .artifact import MANIFEST_FORMAT, MANIFEST_NAME, PICKLE_SUFFIXES, file_entries, write_manifest
@@ -203,7 +203,8 @@ def _write(job: _Job, tmp: Path) -> dict[str, Any]:
     except (DeploykitError, OSError):  # OSError: the disk or permissions, not the plugin (see atomic_folder)
         raise
     except Exception as e:
-        raise BackendError(f"{job.label} failed while converting to {job.scheme.name}: {type(e).__name__}: {e}",
+        raise BackendError(f"{job.label} failed while converting to {job.scheme.name}: "
+                           f"{type(e).__name__}: {first_line(e)}",
                            hint="this is a bug in that plugin; rerun with --debug for the traceback and "
                            "report it to the plugin's authors") from e
     scheme, ref = job.scheme, job.reference
@@ -232,7 +233,7 @@ def _prove(job: _Job, tmp: Path, manifest: dict[str, Any], *, allow_mismatch: bo
     except (DeploykitError, OSError):
         raise
     except Exception as e:
-        raise BackendError(f"{job.label} wrote an artifact it cannot load: {type(e).__name__}: {e}",
+        raise BackendError(f"{job.label} wrote an artifact it cannot load: {type(e).__name__}: {first_line(e)}",
                            hint="rerun with --debug and report it to the plugin's authors") from e
     cfg, scheme = job.reference.config, job.scheme
     notes = tuple(n for n in (manifest["backend_info"].get("parity_note"),) if n)

@@ -12,6 +12,7 @@ duplicate backend) is recorded in ``plugin_errors()`` with its reason and the ot
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
 import os
 import re
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from ..errors import BackendError, BackendUnavailable, ConfigError, DeploykitError
+from ..errors import ArtifactError, BackendError, BackendUnavailable, ConfigError, DeploykitError, first_line
 from . import hookspecs
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class _BuiltinLoader:
             raise
         except Exception as e:
             raise BackendError(f"{path}: backend {backend.name!r} (plugin {self._registry.plugin_of(backend.name)!r}) "
-                               f"failed to load its artifact: {type(e).__name__}: {e}",
+                               f"failed to load its artifact: {type(e).__name__}: {first_line(e)}",
                                hint="this is a bug in that plugin: rerun with --debug for the traceback and report "
                                "it to the plugin's authors") from e
 
@@ -86,11 +87,25 @@ class _BuiltinLoader:
                 hint=f"install the package that provides plugin {plugin!r} (built-in backends come with "
                 f"`pip install 'deploykit[all]'`); installed backends: {', '.join(sorted(found)) or '(none)'}")
         backend = found[name]
+        _check_listed(path, manifest, backend)
         missing = backend.missing_requirements()
         if missing:
             raise BackendUnavailable(f"{path}: backend {name!r} cannot run here: {'; '.join(missing)}",
                                      hint="install what is missing (the pip command is in the reason above)")
         return backend
+
+
+def _check_listed(path: Path, manifest: dict[str, Any], backend: Backend) -> None:
+    """Every file the backend reads (its ``artifact_files`` patterns) must be in the manifest: an
+    unlisted one would be loaded without its sha256 being checked."""
+    listed = set(manifest.get("files") or ())
+    present = [p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file()]
+    unlisted = sorted(rel for rel in present if rel not in listed
+                      and any(fnmatch.fnmatch(rel, pattern) for pattern in backend.artifact_files))
+    if unlisted:
+        raise ArtifactError(f"{path}: {', '.join(unlisted[:5])} {'is' if len(unlisted) == 1 else 'are'} not listed in "
+                            f"its manifest, so {'its' if len(unlisted) == 1 else 'their'} sha256 cannot be checked",
+                            hint="the artifact was modified after conversion; convert again")
 
 
 class PluginRegistry:

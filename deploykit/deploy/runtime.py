@@ -130,7 +130,9 @@ def load(path: str | Path, *, threads: int | None = None, verify_files: bool = T
         return runner
     with os_errors(path, "read"):
         present = {p.name for p in path.iterdir()}
-    foreign = sorted(n for n in present - CHECKPOINT_FILES if not n.startswith("."))
+    # Shards of a sharded checkpoint (model-00001-of-00002.safetensors...) are checkpoint files too.
+    foreign = sorted(n for n in present - CHECKPOINT_FILES
+                     if not n.startswith(".") and not (n.startswith("model") and n.endswith(".safetensors")))
     pickled = [n for n in foreign if n.endswith(PICKLE_SUFFIXES)]
     if CONFIG_NAME in present and (not foreign or foreign == pickled):
         # Pickle-only weights go to load_model too: its refusal says why and how to convert them.

@@ -27,6 +27,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 
 from deploykit.errors import ConfigError, DataError
 
+from .schema import read_json_object
+
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -141,14 +143,9 @@ class Tokenizer:
         config: dict[str, Any] = {}
         for name in (SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE):  # config wins over the map
             side = file.parent / name
-            if side.is_file():
-                try:
-                    config.update(json.loads(side.read_text(encoding="utf-8")))
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    raise DataError(
-                        f"{str(side)!r} is not valid JSON: {err}",
-                        hint=f"fix or delete {name}; tokenizer.json alone is enough",
-                    ) from err
+            if side.is_file():  # any malformed content (not JSON, not an object...) is a DataError naming it
+                config.update(read_json_object(side, error=DataError, what=name,
+                                               hint=f"fix or delete {name}; tokenizer.json alone is enough"))
         return cls(hf, **_special_ids(hf, config=config, source=str(file)))
 
     # ---- use ------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Kept free of torch so the CLI can build its ``--help`` (and read defaults) witho
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class TrainConfig:
             object.__setattr__(self, "tokenizer", Path(self.tokenizer))
         if isinstance(self.data, list):
             object.__setattr__(self, "data", tuple(self.data))
-        object.__setattr__(self, "betas", tuple(self.betas))
+        self._check_types()
         if self.model is None:
             preset(self.preset)  # raises ConfigError listing the valid presets
         elif not isinstance(self.model, ModelConfig):
@@ -109,6 +110,27 @@ class TrainConfig:
             _fail("vocab_size", self.vocab_size, "must be >= 259 (3 special tokens + 256 bytes), e.g. 2048")
 
     # -- derived ---------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        """Types before rules: from the Python API a string, a bool or a nan where a number belongs must
+        fail here, naming the field, not as a TypeError deep inside AdamW. Ints become floats."""
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "val_fraction", "time_budget", "peak_flops"):
+            value = getattr(self, name)
+            if value is None and name in ("min_lr", "time_budget", "peak_flops"):
+                continue
+            if not _real(value):
+                _fail(name, value, "must be a finite number")
+            object.__setattr__(self, name, float(value))
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or not all(_real(b) for b in betas):
+            _fail("betas", betas, "must be two numbers in [0, 1), e.g. (0.9, 0.95)")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        for name in ("bf16", "resume", "force"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
+        for name in ("preset", "sample_prompt"):
+            if not isinstance(getattr(self, name), str):
+                _fail(name, getattr(self, name), "must be a string")
+
     def model_config(self) -> ModelConfig:
         """The model config before the tokenizer fixes vocab_size."""
         return self.model if self.model is not None else preset(self.preset)
@@ -144,6 +166,10 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive_int(name: str, value: Any) -> None:
