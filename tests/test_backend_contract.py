@@ -178,7 +178,7 @@ def test_save_and_rebuild_round_trip(tmp_path):
 
 # -- runner info and load options ------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,scheme", [("torch", "int8-dynamic"), ("native", "int8"), ("onnx", "fp32"),
-                                            ("checkpoint", "fp32")])
+                                            ("gguf", "f16"), ("checkpoint", "fp32")])
 def test_runner_info_has_the_same_keys_for_every_backend(nano_checkpoint, tmp_path, backend, scheme):
     if backend == "native" and not native.available():
         pytest.skip(f"native kernels not built: {native.unavailable_reason()}")

@@ -72,14 +72,14 @@ def artifacts(nano_checkpoint, tmp_path_factory) -> dict:
     """Converted once per module, without the parity proof (it is not what is tested here)."""
     root = tmp_path_factory.mktemp("inputs")
     made = {}
-    for backend, quant in (("torch", "fp32"), ("onnx", "fp32"), ("native", "int8")):
+    for backend, quant in (("torch", "fp32"), ("onnx", "fp32"), ("native", "int8"), ("gguf", "f32")):
         if backend == "native" and not native.available():
             continue
         made[backend] = deploykit.convert(nano_checkpoint, backend, quant, root / backend, verify=False).path
     return made
 
 
-RUNNERS = ["torch-fp32", "onnx-fp32", "native-int8", "checkpoint", "third-party"]
+RUNNERS = ["torch-fp32", "onnx-fp32", "native-int8", "gguf-f32", "checkpoint", "third-party"]
 
 
 @pytest.fixture(scope="module", params=RUNNERS)
