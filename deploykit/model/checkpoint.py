@@ -44,8 +44,10 @@ STATE_TENSORS = "trainer_state.safetensors"
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
 RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME)
+# What `deploykit sft --method full` adds: its before/after report (the folder stays a checkpoint).
+SFT_REPORT = "sft_report.json"
 CHECKPOINT_FILES = frozenset({CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, *TOKENIZER_FILES,
-                              *RUN_FILES})
+                              *RUN_FILES, SFT_REPORT})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # transformers model_type -> deploykit variant, for folders written by transformers itself.

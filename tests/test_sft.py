@@ -1,0 +1,140 @@
+"""SFT: response-only labels on exact token boundaries, LoRA interop with peft/transformers, merge,
+prompt tuning that touches only the soft prompt, and a tiny run of each command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploykit.errors import ConfigError
+from deploykit.train.sft import (IGNORE, SftConfig, SftExample, Template, attach_method, collate, embedded_examples,
+                                 encode_example, load_soft_prompt, merge_adapter, split_per_task)
+
+
+def test_only_response_tokens_carry_labels(tokenizer):
+    tpl = Template()
+    for ex in embedded_examples(2, split="train") + [SftExample("t", "Say it.", "", "hello world")]:
+        ids, labels = encode_example(tokenizer, tpl, ex, 256)
+        prompt = tpl.prompt(ex.instruction, ex.input)
+        first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+        assert all(lab == IGNORE for lab in labels[:first])  # one contiguous prompt span, then the response
+        assert labels[first:] == ids[first:] and ids[-1] == tokenizer.eos_id
+        # the boundary is exact: the prompt tokens decode to the prompt, the labelled ones to the output
+        assert tokenizer.decode(ids[1:first]) == prompt
+        assert tokenizer.decode(labels[first:-1]) == ex.output
+
+
+def test_padding_carries_no_loss(tokenizer):
+    rows = [encode_example(tokenizer, Template(), ex, 256) for ex in embedded_examples(1, split="train")]
+    inputs, targets = collate(rows, tokenizer.pad_id)  # (B, T-1) each
+    for b, (ids, labels) in enumerate(rows):
+        assert targets[b, : len(labels) - 1].tolist() == labels[1:]
+        assert (targets[b, len(labels) - 1:] == IGNORE).all()
+        assert inputs[b, : len(ids) - 1].tolist() == ids[:-1]
+
+
+def test_held_out_split_per_task():
+    exs = [SftExample(t, "i", str(n), "o") for t in ("a", "b") for n in range(10)]
+    train, held = split_per_task(exs, 3, seed=0)
+    assert sorted(e.task for e in held) == ["a"] * 3 + ["b"] * 3
+    assert not set(train) & set(held) and len(train) == 14
+
+
+def test_config_names_the_bad_field(tmp_path):
+    with pytest.raises(ConfigError, match="method"):
+        SftConfig(base=tmp_path, data="embedded-tasks", out=tmp_path / "o", method="qlora")
+    with pytest.raises(ConfigError, match="steps"):
+        SftConfig(base=tmp_path, data="embedded-tasks", out=tmp_path / "o", steps=0)
+
+
+def _perturbed_lora(nano_checkpoint, tmp_path):
+    """A LoRA model whose B matrices are non-zero (fresh LoRA is an identity), saved in PEFT's format."""
+    from deploykit.model.checkpoint import load_model
+
+    cfg = SftConfig(base=nano_checkpoint, data="embedded-tasks", out=tmp_path / "a", method="lora")
+    wrapped, params = attach_method(load_model(nano_checkpoint), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    wrapped.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
+    return wrapped.eval(), params, tmp_path / "adapter"
+
+
+def test_lora_adapter_loads_in_peft_on_transformers(nano_checkpoint, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ours, params, adapter = _perturbed_lora(nano_checkpoint, tmp_path)
+    assert 0 < params["trainable_share"] < 0.2
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(nano_checkpoint), str(adapter)).eval()
+    ids = torch.randint(0, 2000, (2, 12))
+    with torch.no_grad():
+        want = ours(ids)
+        got = hf(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(nano_checkpoint)(input_ids=ids).logits
+    assert (want - plain).abs().max() > 1e-3  # the adapter changes the outputs ...
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # ... identically in both
+
+
+def test_merge_equals_unmerged(nano_checkpoint, tmp_path):
+    from deploykit.model.checkpoint import load_model
+
+    ours, _, adapter = _perturbed_lora(nano_checkpoint, tmp_path)
+    merged = load_model(merge_adapter(nano_checkpoint, adapter, tmp_path / "merged")).eval()
+    ids = torch.randint(0, 2000, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), ours(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_tuning_changes_only_the_soft_prompt(nano_checkpoint, tmp_path):
+    from deploykit.model.checkpoint import load_model
+
+    cfg = SftConfig(base=nano_checkpoint, data="embedded-tasks", out=tmp_path / "p", method="prompt", prompt_tokens=4)
+    model = load_model(nano_checkpoint)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sp, params = attach_method(model, cfg)
+    assert params["trainable_params"] == 4 * model.config.d_model
+    soft = sp.embeddings.detach().clone()
+    opt = torch.optim.SGD([p for p in sp.parameters() if p.requires_grad], lr=1.0)
+    sp(torch.randint(0, 2000, (2, 8))).logsumexp(-1).mean().backward()
+    opt.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(sp.embeddings, soft)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "full"])
+def test_sft_command_end_to_end(nano_checkpoint, tmp_path, method, capsys):
+    from deploykit.cli.main import main
+
+    out = tmp_path / method
+    argv = ["sft", str(nano_checkpoint), "--data", "embedded-tasks", "--method", method, "--steps", "2",
+            "--batch-size", "4", "--train-per-task", "4", "--eval-per-task", "1", "--max-new-tokens", "3",
+            "--out", str(out), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["after"]) == {"add", "sub", "mul", "reverse", "sort", "recall", "overall"}
+    assert (out / "sft_report.json").is_file()
+    assert main(argv) == 2  # an existing run is not replaced without --force
+    if method == "prompt":
+        ids = torch.randint(0, 2000, (1, 5))
+        assert load_soft_prompt(nano_checkpoint, out)(ids).shape == (1, 5, 2048)
+    if method == "lora":
+        assert main(["merge", str(nano_checkpoint), str(out), "--out", str(tmp_path / "merged")]) == 0
+        from deploykit.model.checkpoint import load_model
+        load_model(tmp_path / "merged")
+    if method == "full":
+        from deploykit.model.checkpoint import load_model
+        load_model(out)
+
+
+def test_bad_data_is_a_one_line_error(nano_checkpoint, tmp_path, capsys):
+    from deploykit.cli.main import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n')
+    assert main(["sft", str(nano_checkpoint), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "output" in capsys.readouterr().err
