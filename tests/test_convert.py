@@ -213,7 +213,7 @@ def test_manifest_contents(nano_checkpoint, tmp_path):
     assert m["pickle_files"] == [] and not any(n.endswith(PICKLE) for n in m["files"])
     p = m["parity"]
     assert p["passed"] and {r["name"] for r in p["probes"]} >= {"len1", "len16", "batch2x64", "max256", "greedy0"}
-    assert p["probe_source"] == "text" and p["max_len"] == 256 and p["tolerance"]["max_abs_logit"] == 2.5
+    assert p["probe_source"] == "text" and p["max_len"] == 256 and p["tolerance"]["max_delta_ppl"] == 0.01 and p["tolerance"]["max_abs_logit"] is None
 
 
 def test_convert_in_memory_model(nano_checkpoint, tokenizer, tmp_path):

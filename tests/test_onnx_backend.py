@@ -13,6 +13,7 @@ proof included) on the shared trained ``nano`` / ``nano-moe`` checkpoints from c
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -28,6 +29,7 @@ onnx = pytest.importorskip("onnx")
 from deploykit_plugins import onnx_backend as ob  # noqa: E402
 
 from deploykit.deploy.backend import ConvertContext, Scheme  # noqa: E402
+from deploykit.deploy.parity import compare_logits  # noqa: E402
 from deploykit.model.config import ModelConfig  # noqa: E402
 from deploykit.model.generation import generate as torch_generate  # noqa: E402
 from deploykit.model.graph import CausalLM  # noqa: E402
@@ -78,18 +80,20 @@ def train_tiny(variant: str, steps: int = 160) -> CausalLM:
     return model.eval()
 
 
-def parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """max |Δlogit|, mean KL(p_ref ‖ p_got) per position, top-1 agreement."""
-    lp = torch.log_softmax(torch.from_numpy(ref).double(), -1)
-    lq = torch.log_softmax(torch.from_numpy(got).double(), -1)
-    return {"max_abs": float(np.abs(ref - got).max()),
-            "kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
-            "top1": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+def parity(ref: np.ndarray, got: np.ndarray, ids: np.ndarray | None = None) -> dict[str, float]:
+    """The proof's own numbers (deploykit.deploy.parity.compare_logits): max |Δlogit| (absolute and per
+    logit range), mean KL(p_ref ‖ p_got) per position, top-1 agreement, Δ perplexity of ``ids``' next tokens."""
+    r = compare_logits("probe", ref, got, ids=ids)
+    dppl = math.expm1((r.nll_sum - r.nll_ref_sum) / r.nll_tokens) if r.nll_tokens else 0.0
+    return {"max_abs": r.max_abs_logit, "rel": r.max_rel_logit, "kl": r.mean_kl, "top1": r.top1, "dppl": dppl}
 
 
 def within(scheme: Scheme, p: dict[str, float]) -> bool:
     t = scheme.tolerance
-    return p["max_abs"] <= t.max_abs_logit and p["kl"] <= t.max_kl and p["top1"] >= t.min_top1
+    return ((t.max_abs_logit is None or p["max_abs"] <= t.max_abs_logit)
+            and (t.max_rel_logit is None or p["rel"] <= t.max_rel_logit)
+            and (t.max_delta_ppl is None or abs(p["dppl"]) <= t.max_delta_ppl)
+            and p["kl"] <= t.max_kl and p["top1"] >= t.min_top1)
 
 
 # -- fixtures: one trained model, one export and every derived scheme per variant --------------------
@@ -173,7 +177,7 @@ def test_logits_match_torch_within_the_scheme_tolerance(artifacts, model, varian
         ref = model(PROBE).numpy()  # (4, 40, V) with the model's own (sorted) MoE dispatch
     got = runner.forward(PROBE.numpy())
     assert got.shape == ref.shape and got.dtype == np.float32
-    p = parity(ref, got)
+    p = parity(ref, got, PROBE.numpy())
     print(f"{variant} {scheme}: {p}")
     assert within(BACKEND.scheme(scheme), p), p
     if scheme == "fp32":
@@ -251,7 +255,7 @@ def test_tier_catches_a_decoder_that_ignores_its_past(artifacts, model, variant)
     forgetful = np.concatenate([runner.run(ids[:, t:t + 1], None)[0] for t in range(20)], axis=1)  # (1, 20, V)
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).numpy()
-    assert not within(BACKEND.scheme("int8-static"), parity(ref, forgetful))
+    assert not within(BACKEND.scheme("int8-static"), parity(ref, forgetful, ids))
 
 
 # -- the runner -------------------------------------------------------------------------------------
@@ -369,3 +373,23 @@ def test_export_traces_the_model_in_eval_mode(tmp_path, recwarn):
     ob.export_onnx(model, tmp_path / ob.MODEL_FILE)
     assert not [w for w in recwarn if "training mode" in str(w.message)]
     assert model.training
+
+
+def test_lm_head_can_stay_fp32(artifacts, variant):
+    """quantize_lm_head=false leaves exactly the MatMul that produces the logits out of the int8 nodes."""
+    import onnx
+
+    proto, _ = ob._expose_weights(onnx.load(str(artifacts["fp32"] / ob.MODEL_FILE)))
+    every, kept = ob._weight_nodes(proto), ob._weight_nodes(proto, quantize_lm_head=False)
+    head = [n.name for n in proto.graph.node if "logits" in n.output]
+    assert head and head[0] in every and head[0] not in kept and len(kept) == len(every) - 1
+
+
+def test_int8_options_are_parsed_and_keep_fp32_is_refused_until_honoured():
+    from deploykit.errors import ConfigError
+
+    opts = BACKEND.scheme("int8-dynamic").parse_options({"smoothquant": "true", "quantize_lm_head": "false"},
+                                                        backend="onnx")
+    assert opts.smoothquant is True and opts.quantize_lm_head is False and opts.smoothquant_alpha == -1.0
+    with pytest.raises(ConfigError, match="keep_fp32 is not supported by the onnx backend"):
+        BACKEND.scheme("int8-static").parse_options({"keep_fp32": "lm_head"}, backend="onnx")

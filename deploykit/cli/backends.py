@@ -63,14 +63,20 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     tol = Table(title="parity tolerances (vs fp32 torch) and options (--option key=value)", title_justify="left")
-    for col in ("backend/scheme", "max |Δlogit|", "mean KL", "top-1", "greedy match", "options (default)"):
-        tol.add_column(col, justify="right" if col in ("max |Δlogit|", "mean KL", "top-1", "greedy match") else "left")
+    numeric = ("Δppl", "max |Δlogit|", "/ logit range", "mean KL", "top-1", "greedy match")
+    for col in ("backend/scheme", *numeric, "options (default)"):
+        tol.add_column(col, justify="right" if col in numeric else "left")
+
+    def bound(value: float | None, spec: str = "g") -> str:
+        return "—" if value is None else f"≤ {format(value, spec)}"
+
     for row in data["backends"]:
         for s in row["schemes"]:
             t = s["tolerance"]
             opts = ", ".join(f"{o['name']} ({str(o['default']).lower() if isinstance(o['default'], bool) else o['default']})"
                              for o in s["options"])
-            tol.add_row(f"{row['name']}/{s['name']}", f"≤ {t['max_abs_logit']:g}", f"≤ {t['max_kl']:g}",
+            tol.add_row(f"{row['name']}/{s['name']}", bound(t.get("max_delta_ppl"), ".2%"), bound(t["max_abs_logit"]),
+                        bound(t.get("max_rel_logit")), f"≤ {t['max_kl']:g}",
                         f"≥ {t['min_top1']:g}", f"≥ {t['min_greedy_match']:g}", opts or "—")
     console.print(tol)
     for e in data["plugin_errors"]:

@@ -37,34 +37,73 @@ if TYPE_CHECKING:
 class Tolerance:
     """How far an artifact may drift from the fp32 torch model before convert fails.
 
-    Checked on fixed probe inputs: max |Δlogit| over all positions, top-1 agreement and mean
-    KL(p_ref ‖ p_artifact) per position, and the share of greedy-decoded tokens that match.
+    Checked on fixed probe inputs (``deploykit.deploy.parity``), teacher-forced against the fp32 model:
+
+    - ``max_delta_ppl``: |ppl_artifact / ppl_fp32 - 1| on the probes' text (None: unchecked) — what a
+      user of the model feels: the loss on real text;
+    - ``max_kl``: mean KL(p_fp32 ‖ p_artifact) per position; ``min_top1``: share of positions with the
+      same argmax; ``min_greedy_match``: share of greedy-decoded steps that choose the same token;
+    - ``max_rel_logit``: the largest |Δlogit| at a position divided by that position's fp32 logit range
+      (max - min): the worst single position, in units that mean the same for a flat and a peaked
+      model (None: unchecked);
+    - ``max_abs_logit``: the same max unscaled (None: unchecked). Kept for EXACT (an fp32 export must
+      be within float rounding) and for backends that state absolute bounds (gguf).
 
     ``router_tie`` is for MoE models, whose function jumps where a router's k-th and (k+1)-th experts
     tie: a position where the fp32 router's gap between them is below ``router_tie`` times that
     layer's router-logit std may change experts under this scheme's rounding, and its logits with
-    them. Such a position may exceed ``max_abs_logit`` (it still counts in KL, top-1 and greedy);
-    at most 1 % of positions may (``deploykit.deploy.parity.TIE_BUDGET``). 0 excuses none.
+    them. Such a position may exceed the max |Δlogit| bounds (it still counts in KL, top-1, Δppl and
+    greedy); at most 1 % of positions may (``deploykit.deploy.parity.TIE_BUDGET``). 0 excuses none.
     """
 
-    max_abs_logit: float
+    max_abs_logit: float | None
     min_top1: float
     max_kl: float
     min_greedy_match: float
+    max_rel_logit: float | None = None
+    max_delta_ppl: float | None = None
     router_tie: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_abs_logit < 0 or self.max_kl < 0 or self.router_tie < 0:
-            raise ConfigError(f"Tolerance {self}: max_abs_logit, max_kl and router_tie must be >= 0")
-        if not (0 <= self.min_top1 <= 1 and 0 <= self.min_greedy_match <= 1):
-            raise ConfigError(f"Tolerance {self}: min_top1 and min_greedy_match must be in [0, 1]")
+        problems = []
+        for name in ("max_abs_logit", "max_rel_logit", "max_delta_ppl", "min_top1", "max_kl", "min_greedy_match",
+                     "router_tie"):
+            value = getattr(self, name)
+            optional = name in ("max_abs_logit", "max_rel_logit", "max_delta_ppl")
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+                problems.append(f"{name}={value!r} must be a number >= 0" + (" or None" if optional else ""))
+        for name in ("min_top1", "min_greedy_match"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1:
+                problems.append(f"{name}={value!r} must be in [0, 1]")
+        if problems:
+            raise ConfigError(f"Tolerance: {'; '.join(problems)}")
 
 
-# Shared tolerance tiers; a backend may declare its own per scheme. router_tie: bf16/fp16 move router
-# logits by well under 1 % of their std (a bf16 flip was seen at a gap of 0.35 % of it), int8 by more.
-EXACT = Tolerance(max_abs_logit=1e-3, min_top1=1.0, max_kl=1e-6, min_greedy_match=1.0)
-HALF = Tolerance(max_abs_logit=0.25, min_top1=0.97, max_kl=2e-3, min_greedy_match=0.9, router_tie=0.02)
-INT8 = Tolerance(max_abs_logit=2.5, min_top1=0.85, max_kl=0.05, min_greedy_match=0.6, router_tie=0.05)
+# Shared tolerance tiers; a backend may declare its own per scheme. Measured on the parity probes of
+# trained models (the demo micro, val ppl 3.9, probe-text ppl 3.96; runs/micro; the per-scheme table is
+# benchmarks/results/quantization_accuracy.md), worst case:
+#
+#   scheme                       Δppl      mean KL   top-1   greedy   max |Δlogit|   / logit range
+#   torch bf16                   +0.01 %   5.6e-5    0.966   0.948    0.14           0.011
+#   onnx fp16                    -0.07 %   2.0e-4    0.997   1.000    0.56           0.034
+#   torch int8 (per-token acts)  see the table
+#   onnx int8-dynamic            +0.54 %   1.2e-3    0.980   0.938    1.39           0.122
+#
+# Δppl is the bound that says what a user feels, and the issue's goal for int8 (≤ 1 %). top-1 counts
+# flips at near-ties of the fp32 model: bf16, at KL 6e-5, flips 3.4 % of the probe positions on the
+# demo model, so top-1 bounds sit below what half precision reaches and Δppl/KL carry the verdict. The
+# scaled max |Δlogit| catches a single broken position (a 2x scale error, tests/test_torch_backend.py,
+# moves it past 0.5) while an fp16 max of 0.56 (3 % of the range) passes HALF, as issue 12 asks.
+# router_tie: bf16/fp16 move router logits by well under 1 % of their std (a bf16 flip was seen at a
+# gap of 0.35 % of it), int8 by more. LOSSY (pruning) keeps its pre-issue-12 bounds, not re-measured.
+EXACT = Tolerance(max_abs_logit=1e-3, min_top1=1.0, max_kl=1e-6, min_greedy_match=1.0, max_delta_ppl=1e-4)
+HALF = Tolerance(max_abs_logit=None, max_rel_logit=0.1, max_delta_ppl=0.005, min_top1=0.95, max_kl=2e-3,
+                 min_greedy_match=0.9, router_tie=0.02)
+INT8 = Tolerance(max_abs_logit=None, max_rel_logit=0.3, max_delta_ppl=0.01, min_top1=0.94, max_kl=0.01,
+                 min_greedy_match=0.85, router_tie=0.05)
 LOSSY = Tolerance(max_abs_logit=8.0, min_top1=0.5, max_kl=0.5, min_greedy_match=0.25, router_tie=0.1)
 
 

@@ -1,16 +1,21 @@
 """The parity proof: fixed probe inputs run through the fp32 torch model and a converted artifact.
 
-Per probe it measures max |Δlogit|, mean KL(p_ref ‖ p_art) per position and top-1 agreement; a few
-prompts are also decoded greedily on both sides through their own decode sessions (the artifact's KV
-cache included) and compared token for token.
+Per probe it measures max |Δlogit| (absolute, and divided by the fp32 logit range of its position),
+mean KL(p_ref ‖ p_art) per position, top-1 agreement and both sides' negative log-likelihood of the
+probe's own next tokens (the probes are text when the model has a tokenizer, so this is Δ perplexity
+on text); a few prompts are also decoded greedily on both sides through their own decode sessions
+(the artifact's KV cache included) and compared token for token.
 
 How the numbers meet a :class:`~deploykit.deploy.backend.Tolerance`:
 
-- max |Δlogit| must hold at every position of every probe (a max is a max), with one exception for
+- max |Δlogit| (absolute and scaled) must hold at every position of every probe (a max is a max),
+  with one exception for
   MoE models: a position where the fp32 router was within ``tolerance.router_tie`` of a tie between
   its k-th and (k+1)-th expert may take the other expert under the scheme's rounding, and then its
   logits legitimately jump. Such positions are excused from the max (reported, with their own max),
   up to ``TIE_BUDGET`` of all positions; more than that is a violation;
+- Δ perplexity is exp(pooled mean NLL of the artifact - that of fp32) - 1 over every predicted
+  position of every forward probe;
 - KL and top-1 are pooled over all probe positions (excused ones included), so a one-position probe
   cannot flip the verdict on a single near-tie; greedy match is pooled over all generated tokens.
 
@@ -45,29 +50,64 @@ GREEDY_TOKENS = 16
 TIE_BUDGET = 0.01
 
 # Real text gives the model inputs it was trained on, so probe logits are peaked the way they are in
-# use (random ids give flat, atypical distributions). Fixed here, so probes never change silently.
+# use (random ids give flat, atypical distributions), and Δ perplexity on them means what it says.
+# Documents of deploykit's embedded corpus generator, frozen here (english_documents(1500, seed=11)
+# interleaved with task_documents(400, seed=11, split="eval"); the core does not import
+# deploykit.data): the style deploykit's presets are trained on, from a seed no training run uses.
+# (The hand-written story text used until issue 12 had words the embedded corpus never has: the demo
+# micro, val ppl 3.9, scored perplexity 1,373 on it, so the proof measured quantization on text the
+# model could not read — int8 KL 0.06-0.14 there against 3e-4-3e-3 on held-out text.)
 PROBE_TEXT = (
-    "Once upon a time, there was a little girl named Lily who lived in a small house near the woods. "
-    "Every morning she walked to the river with her dog Max. One day, Max found a shiny red ball under "
-    "a tree. \"Look at my ball!\" said Lily. They played until the sun went down, and then they went home "
-    "for soup. The end.\n"
-    "Q: 12+30=? A: 42\nQ: reverse a b c A: c b a\nQ: 7*6=? A: 42\n"
-    "Tom was a kind baker who lived in a busy town. He made bread and cakes for all his friends. On a "
-    "cold day, a cat came to his shop. Tom gave the cat some milk, and the cat stayed with him forever. "
-    "Anna asked, \"Why do you like the cat?\" Tom said, \"Because she is my friend.\" "
+    'Sara: Hello, Emma! How are you?\nEmma: I am surprised, thank you. Where are you going?\nSara: I '
+    'am going to the school with Biscuit.\nEmma: Can I come too?\nSara: Yes! We can bring some '
+    'milk.\nEmma: Is it rainy there?\nSara: I think so. Do you have your flower?\nEmma: No, I lost it '
+    'at the zoo.\nEmma: Goodbye, Sara!\nQ: 46+57=? A: 103\nQ: u=7 x=0 ; x=? A: 0\nQ: reverse n d a j A: '
+    'j a d n\nQ: 7+2=? A: 9\nQ: reverse w p o m d k A: k d m o p w\nQ: sort 69 89 37 63 50 A: 37 50 63 '
+    '69 89\nThe shiny fish jumps. The birds sleep carefully near the zoo. Eli builds a cup at the '
+    'lake. The farmers sleep quickly near the station.\nQ: reverse b b m q A: q m b b\nQ: 9*2=? A: '
+    '18\nQ: 89+74=? A: 163\nQ: 37+23=? A: 60\nTurtles move slowly. A cow says moo. The river flows to '
+    'the sea. Bread is made from flour. Bees make honey. The sun is hot. A square has four sides. '
+    'Water boils when it is very hot.\nQ: 3*10=? A: 30\nLily: Hello, Eli! How are you?\nEli: I am '
+    'surprised, thank you. Where are you going?\nLily: I am going to the hill with Pip.\nEli: Can I '
+    'come too?\nLily: Yes! We can bring some cookies.\nEli: Is it foggy there?\nLily: I think so. Do '
+    'you have your lamp?\nEli: No, I lost it at the school.\nLily: Let us look for it after '
+    'lunch.\nEli: Goodbye, Lily!\nQ: sort 15 36 41 A: 15 36 41\nQ: 5*7=? A: 35\nQ: 85+22=? A: 107\nQ: '
+    '49+48=? A: 97\nThe cold cat laughs. It is rainy in Fairport today, so Tom stays inside. Owen '
+    'cleans a chair at the park.\nQ: a=8 c=4 j=1 l=1 ; c=? A: 4\nThe children dance slowly near the '
+    'beach. Mia loses a chair at the library. It is cold in Maple Hill today, so Sam stays outside. '
+    'Zoe finds a clock at the garden.\nQ: 54+34=? A: 88\nQ: z=9 j=8 q=2 ; j=? A: 8\nOne day, there was '
+    'a tall pilot named Sam who lived in Maple Hill. Sam had a turtle named Pepper. There, he found '
+    'a brown rock. Sam opened the rock and felt excited. Pepper danced quickly. Then Sam met his '
+    'friend Jack. Jack and Sam waited together at the bakery. They ate milk because milk is what Sam '
+    'likes best. Sam wore his black hat. Sam smiled. It was a good day.\n'
 )
 GREEDY_PROMPTS = ("Once upon a time", "Q: 21+14=? A:", "Tom and Anna went to the", "The dog",
                   "One day, a little bird", "Q: reverse d o g A:")
-# Calibration text for static quantisation and QAT: same style as the probes, different sentences, so
-# the proof is not measured on the very inputs the quantiser saw.
+# Calibration text for static quantisation, QAT and SmoothQuant: same style as the probes, different
+# documents (english_documents(1300, seed=13) and task_documents(350, seed=13, split="eval")), so the
+# proof is not measured on the very inputs the quantiser saw.
 CALIBRATION_TEXT = (
-    "One day, a happy boy named Ben went to the park with his mother. He saw a big tree and a small "
-    "bird. The bird sang a song, and Ben laughed. \"Can I take the bird home?\" asked Ben. His mother "
-    "said, \"No, the bird lives here.\" Ben waved goodbye and they went home for dinner. The end.\n"
-    "Q: 45+17=? A: 62\nQ: 9*8=? A: 72\nQ: 80-35=? A: 45\nQ: sort 5 2 9 1 A: 1 2 5 9\n"
-    "Sara was a brave farmer who lived near the sea. Every day she fed her goats and her chickens. When "
-    "the storm came, Sara put all the animals in the barn. Her friend Jack helped her close the door. "
-    "After the rain, they sat by the fire and ate warm bread. Sara said, \"Thank you, Jack.\" "
+    'One day, there was a young singer named Noah who lived in Riverton. Noah had a fish named Coco. '
+    'Before dinner, Noah and Coco went to the station. There, he found a black kite. Noah saw the '
+    'kite and felt curious. Coco swam loudly. Then Noah met his friend Emma. They ate eggs because '
+    'eggs is what Noah likes best. The weather was cloudy, but nobody minded. At the end of the day, '
+    'Noah went home to Riverton, curious.\nQ: u=5 a=3 v=9 b=5 ; u=? A: 5\nQ: d=4 n=0 ; n=? A: 0\nAbout '
+    'Eli. His favorite food is soup. Eli is a pilot.\nQ: 5*7=? A: 35\nQ: m=5 f=8 n=1 c=9 ; n=? A: 1\nQ: '
+    'r=7 s=6 l=0 d=4 ; s=? A: 6\nAbout Tom. His favorite food is bread. His best friend is Ben. Tom '
+    'is a pilot.\nQ: 56-0=? A: 56\nQ: 84-35=? A: 49\nQ: l=7 u=6 y=8 ; u=? A: 6\nQuestion: What does Mia '
+    'do? Answer: Mia is a builder.\nQ: sort 94 40 90 65 A: 40 65 90 94\nQ: 3*10=? A: 30\nQ: 84-17=? A: '
+    '67\nQ: 13+28=? A: 41\nQ: 34-1=? A: 33\nQ: 90-67=? A: 23\nOnce upon a time, there was a busy '
+    'gardener named Lily who lived in Riverton. Lily had a dog named Pip. In the evening, Lily and '
+    'Pip went to the library. There, she found a brown box. Then Lily met her friend Noah. "Look at '
+    'my box!" said Lily. "It is gentle," said Noah. Lily wore her yellow hat. Lily smiled. It was a '
+    'good day.\nQ: 95-34=? A: 61\nLast summer, there was a sleepy pilot named Ben who lived in Maple '
+    'Hill. Ben had a hamster named Mochi. Ben cleaned the rock and felt sad. Then Ben met his friend '
+    'Luke. They ate honey because honey is what Ben likes best. The weather was cloudy, but nobody '
+    'minded. Ben smiled. It was a good day.\nQ: sort 59 14 29 14 10 A: 10 14 14 29 59\nQ: 5*9=? A: '
+    '45\nQ: 38-34=? A: 4\nQ: s=5 q=9 w=9 ; q=? A: 9\nOnce upon a time, there was a funny gardener named '
+    'Lily who lived in Riverton. Lily had a dog named Pip. Noah and Lily swam together at the '
+    'garden. They ate cookies because cookies is what Lily likes best. The weather was sunny, but '
+    'nobody minded. Lily smiled. It was a good day.\n'
 )
 
 
@@ -156,6 +196,10 @@ class ProbeResult:
     detail: str = ""  # greedy: where it diverged
     tie_excused: int = 0  # logits: positions past max |Δlogit| at an fp32 router near-tie (not in max_abs_logit)
     max_abs_logit_excused: float | None = None  # logits: the largest |Δlogit| among those positions
+    max_rel_logit: float | None = None  # logits: max |Δlogit| / fp32 logit range of the position (excused left out)
+    nll_ref_sum: float = 0.0  # logits: fp32 NLL of each next probe token, summed (for Δ perplexity)
+    nll_sum: float = 0.0  # logits: the artifact's NLL of the same tokens, summed
+    nll_tokens: int = 0  # logits: predicted positions (T-1 per row)
 
 
 @dataclass(frozen=True)
@@ -175,6 +219,25 @@ class ParityReport:
     def max_abs_logit(self) -> float:
         """Over every position but those excused at a router near-tie (see the module doc)."""
         return max((p.max_abs_logit for p in self.probes if p.kind == "logits"), default=0.0)
+
+    @property
+    def max_rel_logit(self) -> float:
+        """max |Δlogit| / fp32 logit range, over every position but the excused ones."""
+        return max((p.max_rel_logit or 0.0 for p in self.probes if p.kind == "logits"), default=0.0)
+
+    @property
+    def delta_ppl(self) -> float:
+        """ppl_artifact / ppl_fp32 - 1 on the probes' next tokens, pooled (0 without a predicted token)."""
+        n = sum(p.nll_tokens for p in self.probes if p.kind == "logits")
+        if not n:
+            return 0.0
+        diff = sum(p.nll_sum - p.nll_ref_sum for p in self.probes if p.kind == "logits") / n
+        return math.expm1(diff) if math.isfinite(diff) else math.inf
+
+    @property
+    def ppl_ref(self) -> float:
+        n = sum(p.nll_tokens for p in self.probes if p.kind == "logits")
+        return math.exp(sum(p.nll_ref_sum for p in self.probes if p.kind == "logits") / n) if n else math.nan
 
     @property
     def tie_excused(self) -> int:
@@ -210,8 +273,12 @@ class ParityReport:
         """Each bound that is broken, as "metric value vs bound" (empty: passed)."""
         t = tolerance or self.tolerance
         out = []
-        if not self.max_abs_logit <= t.max_abs_logit or math.isnan(self.max_abs_logit):
+        if t.max_delta_ppl is not None and not abs(self.delta_ppl) <= t.max_delta_ppl:
+            out.append(f"Δ perplexity {self.delta_ppl:+.2%} beyond ±{t.max_delta_ppl:.2%}")
+        if t.max_abs_logit is not None and (not self.max_abs_logit <= t.max_abs_logit or math.isnan(self.max_abs_logit)):
             out.append(f"max |Δlogit| {self.max_abs_logit:.4g} > {t.max_abs_logit:g}")
+        if t.max_rel_logit is not None and not self.max_rel_logit <= t.max_rel_logit:
+            out.append(f"max |Δlogit| / logit range {self.max_rel_logit:.4g} > {t.max_rel_logit:g}")
         if self.tie_excused_share > TIE_BUDGET:
             out.append(f"{self.tie_excused} positions ({self.tie_excused_share:.1%}) past max |Δlogit| at router "
                        f"near-ties > {TIE_BUDGET:.0%} of positions")
@@ -232,7 +299,9 @@ class ParityReport:
             if p.kind == "logits":
                 ties = (f" (+{p.tie_excused} at router near-ties, up to {p.max_abs_logit_excused:.4g})"
                         if p.tie_excused else "")
-                lines.append(f"{p.name}: max|Δlogit|={p.max_abs_logit:.4g}{ties} KL={p.mean_kl:.3g} top1={p.top1:.3f}")
+                rel = f" ({p.max_rel_logit:.3g} of range)" if p.max_rel_logit is not None else ""
+                lines.append(f"{p.name}: max|Δlogit|={p.max_abs_logit:.4g}{rel}{ties} KL={p.mean_kl:.3g} top1={p.top1:.3f}"
+                             f"{f' Δnll={(p.nll_sum - p.nll_ref_sum) / p.nll_tokens:+.4f}' if p.nll_tokens else ''}")
             else:
                 lines.append(f"{p.name}: greedy match {p.matched}/{p.tokens}, free-running prefix {p.prefix}"
                              f"{' ' + p.detail if p.detail else ''}")
@@ -243,7 +312,8 @@ class ParityReport:
         return {
             "backend": self.backend, "quant": self.quant, "tolerance": asdict(self.tolerance),
             "passed": self.passed(),
-            "summary": {"max_abs_logit": self.max_abs_logit, "mean_kl": self.mean_kl, "top1": self.top1,
+            "summary": {"delta_ppl": self.delta_ppl, "ppl_fp32": self.ppl_ref, "max_abs_logit": self.max_abs_logit,
+                        "max_rel_logit": self.max_rel_logit, "mean_kl": self.mean_kl, "top1": self.top1,
                         "greedy_match": self.greedy_match, "greedy_prefix": self.greedy_prefix,
                         "router_tie_excused": self.tie_excused},
             "violations": self.violations(),
@@ -269,7 +339,7 @@ class ParityReport:
                  f"{'[green]PASS[/]' if ok else '[red]FAIL[/]'}  ({self.probe_source} probes"
                  f"{f', max length capped at {self.max_len} of {self.model_max_len}' if self.max_len < self.model_max_len else ''})")
         table = Table(title=title, title_justify="left")
-        for col in ("probe", "tokens", "max |Δlogit|", "mean KL", "top-1", "greedy"):
+        for col in ("probe", "tokens", "Δppl", "max |Δlogit|", "/ range", "mean KL", "top-1", "greedy"):
             table.add_column(col, justify="left" if col == "probe" else "right")
 
         def fmt(v: float | None, spec: str) -> str:
@@ -278,19 +348,29 @@ class ParityReport:
         for p in self.probes:
             if p.kind == "logits":
                 ties = f" (+{p.tie_excused} tie: {p.max_abs_logit_excused:.3g})" if p.tie_excused else ""
-                table.add_row(p.name, str(p.tokens), fmt(p.max_abs_logit, ".4g") + ties, fmt(p.mean_kl, ".3g"),
-                              fmt(p.top1, ".3f"), "")
+                dppl = f"{math.expm1((p.nll_sum - p.nll_ref_sum) / p.nll_tokens):+.2%}" if p.nll_tokens else ""
+                table.add_row(p.name, str(p.tokens), dppl, fmt(p.max_abs_logit, ".4g") + ties, fmt(p.max_rel_logit, ".3g"),
+                              fmt(p.mean_kl, ".3g"), fmt(p.top1, ".3f"), "")
             else:
-                table.add_row(p.name, str(p.tokens), "", "", "", f"{p.matched}/{p.tokens} (prefix {p.prefix})")
+                table.add_row(p.name, str(p.tokens), "", "", "", "", "", f"{p.matched}/{p.tokens} (prefix {p.prefix})")
 
         def mark(good: bool, text: str) -> str:
             return f"[green]{text}[/]" if good else f"[red]{text}[/]"
 
+        def within(value: float, bound: float | None) -> bool:
+            return bound is None or value <= bound
+
+        def limit(bound: float | None, spec: str = "g") -> str:
+            return "-" if bound is None else f"≤ {format(bound, spec)}"
+
         table.add_section()
-        table.add_row("[bold]all[/]", "", mark(self.max_abs_logit <= t.max_abs_logit, f"{self.max_abs_logit:.4g}"),
+        table.add_row("[bold]all[/]", "", mark(within(abs(self.delta_ppl), t.max_delta_ppl), f"{self.delta_ppl:+.2%}"),
+                      mark(within(self.max_abs_logit, t.max_abs_logit), f"{self.max_abs_logit:.4g}"),
+                      mark(within(self.max_rel_logit, t.max_rel_logit), f"{self.max_rel_logit:.3g}"),
                       mark(self.mean_kl <= t.max_kl, f"{self.mean_kl:.3g}"), mark(self.top1 >= t.min_top1, f"{self.top1:.3f}"),
                       mark(self.greedy_match >= t.min_greedy_match, f"{self.greedy_match:.3f}"))
-        table.add_row("[dim]tolerance[/]", "", f"≤ {t.max_abs_logit:g}", f"≤ {t.max_kl:g}", f"≥ {t.min_top1:g}",
+        table.add_row("[dim]tolerance[/]", "", "-" if t.max_delta_ppl is None else f"±{t.max_delta_ppl:.2%}",
+                      limit(t.max_abs_logit), limit(t.max_rel_logit), f"≤ {t.max_kl:g}", f"≥ {t.min_top1:g}",
                       f"≥ {t.min_greedy_match:g}")
         return table
 
@@ -305,31 +385,49 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare_logits(name: str, ref: np.ndarray, art: np.ndarray, *, near_tie: np.ndarray | None = None,
-                   bound: float = math.inf) -> ProbeResult:
+                   bound: float | None = None, rel_bound: float | None = None,
+                   ids: np.ndarray | None = None) -> ProbeResult:
     """ref, art (B, T, V) -> one ProbeResult over all B*T positions.
 
     ``near_tie`` (B, T) marks positions where the fp32 router was near a tie: those past ``bound``
-    are counted as excused instead of setting max_abs_logit.
+    (absolute) or ``rel_bound`` (|Δlogit| / fp32 logit range) are counted as excused instead of
+    setting the maxima. ``ids`` (B, T), the probe's tokens: each position's NLL of the next one is
+    summed on both sides (for Δ perplexity).
     """
     if ref.shape != art.shape:
         # A shape mismatch is a conversion bug, not a tolerance question: report it as infinitely far.
         return ProbeResult(name=name, kind="logits", tokens=int(np.prod(ref.shape[:2])), max_abs_logit=math.inf,
-                           mean_kl=math.inf, top1=0.0, kl_sum=math.inf, detail=f"shape {art.shape} != {ref.shape}")
+                           mean_kl=math.inf, top1=0.0, kl_sum=math.inf, max_rel_logit=math.inf, detail=f"shape {art.shape} != {ref.shape}")
     ref2, art2 = ref.reshape(-1, ref.shape[-1]), art.reshape(-1, art.shape[-1])  # (N, V)
     n = ref2.shape[0]
     per_pos = np.max(np.abs(ref2.astype(np.float64) - art2), axis=-1)  # (N,)
     per_pos = np.where(np.isfinite(art2).all(-1), per_pos, math.inf)
-    excused = np.zeros(n, bool) if near_tie is None else near_tie.reshape(-1) & (per_pos > bound)
+    span = (ref2.max(-1) - ref2.min(-1)).astype(np.float64)  # (N,) the fp32 logit range per position
+    rel = per_pos / np.maximum(span, 1e-12)  # (N,)
+    past = (per_pos > (math.inf if bound is None else bound)) | (rel > (math.inf if rel_bound is None else rel_bound))
+    excused = np.zeros(n, bool) if near_tie is None else near_tie.reshape(-1) & past
     excused &= np.isfinite(per_pos)  # a non-finite logit is never rounding
     max_abs = float(per_pos[~excused].max(initial=0.0))
+    max_rel = float(rel[~excused].max(initial=0.0))
     lp, lq = _log_softmax(ref2), _log_softmax(art2)
+    nll_ref = nll = 0.0
+    nll_tokens = 0
+    if ids is not None and ref.shape[1] > 1:
+        B, T = ref.shape[:2]
+        nxt = np.asarray(ids).reshape(B, T)[:, 1:].reshape(-1)  # (B*(T-1),) the token each position predicts
+        rows = (np.arange(B)[:, None] * T + np.arange(T - 1)[None, :]).reshape(-1)  # positions 0..T-2 of each row
+        nll_ref = float(-lp[rows, nxt].sum())
+        nll = float(-lq[rows, nxt].sum())
+        nll_tokens = int(rows.size)
     kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)  # (N,) KL(p_ref ‖ p_art)
     kl = np.maximum(kl, 0.0)  # rounding can give -1e-17
     hits = int(np.sum(ref2.argmax(-1) == art2.argmax(-1)))
     kl_sum = float(kl.sum()) if np.isfinite(kl).all() else math.inf
     return ProbeResult(name=name, kind="logits", tokens=n, max_abs_logit=max_abs, mean_kl=kl_sum / n,
                        top1=hits / n, kl_sum=kl_sum, top1_hits=hits, tie_excused=int(excused.sum()),
-                       max_abs_logit_excused=float(per_pos[excused].max()) if excused.any() else None)
+                       max_abs_logit_excused=float(per_pos[excused].max()) if excused.any() else None,
+                       max_rel_logit=max_rel, nll_ref_sum=nll_ref, nll_sum=nll if math.isfinite(nll) else math.inf,
+                       nll_tokens=nll_tokens)
 
 
 def _router_near_ties(reference: CausalLM, ids: Any, relative_gap: float) -> tuple[np.ndarray, Any]:
@@ -381,7 +479,8 @@ def run_parity(reference: CausalLM, runner: Runner, probes: ProbeSet, *, backend
         ids = np.asarray(rows, dtype=np.int64)  # (B, T)
         ref, near_tie = _router_near_ties(reference, torch.from_numpy(ids), tolerance.router_tie)
         art = np.asarray(runner.forward(ids), dtype=np.float32)
-        results.append(compare_logits(name, ref, art, near_tie=near_tie, bound=tolerance.max_abs_logit))
+        results.append(compare_logits(name, ref, art, near_tie=near_tie, bound=tolerance.max_abs_logit,
+                                      rel_bound=tolerance.max_rel_logit, ids=ids))
     for i, prompt in enumerate(probes.prompts):
         want = _greedy(TorchSession(reference), prompt, probes.greedy_tokens)  # the reference's greedy text
         session = runner.new_session()
