@@ -59,12 +59,11 @@ def test_bf16_runs_in_bf16(nano_checkpoint, artifacts):
 
 
 def test_int8_schemes_run_int8_modules(nano_moe_checkpoint, artifacts):
-    from deploykit_plugins.torch_backend import StaticInt8Linear
+    from deploykit_plugins.torch_backend import PerTokenInt8Linear, StaticInt8Linear
 
     dyn = deploykit.load(artifacts(nano_moe_checkpoint, "int8-dynamic").path).model
     static = deploykit.load(artifacts(nano_moe_checkpoint, "int8-static").path).model
-    expert = dyn.model.layers[0].block_sparse_moe.experts[0].w1
-    assert type(expert).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert isinstance(dyn.model.layers[0].block_sparse_moe.experts[0].w1, PerTokenInt8Linear)
     assert isinstance(static.model.layers[0].block_sparse_moe.experts[0].w2, StaticInt8Linear)
     assert isinstance(static.model.layers[0].block_sparse_moe.gate, torch.nn.Linear)  # router stays fp32
 
@@ -109,3 +108,25 @@ def test_options_are_validated(nano_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="unknown option"):
         deploykit.convert(nano_checkpoint, "torch", "fp32", tmp_path / "x", options={"sparsity": "0.5"})
     assert not (tmp_path / "x").exists()
+
+
+def test_per_token_int8_linear_scales_each_token_alone():
+    """int8-dynamic's activations: one scale per token, so an outlier token leaves the others exact to
+    their own int8 resolution, and a row alone equals the row inside a batch."""
+    from deploykit.deploy.torchgraph import quantize_int8
+    from deploykit_plugins.torch_backend import PerTokenInt8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q, s = quantize_int8(lin.weight)
+    mod = PerTokenInt8Linear(q, s, lin.bias)
+    x = torch.randn(5, 64)
+    x[2] *= 100  # an outlier token
+    y = mod(x)
+    w = q.float() * s[:, None]  # the int8 weights, dequantised
+    for t in range(5):
+        st = x[t].abs().max() / 127
+        want = (torch.round(x[t] / st) * st) @ w.t() + lin.bias
+        assert torch.allclose(y[t], want, rtol=1e-5, atol=1e-4)
+        assert torch.equal(mod(x[t:t + 1])[0], y[t])
+    assert (y[0] - lin(x[:1])[0]).abs().max() < 0.05 * lin(x[:1]).abs().max()  # not crushed by token 2

@@ -9,8 +9,11 @@ What runs, per scheme (stated in the manifest too):
 - ``fp32``, ``prune-structured``: a plain transformers-compatible checkpoint (``LlamaForCausalLM`` /
   ``MixtralForCausalLM`` can load the folder).
 - ``bf16``: bf16 weights and activations (norms and softmax statistics in fp32, as in Llama).
-- ``int8-dynamic``: int8 per-channel weights; activations quantised per call by fbgemm/x86
-  (``torch.ao.nn.quantized.dynamic.Linear``) — measured faster than torchao's int8 paths on this CPU.
+- ``int8-dynamic``: int8 per-channel weights; activations quantised per token (one scale per row of
+  each call, max |x| / 127) and multiplied by ``torch._int_mm`` (int8×int8→int32). fbgemm's dynamic
+  Linear, used until issue 12, takes one scale per call for the whole tensor: on a trained model one
+  outlier token then crushes every other token's resolution (demo micro, held-out text: top-1 0.968,
+  Δppl +0.22 % per tensor; per token see benchmarks/results/quantization_accuracy.md).
 - ``int8-static``: int8 weights and an int8 activation scale per layer fixed from calibration text;
   ``torch._int_mm`` (int8×int8→int32 GEMM) with the result rescaled to fp32.
 - ``int8-qat``: ``int8-static``'s format and kernels, after a few steps of fake-quantised fine-tuning
@@ -34,8 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploykit.deploy.backend import EXACT, HALF, INT8, LOSSY, Backend, ConvertContext, Runner, Scheme
+from deploykit.deploy.calibrate import SmoothQuantOptions, kept_fp32, smooth_quant
 from deploykit.deploy.hookspecs import hookimpl
-from deploykit.deploy.options import Int8Options, SchemeOptions, option
+from deploykit.deploy.options import SchemeOptions, option
 from deploykit.deploy.roles import EXPERT, MLP, QUANTIZED, Role, by_parent, linear_roles, select
 from deploykit.deploy.torchgraph import (check_module_names, load_tensors, plain_state, quantize_int8, read_layout,
                                          rebuild, restack_experts, save_artifact, set_module, unstack_experts)
@@ -51,7 +55,7 @@ LAYOUT_FORMAT = 1
 
 # Options each scheme accepts (--option key=value), parsed and validated once by deploykit.convert.
 @dataclass(frozen=True)
-class QatOptions(Int8Options):
+class QatOptions(SmoothQuantOptions):
     qat_steps: int = option(10, "fake-quantised distillation steps (0: plain int8-static)")
     qat_lr: float = option(1e-5, "AdamW learning rate of those steps")
 
@@ -79,9 +83,10 @@ class StructuredPruneOptions(PruneOptions):
 SCHEMES = (
     Scheme("fp32", "full precision, the reference; a transformers-loadable checkpoint", EXACT),
     Scheme("bf16", "bfloat16 weights and activations (half the size)", HALF),
-    Scheme("int8-dynamic", "int8 per-channel weights, activations quantised per call (fbgemm)", INT8, Int8Options),
-    Scheme("int8-static", "int8 weights + static int8 activation scales from calibration (torch._int_mm)", INT8,
-           Int8Options),
+    Scheme("int8-dynamic", "int8 per-channel weights, activations quantised per token per call (torch._int_mm)", INT8,
+           SmoothQuantOptions),
+    Scheme("int8-static", "int8 weights + static int8 activation scales from calibration (torch._int_mm)",
+           INT8, SmoothQuantOptions),
     Scheme("int8-qat", "int8-static after a few steps of fake-quantised distillation", INT8, QatOptions),
     Scheme("prune-l1", "unstructured magnitude pruning (option sparsity, default 0.3), bitmask-packed", LOSSY,
            PruneOptions),
@@ -102,6 +107,31 @@ def dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(out_f, dtype=torch.int64), 0)
     mod.set_weight_bias(qweight, None if bias is None else bias.detach().float())
     return mod
+
+
+class PerTokenInt8Linear(nn.Module):
+    """y = (round(x / s_t) ⊗ q_w) · s_t · s_w + b with one activation scale per token, s_t = max|x_t| / 127.
+
+    The scheme of LLM.int8()/SmoothQuant's "per-token" activations: a token's outlier channel costs
+    only that token's resolution. The GEMM is ``torch._int_mm`` (oneDNN int8 on CPU).
+    """
+
+    def __init__(self, q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("qweight_t", q.t().contiguous())  # (in, out): _int_mm wants (K, N)
+        self.register_buffer("w_scale", w_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()  # (M, K)
+        s = (x2.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)  # (M, 1)
+        xq = torch.round(x2 / s).to(torch.int8)  # |x / s| <= 127 by construction
+        y = torch._int_mm(xq, self.qweight_t).float() * (s * self.w_scale)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 class StaticInt8Linear(nn.Module):
@@ -238,6 +268,7 @@ def load_artifact_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
         for name, shape in layout.mapping("packed", ListOf(int), check=_shape).items():
             tensors[name] = _sparse_tensor(folder, tensors, name, shape)
     quantized = layout.object("quantized", default=None) or {}
+    per_token = layout.field("activations", str, default="per-tensor", check=one_of("per-tensor", "per-token")) == "per-token"
     act_scales: dict[str, float | None] = {}  # int8-static: each module's calibrated activation scale
     for name in quantized:
         entry = quantized.object(name)
@@ -251,7 +282,12 @@ def load_artifact_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
         except KeyError as e:
             raise ArtifactError(f"{folder}: {WEIGHTS} lacks {e.args[0]}", hint="convert again") from e
         bias = tensors.get(f"{name}.bias")
-        mod = dynamic_linear(q, s, bias) if scale is None else StaticInt8Linear(q, s, scale, bias)
+        if scale is not None:
+            mod = StaticInt8Linear(q, s, scale, bias)
+        elif per_token:
+            mod = PerTokenInt8Linear(q, s, bias)
+        else:  # artifacts written before issue 12: fbgemm's per-tensor dynamic activations
+            mod = dynamic_linear(q, s, bias)
         set_module(model, name, mod)
     return model.eval(), layout
 
@@ -312,10 +348,21 @@ class TorchBackend(Backend):
 
     def _int8(self, model, out, ctx, opts, *, kind: str, qat: bool = False):
         cfg = model.config
+        info: dict[str, Any] = {}
+        if opts.smoothquant and ctx.calibration:
+            ctx.progress("SmoothQuant: choosing α on the calibration set")
+            info["smoothquant"] = smooth_quant(model, ctx.calibration, alpha=opts.smoothquant_alpha,
+                                               activations="per-token" if kind == "int8-dynamic" else "static",
+                                               quantize_lm_head=opts.quantize_lm_head)
+        elif opts.smoothquant:
+            info["smoothquant"] = "skipped: no calibration sequences"
         unstack_experts(model)  # MoE experts become Linear modules like the rest (no-op for dense models)
         linears = select(model, QUANTIZED | ({Role.LM_HEAD} if opts.quantize_lm_head else set()))
+        keep = kept_fp32(list(linears), linear_roles(model), opts.keep_list(), where=f"torch/{kind}")
+        linears = {n: m for n, m in linears.items() if n not in keep}
+        if keep:
+            info["kept_fp32"] = sorted(keep)
         scales: dict[str, float] = {}
-        info: dict[str, Any] = {}
         if kind == "int8-static":
             ctx.progress("calibrating activation scales")
             scales = act_scales(model, linears, ctx.calibration)
@@ -323,6 +370,8 @@ class TorchBackend(Backend):
                 info["qat"] = self._qat(model, linears, scales, ctx, opts)
         tensors = plain_state(model, linears)
         layout: dict[str, Any] = {"kind": kind, "quantized": {}}
+        if kind == "int8-dynamic":
+            layout["activations"] = "per-token"
         for name, lin in linears.items():
             q, s = quantize_int8(lin.weight)
             tensors[f"{name}.qweight"], tensors[f"{name}.wscale"] = q, s
@@ -330,7 +379,7 @@ class TorchBackend(Backend):
                 tensors[f"{name}.bias"] = lin.bias.detach().float()
             layout["quantized"][name] = {"act_scale": scales[name]} if kind == "int8-static" else {}
         _save(out, cfg, tensors, layout, "int8")
-        runs = ("fbgemm/x86 dynamic int8 Linear (torch.ao.nn.quantized.dynamic)" if kind == "int8-dynamic"
+        runs = ("int8×int8→int32 torch._int_mm with per-token dynamic activation scales" if kind == "int8-dynamic"
                 else "int8×int8→int32 torch._int_mm with static per-layer activation scales")
         return {"runs": runs, "quantized_modules": len(linears), "fp32_kept": "embeddings, norms, MoE routers"
                 + ("" if opts.quantize_lm_head else ", lm_head"), **info}

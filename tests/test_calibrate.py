@@ -1,0 +1,100 @@
+"""deploykit.deploy.calibrate: SmoothQuant is an exact rewrite in fp32, the keep_fp32 option is parsed,
+validated and honoured, and the simulated-int8 sensitivity names the layers that cost most."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import deploykit
+from deploykit.deploy.calibrate import SmoothQuantOptions, apply_smoothing, input_absmax, kept_fp32, smooth_quant
+from deploykit.deploy.parity import calibration_sequences
+from deploykit.deploy.roles import QUANTIZED, linear_roles, select
+from deploykit.errors import ConfigError
+from deploykit.model import CausalLM, preset
+
+from tolerances import assert_close_reordered
+
+
+def _model(name: str, **over) -> CausalLM:
+    torch.manual_seed(0)
+    m = CausalLM(preset(name).replace(**over)).eval()
+    with torch.no_grad():  # outlier channels, as trained models have: what smoothing exists for
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.rand_like(p) * 3)
+        m.model.embed_tokens.weight[:, :3] *= 30
+    return m
+
+
+@pytest.mark.parametrize("name,over", [("nano", {}), ("nano-moe", {}), ("nano", {"variant": "legacy", "n_kv_heads": 4}),
+                                       ("nano", {"tie_embeddings": True})])
+def test_smoothquant_leaves_fp32_outputs_unchanged(name, over):
+    model = _model(name, **over)
+    cal = calibration_sequences(model.config, None, n=4, length=32)
+    ids = torch.tensor(cal[:2])
+    with torch.no_grad():
+        ref = model(ids)
+        smoothed = copy.deepcopy(model)
+        stats = input_absmax(smoothed, ["model.layers.0.self_attn.q_proj"], cal)
+        assert stats["model.layers.0.self_attn.q_proj"].shape == (model.config.d_model,)
+        facts = smooth_quant(smoothed, cal, alpha=0.8)
+        out = smoothed(ids)
+    assert facts["sites"] > 0 and facts["alpha"] == 0.8
+    # exact up to float rounding (the scales are not powers of two, so each product rounds once more)
+    assert_close_reordered(out, ref, what=f"{name} {over} smoothed")
+    q0 = smoothed.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(q0, model.model.layers[0].self_attn.q_proj.weight)  # something did move
+
+
+def test_smoothing_flattens_the_outlier_channels():
+    model = _model("nano")
+    cal = calibration_sequences(model.config, None, n=4, length=32)
+    name = "model.layers.0.self_attn.q_proj"
+    before = input_absmax(model, [name], cal)[name]
+    act_max = input_absmax(model, [s for s in [name]], cal)
+    smoothed = copy.deepcopy(model)
+    apply_smoothing(smoothed, act_max, 0.5)
+    after = input_absmax(smoothed, [name], cal)[name]
+    assert after.max() / after.median() < before.max() / before.median()
+
+
+def test_alpha_is_chosen_on_the_calibration_set():
+    model = _model("nano")
+    cal = calibration_sequences(model.config, None, n=4, length=32)
+    facts = smooth_quant(model, cal, activations="per-tensor", alphas=(0.0, 0.5))
+    assert set(facts["simulated_kl"]) == {"0", "0.5"}
+    assert facts["alpha"] == min((0.0, 0.5), key=lambda a: facts["simulated_kl"][f"{a:g}"])
+
+
+def test_keep_fp32_option_is_parsed_and_validated():
+    opts = SmoothQuantOptions.parse({"keep_fp32": "lm_head, model.layers.0"}, where="t/int8")
+    assert opts.keep_list() == ["lm_head", "model.layers.0"] and opts.smoothquant is False
+    with pytest.raises(ConfigError, match="not a module name"):
+        SmoothQuantOptions.parse({"keep_fp32": "layers[0]"}, where="t/int8")
+    with pytest.raises(ConfigError, match="smoothquant_alpha=2.0"):
+        SmoothQuantOptions.parse({"smoothquant_alpha": "2"}, where="t/int8")
+    model = _model("nano")
+    names = list(select(model, QUANTIZED))
+    roles = linear_roles(model)
+    kept = kept_fp32(names, roles, ["model.layers.0", "mlp_down"], where="t")
+    assert {n for n in kept if n.startswith("model.layers.0.")} == {n for n in names if n.startswith("model.layers.0.")}
+    assert all(f"model.layers.{i}.mlp.down_proj" in kept for i in range(model.config.n_layers))
+    with pytest.raises(ConfigError, match="names no quantized module") as e:
+        kept_fp32(names, roles, ["model.layer.0"], where="t")
+    assert "lm_head" in e.value.hint
+
+
+def test_torch_honours_keep_fp32_and_smoothquant(nano_checkpoint, tmp_path):
+    from deploykit_plugins.torch_backend import PerTokenInt8Linear
+
+    result = deploykit.convert(nano_checkpoint, "torch", "int8-dynamic", tmp_path / "a",
+                               options={"keep_fp32": "model.layers.0,lm_head", "smoothquant": "true"})
+    assert result.report.passed(), result.report.violations()
+    info = result.manifest["backend_info"]
+    assert info["smoothquant"]["sites"] > 0 and "model.layers.0.self_attn.q_proj" in info["kept_fp32"]
+    model = deploykit.load(result.path).model
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, PerTokenInt8Linear)
+    assert isinstance(model.lm_head, torch.nn.Linear)
