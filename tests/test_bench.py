@@ -500,3 +500,18 @@ def test_run_measure_merges_plugin_metrics_in_process(fresh_plugins: Any, nano_c
     assert (extra["probe"], extra["from_early"]) == (2.0, 1.0)
     assert errors["raises"] == "RuntimeError: boom"
     assert result["decode_tok_s"] > 0 and result["perplexity"] > 0  # the row kept its measurements
+
+
+def test_a_changed_backend_module_never_reuses_old_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploykit's version string stays 0.1.0 across commits: the cache key must follow the code."""
+    from deploykit.bench import cache
+
+    (tmp_path / "cachetest_backend.py").write_text("VERSION = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = cache.code_fingerprint("cachetest_backend")
+    (tmp_path / "cachetest_backend.py").write_text("VERSION = 2\n")
+    cache.code_fingerprint.cache_clear()
+    after = cache.code_fingerprint("cachetest_backend")
+    assert before != after
+    key = lambda fp: cache.artifact_key("s" * 64, "b", "fp32", {"code": fp})  # noqa: E731
+    assert key(before) != key(after)

@@ -1,16 +1,22 @@
 """The artifact cache: converting every scheme takes minutes, re-benching should not.
 
 An artifact is reused only when everything that could change it is unchanged: the source checkpoint's
-bytes, the backend and scheme, the backend's library versions and deploykit's own version. Those go
+bytes, the backend and scheme, the backend's library versions, deploykit's own version and the code
+that converts (:func:`code_fingerprint`). Those go
 into one key; the artifact lives at ``CACHE/<model>-<source sha[:12]>/<backend>-<scheme>-<key[:12]>``.
 A changed checkpoint hashes differently and so can never hit an old artifact; stale entries are left
 for the user to delete (``rm -r ~/.cache/deploykit/artifacts``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,32 @@ def source_sha256(folder: Path) -> str:
     h = hashlib.sha256()
     for name in sorted(names):
         h.update(f"{name}\0{sha256_file(folder / name)}\n".encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(backend_module: str) -> str:
+    """sha256 over the code that makes an artifact: deploykit's model and deploy packages, the backend's
+    module (or its package) and deploykit's compiled extensions. deploykit's version string does not
+    change between commits, so without this a changed backend would reuse artifacts of the old one."""
+    import deploykit
+
+    root = Path(deploykit.__file__).parent
+    files = [p for sub in ("model", "deploy", "native") for p in (root / sub).rglob("*") if p.suffix in (".py", ".so")]
+    module = sys.modules.get(backend_module) or importlib.import_module(backend_module)
+    source = Path(getattr(module, "__file__", "") or "")
+    if source.name == "__init__.py":
+        files += list(source.parent.rglob("*.py"))
+    elif source.is_file():
+        files.append(source)
+    for ext in ("deploykit.native._native", "deploykit.native._native_cuda"):  # found without importing them
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(ext)
+            if spec is not None and spec.origin and Path(spec.origin).is_file():
+                files.append(Path(spec.origin))
+    h = hashlib.sha256()
+    for path in sorted(set(files)):
+        h.update(f"{path.name}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 

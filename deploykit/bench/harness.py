@@ -222,7 +222,8 @@ def ensure_artifact(ctx: Context, backend: str, scheme: str, index: int = 0) -> 
 
     Returns the folder and {"cached": bool, "convert_s": float | None} or {"ok": False, "error": ...}.
     """
-    versions = _backend_versions(ctx.registered[backend])
+    be = ctx.registered[backend]
+    versions = {**_backend_versions(be), "code": cache.code_fingerprint(type(be).__module__)}
     key = cache.artifact_key(ctx.source_sha, backend, scheme, versions)
     artifact = cache.artifact_path(ctx.cfg.cache_dir, ctx.model_name, ctx.source_sha, backend, scheme, key)
     if ctx.cfg.use_cache and cache.read_manifest(artifact) is not None:
