@@ -46,8 +46,9 @@ PLOT_NAME = "loss.png"
 RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME)
 # What `deploykit sft --method full` adds: its before/after report (the folder stays a checkpoint).
 SFT_REPORT = "sft_report.json"
+DPO_REPORT = "dpo_report.json"  # and `deploykit dpo`'s
 CHECKPOINT_FILES = frozenset({CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, *TOKENIZER_FILES,
-                              *RUN_FILES, SFT_REPORT})
+                              *RUN_FILES, SFT_REPORT, DPO_REPORT})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # transformers model_type -> deploykit variant, for folders written by transformers itself.

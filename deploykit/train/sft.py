@@ -189,8 +189,12 @@ def encode_example(tokenizer: Any, template: Template, ex: SftExample, max_len: 
     A token belongs to the response when it ends past the prompt's last character; a token that
     straddles the seam holds response characters, so it is learned. Truncation keeps the start.
     """
-    prompt = template.prompt(ex.instruction, ex.input)
-    enc = tokenizer.hf.encode(prompt + ex.output, add_special_tokens=False)
+    return encode_prompt_response(tokenizer, template.prompt(ex.instruction, ex.input), ex.output, max_len)
+
+
+def encode_prompt_response(tokenizer: Any, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
+    """:func:`encode_example` for an already templated prompt (preference pairs share it)."""
+    enc = tokenizer.hf.encode(prompt + response, add_special_tokens=False)
     boundary = len(prompt)
     ids = [tokenizer.bos_id, *enc.ids, tokenizer.eos_id]
     labels = [IGNORE] + [i if end > boundary else IGNORE for i, (_, end) in zip(enc.ids, enc.offsets)]
