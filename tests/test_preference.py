@@ -76,6 +76,7 @@ def test_command_end_to_end(nano_checkpoint, tmp_path, command, capsys):
     out = tmp_path / command
     argv = [command, str(nano_checkpoint), "--data", "embedded-tasks", "--steps", "2", "--batch-size", "2",
             "--pairs-per-task", "2", "--eval-per-task", "1", "--out", str(out), "--json"]
+    argv += ["--max-new-tokens", "3"] if command == "dpo" else []
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == command

@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(d)
     d.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")
+    d.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per exact-match answer")
     d.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     d.set_defaults(func=run_dpo)
     return p
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 def run_dpo(args: argparse.Namespace) -> int:
     from ..train.preference import train_dpo
 
-    _print(train_dpo(_config(args, beta=args.beta)), args,
+    _print(train_dpo(_config(args, beta=args.beta, max_new_tokens=args.max_new_tokens)), args,
            [("exact-match before", "exact_match_before"), ("exact-match after", "exact_match_after"),
             ("implicit-reward accuracy", "implicit_reward_accuracy")])
     return 0

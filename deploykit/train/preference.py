@@ -170,13 +170,14 @@ class PreferenceConfig:
     pairs_per_task: int = 200
     eval_per_task: int = 20
     max_len: int = 128
+    max_new_tokens: int = 16  # DPO's exact-match eval
     seed: int = 0
     force: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", Path(self.base))
         object.__setattr__(self, "out", Path(self.out))
-        for name in ("steps", "batch_size", "pairs_per_task", "eval_per_task", "max_len"):
+        for name in ("steps", "batch_size", "pairs_per_task", "eval_per_task", "max_len", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1", hint=f"pass a positive {name}")
@@ -281,13 +282,13 @@ def train_dpo(cfg: PreferenceConfig) -> dict[str, Any]:
         pc, pr, rc, rr = logps(pairs)
         return pc - rc, pr - rr
 
-    em_before = _prompt_exact_match(policy, tokenizer, held)
+    em_before = _prompt_exact_match(policy, tokenizer, held, cfg.max_new_tokens)
     policy.train()
     loss = _loop(list(policy.parameters()), policy, cfg, train, lambda b: dpo_loss(*logps(b), cfg.beta))
     policy.eval()
     report = {"kind": "dpo", "base": str(cfg.base), "data": cfg.data, "steps": cfg.steps, "beta": cfg.beta,
               "train_loss": loss, "implicit_reward_accuracy": pairwise_accuracy(implicit, held),
-              "exact_match_before": em_before, "exact_match_after": _prompt_exact_match(policy, tokenizer, held),
+              "exact_match_before": em_before, "exact_match_after": _prompt_exact_match(policy, tokenizer, held, cfg.max_new_tokens),
               "seconds": time.perf_counter() - t0}
     with dest.write() as tmp:
         save_model(policy, tmp, tokenizer, overwrite=True)
@@ -295,11 +296,13 @@ def train_dpo(cfg: PreferenceConfig) -> dict[str, Any]:
     return report
 
 
-def _prompt_exact_match(model: nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+def _prompt_exact_match(model: nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair],
+                        max_new_tokens: int) -> dict[str, float]:
     # exact_match templates (instruction, input); a pair's prompt is already templated, so it goes in
     # as the instruction of a pass-through template.
     tpl = Template(instruction="{instruction}", input="{input}", response="")
-    return exact_match(model, tokenizer, tpl, [SftExample(p.task, p.prompt, "", p.chosen) for p in pairs], 16)
+    return exact_match(model, tokenizer, tpl, [SftExample(p.task, p.prompt, "", p.chosen) for p in pairs],
+                       max_new_tokens)
 
 
 def _destination(cfg: PreferenceConfig, what: str, marker: str) -> Destination:
