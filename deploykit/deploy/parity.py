@@ -339,7 +339,8 @@ class ParityReport:
                  f"{'[green]PASS[/]' if ok else '[red]FAIL[/]'}  ({self.probe_source} probes"
                  f"{f', max length capped at {self.max_len} of {self.model_max_len}' if self.max_len < self.model_max_len else ''})")
         table = Table(title=title, title_justify="left")
-        for col in ("probe", "tokens", "Δppl", "max |Δlogit|", "/ range", "mean KL", "top-1", "greedy"):
+        # max |Δlogit| shows its share of the logit range beside it: the bound is on that share.
+        for col in ("probe", "n", "Δppl", "max |Δlogit|", "KL", "top-1", "greedy"):
             table.add_column(col, justify="left" if col == "probe" else "right")
 
         def fmt(v: float | None, spec: str) -> str:
@@ -349,10 +350,11 @@ class ParityReport:
             if p.kind == "logits":
                 ties = f" (+{p.tie_excused} tie: {p.max_abs_logit_excused:.3g})" if p.tie_excused else ""
                 dppl = f"{math.expm1((p.nll_sum - p.nll_ref_sum) / p.nll_tokens):+.2%}" if p.nll_tokens else ""
-                table.add_row(p.name, str(p.tokens), dppl, fmt(p.max_abs_logit, ".4g") + ties, fmt(p.max_rel_logit, ".3g"),
+                rel = f" ({p.max_rel_logit:.1%})" if p.max_rel_logit is not None else ""
+                table.add_row(p.name, str(p.tokens), dppl, fmt(p.max_abs_logit, ".3g") + rel + ties,
                               fmt(p.mean_kl, ".3g"), fmt(p.top1, ".3f"), "")
             else:
-                table.add_row(p.name, str(p.tokens), "", "", "", "", "", f"{p.matched}/{p.tokens} (prefix {p.prefix})")
+                table.add_row(p.name, str(p.tokens), "", "", "", "", f"{p.matched}/{p.tokens} (prefix {p.prefix})")
 
         def mark(good: bool, text: str) -> str:
             return f"[green]{text}[/]" if good else f"[red]{text}[/]"
@@ -365,12 +367,13 @@ class ParityReport:
 
         table.add_section()
         table.add_row("[bold]all[/]", "", mark(within(abs(self.delta_ppl), t.max_delta_ppl), f"{self.delta_ppl:+.2%}"),
-                      mark(within(self.max_abs_logit, t.max_abs_logit), f"{self.max_abs_logit:.4g}"),
-                      mark(within(self.max_rel_logit, t.max_rel_logit), f"{self.max_rel_logit:.3g}"),
+                      mark(within(self.max_abs_logit, t.max_abs_logit) and within(self.max_rel_logit, t.max_rel_logit),
+                           f"{self.max_abs_logit:.3g} ({self.max_rel_logit:.1%})"),
                       mark(self.mean_kl <= t.max_kl, f"{self.mean_kl:.3g}"), mark(self.top1 >= t.min_top1, f"{self.top1:.3f}"),
                       mark(self.greedy_match >= t.min_greedy_match, f"{self.greedy_match:.3f}"))
         table.add_row("[dim]tolerance[/]", "", "-" if t.max_delta_ppl is None else f"±{t.max_delta_ppl:.2%}",
-                      limit(t.max_abs_logit), limit(t.max_rel_logit), f"≤ {t.max_kl:g}", f"≥ {t.min_top1:g}",
+                      " ".join(x for x in (limit(t.max_abs_logit), "" if t.max_rel_logit is None else
+                                           f"(≤ {t.max_rel_logit:.0%})") if x != "-") or "-", f"≤ {t.max_kl:g}", f"≥ {t.min_top1:g}",
                       f"≥ {t.min_greedy_match:g}")
         return table
 
