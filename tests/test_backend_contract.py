@@ -84,7 +84,8 @@ def test_convert_parses_options_before_the_slow_part(nano_checkpoint, tmp_path):
 def test_convert_records_the_parsed_options(nano_checkpoint, tmp_path):
     r = deploykit.convert(nano_checkpoint, "torch", "int8-dynamic", tmp_path / "a", verify=False,
                           options={"quantize_lm_head": "false"})
-    assert r.manifest["options"] == {"quantize_lm_head": False}
+    assert r.manifest["options"] == {"quantize_lm_head": False, "smoothquant": False, "smoothquant_alpha": -1.0,
+                                     "keep_fp32": ""}  # every option, the defaults included
     assert r.manifest["backend_info"]["fp32_kept"].endswith("lm_head")
 
 
@@ -209,9 +210,13 @@ def test_load_options_are_validated_in_one_place(nano_checkpoint, tmp_path):
 def test_int8_options_are_shared():
     from deploykit_plugins import native_backend, torch_backend
 
+    from deploykit.deploy.calibrate import SmoothQuantOptions
+
     assert native_backend.SCHEMES[0].options is Int8Options
-    assert torch_backend.TorchBackend().scheme("int8-dynamic").options is Int8Options
-    assert issubclass(torch_backend.TorchBackend().scheme("int8-qat").options, Int8Options)
+    # torch runs the shared SmoothQuant / keep_fp32 rewrite: its options extend the shared int8 ones
+    assert torch_backend.TorchBackend().scheme("int8-dynamic").options is SmoothQuantOptions
+    assert issubclass(SmoothQuantOptions, Int8Options)
+    assert issubclass(torch_backend.TorchBackend().scheme("int8-qat").options, SmoothQuantOptions)
 
 
 def test_unknown_keys_and_broken_rules_come_in_one_error():
@@ -228,7 +233,8 @@ def test_backends_json_lists_each_schemes_options(capsys):
     assert main(["backends", "--json"]) == 0
     rows = {b["name"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
     qat = next(s for s in rows["torch"]["schemes"] if s["name"] == "int8-qat")
-    assert [o["name"] for o in qat["options"]] == ["quantize_lm_head", "qat_steps", "qat_lr"]
-    assert qat["options"][1] == {"name": "qat_steps", "type": "int", "default": 10,
+    assert [o["name"] for o in qat["options"]] == ["quantize_lm_head", "smoothquant", "smoothquant_alpha",
+                                                  "keep_fp32", "qat_steps", "qat_lr"]
+    assert qat["options"][4] == {"name": "qat_steps", "type": "int", "default": 10,
                                  "help": "fake-quantised distillation steps (0: plain int8-static)"}
     assert next(s for s in rows["onnx"]["schemes"] if s["name"] == "fp32")["options"] == []
