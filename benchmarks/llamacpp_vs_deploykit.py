@@ -29,14 +29,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from timing import use_bench_allocator  # noqa: E402
+from timing import decode_once, prefill_once, rates_interleaved, use_bench_allocator  # noqa: E402
 
 _MALLOC_ENV = use_bench_allocator()
 
@@ -91,21 +90,8 @@ def contenders(model: str, ckpt: Path, work: Path, threads: int) -> dict:
     return out
 
 
-def decode_once(runner, prompt: list[int], tokens: list[int]) -> float:
-    """Tokens/s of one decode run: fixed tokens fed one at a time through the KV cache."""
-    session = runner.new_session()
-    session.feed(prompt)
-    t0 = time.perf_counter()
-    for t in tokens:
-        session.feed([t])
-    return len(tokens) / (time.perf_counter() - t0)
 
 
-def prefill_once(runner, ids: list[int]) -> float:
-    session = runner.new_session()
-    t0 = time.perf_counter()
-    session.feed(ids)
-    return len(ids) / (time.perf_counter() - t0)
 
 
 class BareLlama:
@@ -133,16 +119,6 @@ class BareLlama:
         return len(ids) / (time.perf_counter() - t0)
 
 
-def interleaved(fns: dict, repeat: int, warmup: int = 3) -> dict:
-    """tokens/s per contender: warm-up, then ``repeat`` round-robin rounds; median, min, max."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    runs: dict = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            runs[k].append(f())
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in runs.items()}
 
 
 def bench_model(model: str, args, work: Path) -> dict:
@@ -161,8 +137,8 @@ def bench_model(model: str, args, work: Path) -> dict:
     prefill_fns = {k: (lambda r=r: prefill_once(r, long)) for k, r in runners.items()}
     prefill_fns["llama.cpp Q8_0 bare"] = lambda: bare.prefill(long)
     load_before = os.getloadavg()
-    decode = interleaved(decode_fns, args.repeat)
-    prefill = interleaved(prefill_fns, args.repeat)
+    decode = rates_interleaved(decode_fns, args.repeat)
+    prefill = rates_interleaved(prefill_fns, args.repeat)
     load_after = os.getloadavg()
     rows = {}
     for k in decode:

@@ -33,14 +33,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from timing import use_bench_allocator  # noqa: E402
+from timing import decode_once, prefill_once, rates_interleaved, use_bench_allocator  # noqa: E402
 
 _MALLOC_ENV = use_bench_allocator()
 
@@ -138,34 +137,10 @@ def contenders(model: str, ckpt: Path, work: Path, args) -> tuple[dict, dict]:
     return out, skipped
 
 
-def decode_once(runner, prompt: list[int], tokens: list[int]) -> float:
-    """Tokens/s of one decode run: fixed tokens fed one at a time through the KV cache."""
-    session = runner.new_session()
-    session.feed(prompt)
-    t0 = time.perf_counter()
-    for t in tokens:
-        session.feed([t])
-    return len(tokens) / (time.perf_counter() - t0)
 
 
-def prefill_once(runner, ids: list[int]) -> float:
-    """Tokens/s of one prefill: a fresh session fed the whole prompt at once (last position's logits)."""
-    session = runner.new_session()
-    t0 = time.perf_counter()
-    session.feed(ids)
-    return len(ids) / (time.perf_counter() - t0)
 
 
-def interleaved(fns: dict, repeat: int, warmup: int = 3) -> dict:
-    """tokens/s per contender: warm-up, then ``repeat`` round-robin rounds; median, min, max."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    runs: dict = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            runs[k].append(f())
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in runs.items()}
 
 
 def bench_model(model: str, args, work: Path) -> dict:
@@ -179,11 +154,11 @@ def bench_model(model: str, args, work: Path) -> dict:
     lengths = sorted({min(int(n), cfg.max_seq_len) for n in args.prefill.split(",")})
     runners = {k: c["runner"] for k, c in cs.items()}
     load_before = os.getloadavg()
-    decode = interleaved({k: (lambda r=r: decode_once(r, prompt, tokens)) for k, r in runners.items()}, args.repeat)
+    decode = rates_interleaved({k: (lambda r=r: decode_once(r, prompt, tokens)) for k, r in runners.items()}, args.repeat)
     prefill = {}
     for n in lengths:
         ids = rng.integers(3, cfg.vocab_size, n).tolist()
-        prefill[n] = interleaved({k: (lambda r=r, ids=ids: prefill_once(r, ids)) for k, r in runners.items()},
+        prefill[n] = rates_interleaved({k: (lambda r=r, ids=ids: prefill_once(r, ids)) for k, r in runners.items()},
                                  args.repeat)
     load_after = os.getloadavg()
     rows = {}

@@ -54,3 +54,34 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int, *, war
     if with_min:
         out |= {f"{k}_min": min(v) for k, v in ts.items()}
     return out
+
+
+def decode_once(runner, prompt: list[int], tokens: list[int]) -> float:
+    """Tokens/s of one decode run: fixed tokens fed one at a time through the runner's KV cache."""
+    session = runner.new_session()
+    session.feed(prompt)
+    t0 = time.perf_counter()
+    for t in tokens:
+        session.feed([t])
+    return len(tokens) / (time.perf_counter() - t0)
+
+
+def prefill_once(runner, ids: list[int]) -> float:
+    """Tokens/s of one prefill: a fresh session fed the whole prompt at once (last position's logits)."""
+    session = runner.new_session()
+    t0 = time.perf_counter()
+    session.feed(ids)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+def rates_interleaved(fns: dict[str, Callable[[], float]], repeat: int, warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Rates (each call returns tokens/s) per contender: warm-up, then ``repeat`` round-robin rounds;
+    median, min, max and n."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    runs: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            runs[k].append(f())
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in runs.items()}
