@@ -68,3 +68,17 @@ def test_a_plugin_crash_on_load_is_one_line(nano_checkpoint, tmp_path, monkeypat
     with pytest.raises(BackendError) as e:
         deploykit.load(out)
     assert "shape mismatch" in str(e.value) and "frame #0" not in str(e.value) and "bug in that plugin" in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [(b"\xff\xfe not utf-8\n", "not UTF-8"), (b'\n{oops\n', ":2: not JSON")])
+def test_jsonl_data_of_sft_and_preferences_is_a_data_error_naming_the_line(tmp_path, content, message):
+    from deploykit.train.preference import read_pairs
+    from deploykit.train.sft import read_jsonl
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    for reader in (read_jsonl, read_pairs):
+        with pytest.raises(DataError, match=message):
+            reader(path)
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")

@@ -149,6 +149,26 @@ def _parse_jsonl(text: str, path: Path) -> list[str]:
 # ---- packing -----------------------------------------------------------------------------------------
 
 
+def jsonl_records(path: Path, *, missing_hint: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for every non-blank line of a JSONL file, as DataErrors naming the
+    file and line: a missing file, bytes that are not UTF-8, a line that is not JSON."""
+    if not path.is_file():
+        raise DataError(f"--data {path}: no such file", hint=missing_hint)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--data {path}: not UTF-8 text (byte {e.start})", hint="save the file as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror})", hint="check the path and its permissions") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})", hint="one JSON object per line") from None
+
+
 def pack_documents(token_lists: Sequence[Sequence[int]], block_size: int, eos_id: int) -> torch.Tensor:
     """Concatenate documents, each followed by ``eos_id``, and cut the stream into blocks.
 

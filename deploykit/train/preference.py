@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.loading import jsonl_records
 from ..errors import ConfigError, DataError
 from ..fsutil import Destination, has_file
 from ..model.checkpoint import DPO_REPORT, load_model, save_model
@@ -78,16 +79,8 @@ def embedded_pairs(n_per_task: int, *, split: str, seed: int = 0, template: Temp
 
 def read_pairs(path: Path) -> list[PreferencePair]:
     """JSONL pairs, or rankings (``responses`` best first) expanded into all ordered pairs."""
-    if not path.is_file():
-        raise DataError(f"--data {path}: no such file", hint=f"pass a JSONL file or {EMBEDDED}")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e.msg})", hint="one JSON object per line") from None
+    for n, rec in jsonl_records(path, missing_hint=f"pass a JSONL file or {EMBEDDED}"):
         task = str(rec.get("task", "default")) if isinstance(rec, dict) else ""
         if isinstance(rec, dict) and isinstance(rec.get("responses"), list) and isinstance(rec.get("prompt"), str):
             r = [str(x) for x in rec["responses"]]

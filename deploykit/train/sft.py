@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.loading import jsonl_records
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fsutil import Destination, has_file
 from ..model.checkpoint import SFT_REPORT, load_model, save_model
@@ -144,16 +145,8 @@ def embedded_examples(n_per_task: int, *, split: str, seed: int = 0) -> list[Sft
 
 def read_jsonl(path: Path) -> list[SftExample]:
     """Instruction records; ``task`` (default "default") groups them for balance and the held-out split."""
-    if not path.is_file():
-        raise DataError(f"--data {path}: no such file", hint=f"pass a JSONL file or {EMBEDDED}")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e.msg})", hint="one JSON object per line") from None
+    for n, rec in jsonl_records(path, missing_hint=f"pass a JSONL file or {EMBEDDED}"):
         if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("instruction", "output")):
             raise DataError(f"{path}:{n}: needs string fields 'instruction' and 'output'",
                             hint='e.g. {"instruction": "...", "input": "", "output": "..."}')
