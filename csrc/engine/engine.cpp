@@ -13,6 +13,9 @@
 //   rotary on q, k; causal GQA attention per (row, head); o GEMM; x += .
 //   h = norm2(x); SwiGLU (fused gate/up epilogue) | GELU MLP | fp32 router + moe_ffn_run; x += .
 // then the final norm and lm_head (int8 or fp32) on the rows whose logits are wanted.
+// int4 models (config weight_bits = 4) run the decoder linears on int4 packs (csrc/int4_kernels.h)
+// from the same quantized activation rows (padded to a multiple of 32, with their group sums); the
+// lm_head stays int8 or fp32.
 // The int8 math is the Int8Linear / Int8SwiGLU / moe_ffn math of the torch-module path exactly
 // (same kernels, same quantization); the fp32 parts (norms, rotary, softmax) differ from torch's
 // only in summation order.
@@ -26,6 +29,7 @@
 
 #include "array_check.h"
 #include "engine/fp32_ops.h"
+#include "int4_kernels.h"
 #include "int8_kernels.h"
 #include "moe.h"
 #include "thread_pool.h"
@@ -34,6 +38,7 @@ namespace deploykit {
 namespace {
 
 int64_t round_up4(int64_t v) { return (v + 3) / 4 * 4; }
+int64_t round_up32(int64_t v) { return (v + 31) / 32 * 32; }
 
 enum class Variant { Dense, Legacy, Moe };
 
@@ -42,13 +47,16 @@ struct Config {
   int64_t V = 0, D = 0, L = 0, H = 0, KV = 0, hd = 0, F = 0, cap = 0, E = 0, top_k = 0;
   float eps = 1e-5f;
   bool lm_head_int8 = true;
+  int weight_bits = 8;  // the decoder linears: 8 (int8 packs) or 4 (int4 packs); the lm_head stays int8/fp32
   int64_t qdim() const { return H * hd; }
   int64_t kvdim() const { return KV * hd; }
 };
 
-// A packed int8 linear: the GemmArgs fields that do not change per call.
+// A packed int8 or int4 linear: the GemmArgs / Int4Args fields that do not change per call.
 struct Pack {
   GemmArgs g;
+  Int4Args g4;
+  bool int4 = false;
   int64_t K = 0;
   bool present = false;
 };
@@ -96,6 +104,28 @@ class Arrays {
     return p;
   }
 
+  // An int4 pack (csrc/int4_kernels.h): {name}.packed (uint8 nibbles) and {name}.scales per group.
+  Pack pack4(const std::string& name, int64_t N, int64_t K, bool swiglu, bool bias) {
+    Pack p;
+    const int64_t G = (K + kGroup - 1) / kGroup;
+    const int64_t np = swiglu ? 2 * ((N + kPanel - 1) / kPanel) : (N + kPanel - 1) / kPanel;
+    p.g4.w = get<uint8_t>(name + ".packed", {np * G * kGroupBytes});
+    p.g4.sw = get<float>(name + ".scales", {np * G * kPanel});
+    p.g4.bias = bias ? get<float>(name + ".bias", {swiglu ? 2 * N : N}, true) : nullptr;
+    p.g4.G = G;
+    p.g4.n_panels = np;
+    p.g4.N = N;
+    p.g4.epi = swiglu ? Epilogue::SwiGlu : Epilogue::Float;
+    p.int4 = true;
+    p.K = K;
+    p.present = true;
+    return p;
+  }
+
+  Pack linear(int bits, const std::string& name, int64_t N, int64_t K, bool swiglu, bool bias) {
+    return bits == 4 ? pack4(name, N, K, swiglu, bias) : pack(name, N, K, swiglu, bias);
+  }
+
   std::vector<py::array> keep;
 
  private:
@@ -126,6 +156,11 @@ class Engine {
     c_.cap = cfg_int(config, "max_seq_len");
     c_.eps = config["norm_eps"].cast<float>();
     c_.lm_head_int8 = config["lm_head_int8"].cast<bool>();
+    if (config.contains("weight_bits")) c_.weight_bits = config["weight_bits"].cast<int>();
+    if (c_.weight_bits != 8 && c_.weight_bits != 4)
+      throw py::value_error("native engine: weight_bits must be 8 or 4, got " + std::to_string(c_.weight_bits));
+    if (c_.weight_bits == 4 && c_.variant == Variant::Moe)
+      throw py::value_error("native engine: int4 weights are not supported for MoE models (moe_ffn's experts are int8)");
     if (c_.variant == Variant::Moe) {
       c_.E = cfg_int(config, "n_experts");
       c_.top_k = cfg_int(config, "top_k");
@@ -162,16 +197,17 @@ class Engine {
         y.ln1_b = a.get<float>(p + "ln1.b", {D});
         y.ln2_b = a.get<float>(p + "ln2.b", {D});
       }
-      y.q = a.pack(p + "q", c_.qdim(), D, false, true);
-      y.k = a.pack(p + "k", c_.kvdim(), D, false, true);
-      y.v = a.pack(p + "v", c_.kvdim(), D, false, true);
-      y.o = a.pack(p + "o", D, c_.qdim(), false, true);
+      const int bits = c_.weight_bits;
+      y.q = a.linear(bits, p + "q", c_.qdim(), D, false, true);
+      y.k = a.linear(bits, p + "k", c_.kvdim(), D, false, true);
+      y.v = a.linear(bits, p + "v", c_.kvdim(), D, false, true);
+      y.o = a.linear(bits, p + "o", D, c_.qdim(), false, true);
       if (c_.variant == Variant::Dense) {
-        y.gate_up = a.pack(p + "gate_up", F, D, true, false);
-        y.down = a.pack(p + "down", D, F, false, false);
+        y.gate_up = a.linear(bits, p + "gate_up", F, D, true, false);
+        y.down = a.linear(bits, p + "down", D, F, false, false);
       } else if (legacy) {
-        y.up = a.pack(p + "up", F, D, false, true);
-        y.down = a.pack(p + "down", D, F, false, true);
+        y.up = a.linear(bits, p + "up", F, D, false, true);
+        y.down = a.linear(bits, p + "down", D, F, false, true);
       } else {
         MoeWeights& m = y.moe;
         m.E = c_.E; m.D = D; m.F = F;
@@ -212,6 +248,8 @@ struct Scratch {
   std::vector<float> x, h, tmp, q, att, mid, router, scores, logits_row;
   std::vector<int8_t> qa;
   std::vector<float> sa;
+  std::vector<int32_t> asum;  // int4 packs: activation group sums (T, lda / 32)
+  int64_t lda = 0;            // row stride of the last quantize()
   std::vector<GemmPiece> pieces;
   MoeWorkspace moe;
 };
@@ -265,8 +303,8 @@ class Session {
     grow(s_.mid, T * c.F);
     grow(s_.router, T * std::max<int64_t>(1, c.E));
     grow(s_.scores, 4LL * nt * c.cap);
-    const int64_t kp = std::max({round_up4(c.D), round_up4(c.qdim()), round_up4(c.F)});
-    grow(s_.qa, T * kp); grow(s_.sa, T);
+    const int64_t kp = std::max({round_up32(c.D), round_up32(c.qdim()), round_up32(c.F)});
+    grow(s_.qa, T * kp); grow(s_.sa, T); grow(s_.asum, T * kp / kGroup);
     s_.pieces.reserve(static_cast<size_t>(16 * nt + 8));
     if (c.variant == Variant::Moe) s_.moe.ensure(e_->layers_[0].moe, T, c.top_k);
     s_.rows = T;
@@ -289,17 +327,19 @@ class Session {
     }
   }
 
-  // Quantize x (T, K) into s_.qa / s_.sa with row stride Kp.
-  int64_t quantize(const float* x, int64_t T, int64_t K) {
-    const int64_t Kp = round_up4(K);
-    quantize_rows(e_->isa(), x, K, T, K, Kp, s_.qa.data(), Kp, s_.sa.data(), e_->nthreads());
-    return Kp;
+  // Quantize x (T, K) into s_.qa / s_.sa (row stride s_.lda, zero-padded to a multiple of 32 so int8
+  // and int4 packs read the same rows); int4 models also get the group sums.
+  void quantize(const float* x, int64_t T, int64_t K, bool int4) {
+    s_.lda = round_up32(K);
+    quantize_rows(e_->isa(), x, K, T, K, s_.lda, s_.qa.data(), s_.lda, s_.sa.data(), e_->nthreads());
+    if (int4) group_sums(e_->isa(), s_.qa.data(), s_.lda, T, s_.lda / kGroup, s_.asum.data(), s_.lda / kGroup);
   }
+  void quantize(const float* x, int64_t T, int64_t K) { quantize(x, T, K, e_->config().weight_bits == 4); }
 
   GemmArgs bind(const Pack& p, int64_t T, float* out, int64_t ldo) {
     GemmArgs g = p.g;
     g.qa = s_.qa.data();
-    g.lda = p.g.Kp;
+    g.lda = s_.lda;
     g.sa = s_.sa.data();
     g.M = T;
     g.out = out;
@@ -307,7 +347,25 @@ class Session {
     return g;
   }
 
+  Int4Args bind4(const Pack& p, int64_t T, float* out, int64_t ldo) {
+    Int4Args g = p.g4;
+    g.qa = s_.qa.data();
+    g.lda = s_.lda;
+    g.sa = s_.sa.data();
+    g.asum = s_.asum.data();
+    g.ldasum = s_.lda / kGroup;
+    g.M = T;
+    g.out = out;
+    g.ldo = ldo;
+    return g;
+  }
+
   void gemm(const Pack& p, int64_t T, float* out, int64_t ldo) {
+    if (p.int4) {
+      const Int4Args g = bind4(p, T, out, ldo);
+      run_int4_group(&g, 1, e_->isa(), e_->nthreads(), s_.pieces);
+      return;
+    }
     const GemmArgs g = bind(p, T, out, ldo);
     run_gemm_group(&g, 1, e_->isa(), e_->nthreads(), s_.pieces);
   }
@@ -359,8 +417,13 @@ class Session {
     // attention
     norm(y.ln1_w, y.ln1_b, x, h, T);
     quantize(h, T, D);
-    const GemmArgs qkv[3] = {bind(y.q, T, s_.q.data(), qd), bind(y.k, T, kc, kvd), bind(y.v, T, vc, kvd)};
-    run_gemm_group(qkv, 3, e_->isa(), e_->nthreads(), s_.pieces);
+    if (y.q.int4) {
+      const Int4Args qkv[3] = {bind4(y.q, T, s_.q.data(), qd), bind4(y.k, T, kc, kvd), bind4(y.v, T, vc, kvd)};
+      run_int4_group(qkv, 3, e_->isa(), e_->nthreads(), s_.pieces);
+    } else {
+      const GemmArgs qkv[3] = {bind(y.q, T, s_.q.data(), qd), bind(y.k, T, kc, kvd), bind(y.v, T, vc, kvd)};
+      run_gemm_group(qkv, 3, e_->isa(), e_->nthreads(), s_.pieces);
+    }
     if (c.variant != Variant::Legacy)
       for (int64_t t = 0; t < T; ++t) {
         rotary(s_.q.data() + t * qd, c.H, len_ + t);
@@ -396,7 +459,7 @@ class Session {
     float* h = s_.h.data();
     norm(e_->norm_w_, e_->norm_b_, s_.x.data() + r0 * c.D, h, R);
     if (c.lm_head_int8) {
-      quantize(h, R, c.D);
+      quantize(h, R, c.D, false);  // the lm_head pack is int8 in every scheme
       gemm(e_->lm_head_, R, out, c.V);
       return;
     }

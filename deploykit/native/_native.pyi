@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 PANEL: int
+INT4_GROUP: int
 __version__: str
 
 def cpu_features() -> dict[str, Any]: ...
@@ -27,6 +28,14 @@ def int8_gemm_s32(qa: npt.NDArray[np.int8], packed: npt.NDArray[np.int8],
 def int8_linear(x: npt.NDArray[np.float32], packed: npt.NDArray[np.int8],
                 scales: npt.NDArray[np.float32], colsum: npt.NDArray[np.int32], N: int,
                 swiglu: bool, bias: npt.NDArray[np.float32] | None, out: npt.NDArray[np.float32],
+                nthreads: int = 1, isa: str = "") -> None: ...
+def pack_int4_weight(qw: npt.NDArray[np.int8], scales: npt.NDArray[np.float32], swiglu: bool,
+                     packed: npt.NDArray[np.uint8], sw_out: npt.NDArray[np.float32]) -> None: ...
+def int4_packed_sizes(rows: int, K: int, swiglu: bool) -> tuple[int, int]: ...
+def int4_gemm_s32(qa: npt.NDArray[np.int8], packed: npt.NDArray[np.uint8], scales: npt.NDArray[np.float32],
+                  N: int, swiglu: bool, out: npt.NDArray[np.int32], nthreads: int = 1, isa: str = "") -> None: ...
+def int4_linear(x: npt.NDArray[np.float32], packed: npt.NDArray[np.uint8], scales: npt.NDArray[np.float32],
+                N: int, swiglu: bool, bias: npt.NDArray[np.float32] | None, out: npt.NDArray[np.float32],
                 nthreads: int = 1, isa: str = "") -> None: ...
 def moe_route(logits: npt.NDArray[np.float32], k: int, softmax_all: bool,
               ids: npt.NDArray[np.int32], weights: npt.NDArray[np.float32],

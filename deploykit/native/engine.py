@@ -12,6 +12,8 @@ Tensor names (``L`` = layer index; a "pack" is ``{name}.packed/.scales/.colsum``
 - ``embed`` (V, D); ``pos_embed`` (max_seq_len, D) for legacy; ``norm.w`` (+ ``norm.b`` for legacy);
   ``rope.inv_freq`` (head_dim/2,) unless legacy; ``lm_head`` pack, or ``lm_head.w`` (V, D) fp32.
 - ``layers.L.ln1.w``, ``layers.L.ln2.w`` (+ ``.b`` for legacy LayerNorm); packs ``layers.L.q/k/v/o``.
+  With ``weight_bits`` 4 the decoder's packs are int4 ones (``{name}.packed`` uint8 nibbles and
+  ``{name}.scales`` per group of a ``PackedInt4Weight``, no colsum); the lm_head pack stays int8.
 - dense: SwiGLU pack ``layers.L.gate_up`` and pack ``layers.L.down``; legacy: packs ``layers.L.up``,
   ``layers.L.down`` (GELU between); moe: ``layers.L.router.w`` (E, D) fp32 and
   ``layers.L.experts.{w13,s13,c13,w2,s2,c2}`` (a ``PackedMoEExperts``).
@@ -28,6 +30,8 @@ from deploykit.native import _require
 
 CONFIG_KEYS = ("variant", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                "max_seq_len", "norm_eps", "n_experts", "top_k", "lm_head_int8")
+# weight_bits: 8 (int8 packs) or 4 (the decoder linears are int4 packs, deploykit.native.int4).
+OPTIONAL_KEYS = {"weight_bits": 8}
 
 
 class Engine:
@@ -40,6 +44,8 @@ class Engine:
         if missing:
             raise ValueError(f"native engine: config lacks {', '.join(missing)}")
         self.config = {k: config[k] for k in CONFIG_KEYS}
+        for k, default in OPTIONAL_KEYS.items():
+            self.config[k] = config.get(k, default)
         arrays = {name: t.detach().numpy() for name, t in tensors.items()}  # zero-copy views
         self._tensors = tensors  # the engine points into these
         self._c = C.Engine(self.config, arrays, int(threads), isa or "")

@@ -29,6 +29,7 @@ opt-in: written without AMX hardware to run it on).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, Scheme
+from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, Scheme, Tolerance
 from deploykit.deploy.hookspecs import hookimpl
-from deploykit.deploy.options import Int8Options
+from deploykit.deploy.options import Int8Options, option
 from deploykit.deploy.runtime import ModelRunner
 from deploykit.deploy.roles import ATTENTION, MLP, QUANTIZED, Role, by_parent, linear_roles
 from deploykit.deploy.torchgraph import (check_module_names, load_tensors, plain_state, read_layout, rebuild,
@@ -59,13 +60,37 @@ BUILD_HINT = ("build the extension: `pip install --no-build-isolation -e .` (or 
 # top-1 >= 0.98, KL ~1e-4; a doubled weight scale (the classic packing bug) lands outside it.
 # Option quantize_lm_head (default true): on trained nano it moves max |Δlogit| from ~0.05 to ~0.1 and
 # keeps top-1 >= 0.98 (measured), for a large decode win on models whose vocab is the biggest matrix.
+# INT4: the declared 4-bit tier (see Int4Options for the measured numbers behind it).
+INT4 = Tolerance(max_abs_logit=None, max_rel_logit=0.6, max_delta_ppl=0.05, min_top1=0.85, max_kl=0.1,
+                 min_greedy_match=0.5, router_tie=0.1)
+
+
+@dataclass(frozen=True)
+class Int4Options(Int8Options):
+    """native/int4: how the 4-bit weights are rounded (deploykit.deploy.gptq)."""
+
+    rounding: str = option("gptq", "gptq (from the calibration set) or rtn (round to nearest)")
+    gptq_damp: float = option(0.01, "GPTQ's dampening: share of the Hessian's mean diagonal added to it")
+
+    def check(self) -> list[str]:
+        from deploykit.deploy.gptq import ROUNDINGS
+
+        out = [] if self.rounding in ROUNDINGS else [f"rounding={self.rounding!r} must be one of {', '.join(ROUNDINGS)}"]
+        return out + ([] if 0 < self.gptq_damp <= 1 else [f"gptq_damp={self.gptq_damp} must be in (0, 1]"])
+
+
 SCHEMES = (
     Scheme("int8", "dense/legacy models: fused int8 linears (per-token activations, SwiGLU epilogue), "
            "C++ kernels with run-time ISA dispatch", INT8, Int8Options),
     Scheme("int8-moe", "MoE models: int8 attention + native top-k routing and int8 experts (moe_ffn)", INT8,
            Int8Options),
+    Scheme("int4", "dense/legacy models: 4-bit weights in groups of 32 (Q4_0 grid, GPTQ or round-to-nearest), "
+           "int8 activations, nibbles unpacked in the GEMM; lm_head int8", INT4, Int4Options),
 )
-_KINDS = {"int8": ("dense", "legacy"), "int8-moe": ("moe",)}
+_KINDS = {"int8": ("dense", "legacy"), "int8-moe": ("moe",), "int4": ("dense", "legacy")}
+# Why a scheme refuses a model variant, when there is more to say than the list of variants it runs.
+_WHY_NOT = {("int4", "moe"): "the experts run in moe_ffn's grouped int8 kernel, which has no 4-bit variant; "
+                             "use int8-moe"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,22 +142,26 @@ class NativeMoE(nn.Module):
         return f"experts={self.n_experts}, top_k={self.top_k}, d_model={self.d_model}, d_ff={self.d_ff}, int8"
 
 
-def plan(model: CausalLM, *, lm_head: bool) -> dict[str, str]:
-    """Which module becomes what: name -> "linear" | "swiglu" | "moe" (deploykit module names).
+def plan(model: CausalLM, *, lm_head: bool, bits: int = 8) -> dict[str, str]:
+    """Which module becomes what: name -> "linear" | "swiglu" | "moe" (+ "linear4" | "swiglu4" when bits=4).
 
     By role: attention projections (and the lm_head) become Int8Linear; a SwiGLU MLP (gate, up and
     down) one fused Int8SwiGLU; the legacy GELU MLP's two linears Int8Linear each (GELU stays torch);
-    an MoE layer's stacked experts one NativeMoE beside its fp32 router.
+    an MoE layer's stacked experts one NativeMoE beside its fp32 router. With bits=4 every decoder linear
+    is int4 (Int4Linear / Int4SwiGLU) and the lm_head, the one layer whose rows are read as logits, int8.
     """
     roles = linear_roles(model)
+    suffix = "4" if bits == 4 else ""
     out: dict[str, str] = {}
     for parent, group in by_parent(roles).items():
         if set(group) == set(MLP):
-            out[parent] = "swiglu"
+            out[parent] = "swiglu" + suffix
             continue
         for role, name in group.items():
-            if role in ATTENTION or role in (Role.MLP_UP, Role.MLP_DOWN) or (role is Role.LM_HEAD and lm_head):
+            if role is Role.LM_HEAD and lm_head:
                 out[name] = "linear"
+            elif role in ATTENTION or role in (Role.MLP_UP, Role.MLP_DOWN):
+                out[name] = "linear" + suffix
             elif role is Role.EXPERTS:
                 out[parent] = "moe"  # the block_sparse_moe module: router + experts
     return out
@@ -143,22 +172,71 @@ def _packed_prefix(name: str, kind: str) -> str:
     return f"{name}.experts" if kind == "moe" else name
 
 
-def pack_tensors(model: nn.Module, layout: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Quantise and prepack every planned module: the safetensors entries of the packed weights."""
+def _check_bias_free(name: str, mod: nn.Module) -> None:
+    for lin_name in ("gate_proj", "up_proj", "down_proj"):
+        if getattr(mod, lin_name).bias is not None:
+            raise BackendError(f"native: {name}.{lin_name} has a bias; the fused SwiGLU kernel packs "
+                               "bias-free gate/up/down projections", hint="this model is not a deploykit SwiGLU MLP")
+
+
+def int4_linears(layout: dict[str, str]) -> list[str]:
+    """The nn.Linear names an int4 layout rounds to 4 bits (a SwiGLU MLP's three projections each)."""
+    out = []
+    for name, kind in layout.items():
+        if kind == "linear4":
+            out.append(name)
+        elif kind == "swiglu4":
+            out += [f"{name}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    return out
+
+
+def round_int4(model: nn.Module, layout: dict[str, str], rounding: str, calibration: list[list[int]],
+               damp: float = 0.01) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(q, scales) on the Q4_0 grid of every int4 linear: GPTQ from the calibration set, or round to nearest."""
+    from deploykit.deploy import gptq
+
+    names = int4_linears(layout)
+    if rounding == "rtn":
+        return {n: gptq.rtn(model.get_submodule(n).weight) for n in names}
+    hessians = gptq.collect_hessians(model, names, calibration)
+    return {n: gptq.gptq(model.get_submodule(n).weight, hessians[n], damp=damp) for n in names}
+
+
+def _pack4(rounded: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, mod: nn.Module,
+           kind: str) -> dict[str, torch.Tensor]:
+    from deploykit.native.int4 import pack_int4_weight
+
+    if kind == "linear4":
+        out = pack_int4_weight(*rounded[name]).to_tensors(name)
+        if mod.bias is not None:
+            out[f"{name}.bias"] = mod.bias.detach().float()
+        return out
+    _check_bias_free(name, mod)
+    (qg, sg), (qu, su) = rounded[f"{name}.gate_proj"], rounded[f"{name}.up_proj"]
+    return {**pack_int4_weight(torch.cat([qg, qu]), torch.cat([sg, su]), swiglu=True).to_tensors(f"{name}.gate_up"),
+            **pack_int4_weight(*rounded[f"{name}.down_proj"]).to_tensors(f"{name}.down")}
+
+
+def pack_tensors(model: nn.Module, layout: dict[str, str],
+                 rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """Quantise and prepack every planned module: the safetensors entries of the packed weights.
+
+    ``rounded``: the (q, scales) of every int4 linear (:func:`round_int4`), needed when the layout has any."""
     from deploykit import native
 
     out: dict[str, torch.Tensor] = {}
     for name, kind in layout.items():
         mod = model.get_submodule(name)
-        if kind == "linear":
+        if kind in ("linear4", "swiglu4"):
+            if rounded is None:
+                raise BackendError("native: an int4 layout needs its rounded weights", hint="call round_int4 first")
+            out.update(_pack4(rounded, name, mod, kind))
+        elif kind == "linear":
             out.update(native.pack_int8_weight(mod.weight).to_tensors(name))
             if mod.bias is not None:
                 out[f"{name}.bias"] = mod.bias.detach().float()
         elif kind == "swiglu":
-            for lin_name in ("gate_proj", "up_proj", "down_proj"):
-                if getattr(mod, lin_name).bias is not None:
-                    raise BackendError(f"native: {name}.{lin_name} has a bias; the fused SwiGLU kernel packs "
-                                       "bias-free gate/up/down projections", hint="this model is not a deploykit SwiGLU MLP")
+            _check_bias_free(name, mod)
             out.update(native.pack_int8_swiglu(mod.gate_proj.weight, mod.up_proj.weight).to_tensors(f"{name}.gate_up"))
             out.update(native.pack_int8_weight(mod.down_proj.weight).to_tensors(f"{name}.down"))
         else:  # moe: stacked w1, w3 (E, F, D), w2 (E, D, F)
@@ -170,10 +248,16 @@ def pack_tensors(model: nn.Module, layout: dict[str, str]) -> dict[str, torch.Te
 def install(model: nn.Module, layout: dict[str, str], tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Swap the planned modules of ``model`` for native ones built from packed ``tensors`` (no re-packing)."""
     from deploykit import native
+    from deploykit.native import int4
 
     for name, kind in layout.items():
-        if kind == "linear":
-            mod: nn.Module = native.Int8Linear(native.PackedInt8Weight.from_tensors(tensors, name), tensors.get(f"{name}.bias"))
+        if kind == "linear4":
+            mod: nn.Module = int4.Int4Linear(int4.PackedInt4Weight.from_tensors(tensors, name), tensors.get(f"{name}.bias"))
+        elif kind == "swiglu4":
+            mod = int4.Int4SwiGLU(int4.PackedInt4Weight.from_tensors(tensors, f"{name}.gate_up"),
+                                  int4.PackedInt4Weight.from_tensors(tensors, f"{name}.down"))
+        elif kind == "linear":
+            mod = native.Int8Linear(native.PackedInt8Weight.from_tensors(tensors, name), tensors.get(f"{name}.bias"))
         elif kind == "swiglu":
             mod = native.Int8SwiGLU(native.PackedInt8Weight.from_tensors(tensors, f"{name}.gate_up"),
                                     native.PackedInt8Weight.from_tensors(tensors, f"{name}.down"))
@@ -194,7 +278,8 @@ def install(model: nn.Module, layout: dict[str, str], tensors: dict[str, torch.T
 
 
 # What each packed kind replaces in deploykit's graph (a layout naming another module is refused).
-_MODULE_KINDS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "swiglu": SwiGLU, "moe": MoE}
+_MODULE_KINDS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "swiglu": SwiGLU, "moe": MoE,
+                                             "linear4": nn.Linear, "swiglu4": SwiGLU}
 
 
 def load_native_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
@@ -230,6 +315,9 @@ def _pack(prefix: str, packed: Any, scales: Any, colsum: Any, bias: Any = None) 
 
 
 def _linear(prefix: str, mod: nn.Module) -> dict[str, torch.Tensor]:
+    if not hasattr(mod, "colsum"):  # Int4Linear: nibbles and group scales
+        return {f"{prefix}.packed": mod.packed, f"{prefix}.scales": mod.scales,
+                **({} if mod.bias is None else {f"{prefix}.bias": mod.bias})}
     return _pack(prefix, mod.packed, mod.scales, mod.colsum, mod.bias)
 
 
@@ -240,14 +328,16 @@ def engine_tensors(model: CausalLM) -> tuple[dict[str, Any], dict[str, torch.Ten
     path share one copy of the weights, and the torch modules stay the reference the engine is tested against.
     """
     from deploykit import native
+    from deploykit.native.int4 import Int4Linear
 
     cfg = model.config
     legacy = cfg.variant == "legacy"
     lm_int8 = isinstance(model.lm_head, native.Int8Linear)
+    bits = 4 if isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear) else 8
     config = {"variant": cfg.variant, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
               "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
               "max_seq_len": cfg.max_seq_len, "norm_eps": cfg.norm_eps, "n_experts": cfg.n_experts,
-              "top_k": cfg.top_k, "lm_head_int8": lm_int8}
+              "top_k": cfg.top_k, "lm_head_int8": lm_int8, "weight_bits": bits}
     dec = model.model
     t: dict[str, torch.Tensor] = {"embed": dec.embed_tokens.weight, "norm.w": dec.norm.weight}
     if legacy:
@@ -265,8 +355,12 @@ def engine_tensors(model: CausalLM) -> tuple[dict[str, Any], dict[str, torch.Ten
             t.update(_linear(p + short, getattr(at, name)))
         if cfg.variant == "dense":
             m = blk.mlp
-            t.update(_pack(p + "gate_up", m.gate_up_packed, m.gate_up_scales, m.gate_up_colsum))
-            t.update(_pack(p + "down", m.down_packed, m.down_scales, m.down_colsum))
+            if bits == 4:
+                t.update({p + "gate_up.packed": m.gate_up_packed, p + "gate_up.scales": m.gate_up_scales,
+                          p + "down.packed": m.down_packed, p + "down.scales": m.down_scales})
+            else:
+                t.update(_pack(p + "gate_up", m.gate_up_packed, m.gate_up_scales, m.gate_up_colsum))
+                t.update(_pack(p + "down", m.down_packed, m.down_scales, m.down_colsum))
         elif legacy:
             t.update(_linear(p + "up", blk.mlp.up_proj))
             t.update(_linear(p + "down", blk.mlp.down_proj))
@@ -316,6 +410,8 @@ class NativeBackend(Backend):
     def unsupported(self, scheme: Scheme, config: ModelConfig) -> str | None:
         if config.variant in _KINDS[scheme.name]:
             return None
+        if (scheme.name, config.variant) in _WHY_NOT:
+            return f"native/{scheme.name} does not run {config.variant!r} models: {_WHY_NOT[scheme.name, config.variant]}"
         return f"native/{scheme.name} runs {' and '.join(_KINDS[scheme.name])} models; this model is {config.variant!r}"
 
     def missing_requirements(self) -> list[str]:
@@ -339,19 +435,30 @@ class NativeBackend(Backend):
 
         cfg, lm_head = model.config, ctx.options.quantize_lm_head
         model = model.float().eval()
-        ctx.progress("quantising and prepacking int8 weights")
-        modules = plan(model, lm_head=lm_head)
+        bits = 4 if scheme.name == "int4" else 8
+        modules = plan(model, lm_head=lm_head, bits=bits)
+        rounded, facts = None, {}
+        if bits == 4:
+            rounding = ctx.options.rounding
+            ctx.progress(f"rounding 4-bit weights ({rounding})")
+            rounded = round_int4(model, modules, rounding, ctx.calibration, ctx.options.gptq_damp)
+            facts = {"rounding": rounding, "group_size": 32, "grid": "Q4_0 (scale = fp16(max / -8), q in [-8, 7])"}
+            if rounding == "gptq":
+                facts["calibration_tokens"] = sum(len(s) for s in ctx.calibration)
+        ctx.progress("quantising and prepacking weights")
         with torch.no_grad():
             tensors = {**plain_state(model, [_packed_prefix(n, k) for n, k in modules.items()]),
-                       **pack_tensors(model, modules)}
+                       **pack_tensors(model, modules, rounded)}
         save_artifact(out, cfg, tensors, weights=WEIGHTS, layout_file=LAYOUT_FILE, layout_format=LAYOUT_FORMAT,
-                      layout={"scheme": scheme.name, "quantize_lm_head": lm_head, "modules": modules}, dtype="int8")
-        counts = {k: sum(1 for v in modules.values() if v == k) for k in ("linear", "swiglu", "moe")}
+                      layout={"scheme": scheme.name, "quantize_lm_head": lm_head, "modules": modules},
+                      dtype="int4" if bits == 4 else "int8")
+        kinds = ("linear", "swiglu", "moe") + (("linear4", "swiglu4") if bits == 4 else ())
+        counts = {k: sum(1 for v in modules.values() if v == k) for k in kinds}
         kept = "embeddings, norms" + (", MoE routers" if cfg.is_moe else "") + ("" if lm_head else ", lm_head")
         return {"runs": "the native C++ decode engine on deploykit.native._native fused int8 kernels"
                 + (" and native MoE routing" if cfg.is_moe else ""),
                 "packed_modules": counts, "quantize_lm_head": lm_head, "fp32_kept": kept,
-                "isa_at_convert": native.cpu_summary()["isa"]}
+                "isa_at_convert": native.cpu_summary()["isa"], **facts}
 
     def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         from deploykit import native
