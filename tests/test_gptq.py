@@ -1,0 +1,92 @@
+"""GPTQ and the Q4_0 grid (deploykit.deploy.gptq): the grid matches llama.cpp's Q4_0 rounding, GPTQ beats
+round-to-nearest on its own objective ||W X - Q X||², and the Hessians read from a model are X Xᵀ."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deploykit.deploy import gptq
+from deploykit.errors import ConfigError
+
+
+def correlated_inputs(n: int, K: int, seed: int = 0) -> torch.Tensor:
+    """Inputs X (n, K) with correlated channels and one outlier channel, like a trained model's activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(K, K, generator=g) * 0.3 + torch.eye(K)
+    x = torch.randn(n, K, generator=g) @ mix
+    x[:, 5] *= 8.0
+    return x
+
+
+def test_grid_is_q4_0():
+    """Largest magnitude m -> scale fp16(m / -8); q = floor(w / d + 8.5) clamped, minus 8 (ggml's reference)."""
+    w = torch.tensor([[0.5, -1.0, 0.26, 0.0] + [0.1] * 28])  # one group, m = -1.0
+    q, s = gptq.rtn(w)
+    assert s.shape == (1, 1) and s.item() == pytest.approx(0.125)  # -1 / -8
+    assert q[0, :4].tolist() == [4, -8, 2, 0] and q.dtype == torch.int8
+    assert float(s[0, 0]) == float(s[0, 0].half())  # representable in fp16: Q4_0 blocks store it
+    w2 = torch.randn(8, 70)  # K not a multiple of 32: the last group is zero-padded
+    q2, s2 = gptq.rtn(w2)
+    assert s2.shape == (8, 3) and int(q2.min()) >= -8 and int(q2.max()) <= 7
+    assert torch.allclose(gptq.dequantize(q2, s2), w2, atol=float(s2.abs().max()) * 0.51)
+    z = torch.zeros(2, 32)
+    assert gptq.rtn(z)[0].abs().sum() == 0  # a zero group has scale 0 and q 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptq_beats_round_to_nearest_on_its_objective(seed):
+    N, K = 24, 96
+    X = correlated_inputs(512, K, seed)
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(seed + 10)) * 0.05
+    H = 2.0 * X.double().T @ X.double() / X.shape[0]
+    err = lambda q, s: float(((X @ W.T - X @ gptq.dequantize(q, s).T) ** 2).sum())  # noqa: E731
+    e_gptq, e_rtn = err(*gptq.gptq(W, H)), err(*gptq.rtn(W))
+    print(f"\nseed {seed}: ||WX - QX||² GPTQ {e_gptq:.2f} vs RTN {e_rtn:.2f} ({e_gptq / e_rtn:.2f}x)")
+    assert e_gptq < 0.8 * e_rtn
+    q, _ = gptq.gptq(W, H)
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    """With H = I no column's error can be compensated by another: GPTQ reduces to RTN."""
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    q, s = gptq.gptq(W, torch.eye(64, dtype=torch.float64), damp=1e-6)
+    qr, sr = gptq.rtn(W)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+def test_gptq_survives_dead_inputs_and_checks_shapes():
+    W = torch.randn(4, 64)
+    H = torch.eye(64, dtype=torch.float64)
+    H[3, 3] = 0.0  # an input never active in calibration: its column is zeroed, not a NaN
+    q, _ = gptq.gptq(W, H)
+    assert (q[:, 3] == 0).all()
+    with pytest.raises(ConfigError, match="the Hessian is"):
+        gptq.gptq(W, torch.eye(32))
+    with pytest.raises(ConfigError, match="multiple of the group size"):
+        gptq.gptq(W, H, block=48)
+
+
+def test_collect_hessians_reads_each_linear_input():
+    from deploykit.model.config import preset
+    from deploykit.model.graph import CausalLM
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("nano")).eval()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    seqs = [[1, 5, 9, 12, 40], [1, 7, 7, 30]]
+    H = gptq.collect_hessians(model, names, seqs)
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]).double())) for n in names]
+    with torch.no_grad():
+        for s in seqs:
+            model(torch.tensor([s]))
+    for h in handles:
+        h.remove()
+    for n in names:
+        X = torch.cat(seen[n])  # (9, K)
+        assert torch.allclose(H[n], 2.0 * X.T @ X / X.shape[0])
+    assert torch.equal(H[names[0]], H[names[1]])  # q and k read the same normed input
+    with pytest.raises(ConfigError, match="calibration"):
+        gptq.collect_hessians(model, names, [])
