@@ -25,10 +25,12 @@ def test_grid_is_q4_0():
     assert s.shape == (1, 1) and s.item() == pytest.approx(0.125)  # -1 / -8
     assert q[0, :4].tolist() == [4, -8, 2, 0] and q.dtype == torch.int8
     assert float(s[0, 0]) == float(s[0, 0].half())  # representable in fp16: Q4_0 blocks store it
-    w2 = torch.randn(8, 70)  # K not a multiple of 32: the last group is zero-padded
+    w2 = torch.randn(8, 70, generator=torch.Generator().manual_seed(0))  # K % 32 != 0: the last group is padded
     q2, s2 = gptq.rtn(w2)
     assert s2.shape == (8, 3) and int(q2.min()) >= -8 and int(q2.max()) <= 7
-    assert torch.allclose(gptq.dequantize(q2, s2), w2, atol=float(s2.abs().max()) * 0.51)
+    # half a step everywhere but at +8 steps (the grid's asymmetric end, clamped to 7): up to one step there
+    err = (gptq.dequantize(q2, s2) - w2).abs() / s2.abs().repeat_interleave(32, 1)[:, :70]
+    assert float(err.max()) <= 1.0 + 1e-6 and float((err > 0.5 + 1e-6).float().mean()) < 0.05
     z = torch.zeros(2, 32)
     assert gptq.rtn(z)[0].abs().sum() == 0  # a zero group has scale 0 and q 0
 
@@ -39,7 +41,7 @@ def test_gptq_beats_round_to_nearest_on_its_objective(seed):
     X = correlated_inputs(512, K, seed)
     W = torch.randn(N, K, generator=torch.Generator().manual_seed(seed + 10)) * 0.05
     H = 2.0 * X.double().T @ X.double() / X.shape[0]
-    err = lambda q, s: float(((X @ W.T - X @ gptq.dequantize(q, s).T) ** 2).sum())  # noqa: E731
+    err = lambda q, s: float(((X @ W.T - X @ gptq.dequantize(q, s).T) ** 2).sum())
     e_gptq, e_rtn = err(*gptq.gptq(W, H)), err(*gptq.rtn(W))
     print(f"\nseed {seed}: ||WX - QX||² GPTQ {e_gptq:.2f} vs RTN {e_rtn:.2f} ({e_gptq / e_rtn:.2f}x)")
     assert e_gptq < 0.8 * e_rtn

@@ -316,3 +316,78 @@ def test_layout_from_a_newer_format_is_a_one_line_error(artifacts, nano_checkpoi
     with pytest.raises(ArtifactError, match="format 2, this deploykit reads 1") as e:
         deploykit.load(art, verify_files=False)
     assert "\n" not in e.value.args[0] and "convert again" in e.value.hint
+
+
+# ---------------------------------------------------------------------------------------------
+# int4: 4-bit weights (GPTQ or round to nearest), the INT4 tier
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def int4_artifacts(tmp_path_factory, nano_checkpoint):
+    root, done = tmp_path_factory.mktemp("native-int4"), {}
+
+    def get(rounding):
+        if rounding not in done:
+            done[rounding] = deploykit.convert(nano_checkpoint, "native", "int4", root / rounding,
+                                               options={"rounding": rounding})
+        return done[rounding]
+    return get
+
+
+def test_int4_converts_with_parity_at_the_int4_tier(int4_artifacts, nano_checkpoint, monkeypatch):
+    from deploykit_plugins.native_backend import INT4
+
+    from deploykit.native import int4
+
+    summaries = {}
+    for rounding in ("gptq", "rtn"):
+        result = int4_artifacts(rounding)
+        assert result.report.passed(), result.report.violations()
+        assert result.report.tolerance == INT4
+        s = summaries[rounding] = result.report.to_dict()["summary"]
+        print(f"\nnative/int4 {rounding} on nano: Δppl {s['delta_ppl']:+.2%} KL={s['mean_kl']:.2e} "
+              f"top1={s['top1']:.4f} max|Δlogit|={s['max_abs_logit']:.3f}")
+        info = result.manifest["backend_info"]
+        assert info["rounding"] == rounding and info["group_size"] == 32 and result.manifest["options"]["rounding"] == rounding
+    # 4-bit decoder linears (the embeddings, norms and the int8 lm_head are the rest)
+    fp32_bytes = (nano_checkpoint / "model.safetensors").stat().st_size
+    assert int4_artifacts("gptq").manifest["files"]["native.safetensors"]["bytes"] < 0.6 * fp32_bytes
+    monkeypatch.setattr(int4, "pack_int4_weight", lambda *a, **k: pytest.fail("load must not re-pack"))
+    runner = deploykit.load(int4_artifacts("gptq").path, threads=2)
+    assert runner.info.quant == "int4" and type(runner).__name__ == "EngineRunner"
+    assert isinstance(runner.model.model.layers[0].self_attn.q_proj, int4.Int4Linear)
+    assert isinstance(runner.model.model.layers[0].mlp, int4.Int4SwiGLU)
+    ids = _probe_ids(runner.config.vocab_size)
+    got, ref = runner.forward(ids), runner.reference().forward(ids)
+    per_pos = np.abs(got - ref).max(-1)
+    assert np.median(per_pos) <= 1e-4 and per_pos.max() < 5e-2  # the engine vs its torch modules
+    assert isinstance(runner.generate("Once upon a time", 6), str)
+
+
+def test_int4_refuses_moe_with_the_reason(nano_moe_checkpoint, tmp_path):
+    with pytest.raises(BackendError, match="moe_ffn's grouped int8 kernel, which has no 4-bit variant") as e:
+        deploykit.convert(nano_moe_checkpoint, "native", "int4", tmp_path / "a")
+    assert "int8-moe" in str(e.value) + (e.value.hint or "")
+    assert not (tmp_path / "a").exists()
+
+
+def test_int4_bad_rounding_option_is_refused(nano_checkpoint, tmp_path):
+    from deploykit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rounding='awq' must be one of gptq, rtn"):
+        deploykit.convert(nano_checkpoint, "native", "int4", tmp_path / "a", options={"rounding": "awq"})
+
+
+def test_int4_truncated_pack_is_a_one_line_error(int4_artifacts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from deploykit.errors import ArtifactError
+
+    art = _copy_artifact(int4_artifacts("rtn").path, tmp_path / "cut4")
+    ts = load_file(str(art / "native.safetensors"))
+    name = "model.layers.0.mlp.gate_up.packed"
+    ts[name] = ts[name][:-256].clone()
+    save_file(ts, str(art / "native.safetensors"))
+    with pytest.raises(ArtifactError) as e:
+        deploykit.load(art, verify_files=False)
+    msg = e.value.args[0]
+    assert "\n" not in msg and "mlp.gate_up: int4 packed tensors" in msg and e.value.hint, msg

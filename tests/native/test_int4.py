@@ -7,12 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from native_helpers import isa_params, requires_native
 
 from deploykit import native
 from deploykit.model.config import preset
 from deploykit.model.graph import CausalLM
-
-from native_helpers import isa_params, requires_native
 
 pytestmark = requires_native
 
@@ -35,9 +34,9 @@ def random_pack(rows: int, K: int, swiglu: bool, seed: int = 0):
 
 def exact_accumulators(qa: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """acc[m, n, g] = sum_{k in g} qa[m, k] q[n, k] in int64 via torch: the contract, independent of the kernels."""
-    M, K = qa.shape
+    K = qa.shape[1]
     G = -(-K // 32)
-    pad = lambda t: torch.nn.functional.pad(t.long(), (0, G * 32 - K)).view(t.shape[0], G, 32)  # noqa: E731
+    pad = lambda t: torch.nn.functional.pad(t.long(), (0, G * 32 - K)).view(t.shape[0], G, 32)
     return torch.einsum("mgk,ngk->mng", pad(qa), pad(q))
 
 
@@ -84,7 +83,7 @@ def test_linear_output_follows_the_contract(isa):
 
 def test_bad_packs_are_refused():
     int4 = _int4()
-    q, s, p = random_pack(40, 96, False)
+    _, _, p = random_pack(40, 96, False)
     with pytest.raises(ValueError, match=r"qw must be in \[-8, 7\]; found 9"):
         int4.pack_int4_weight(torch.full((4, 32), 9, dtype=torch.int8), torch.ones(4, 1))
     with pytest.raises(ValueError, match="do not match out=40, in=96"):
@@ -116,8 +115,9 @@ def model4(request) -> CausalLM:
 
 
 def _engine(model: CausalLM, **kw):
-    from deploykit.native.engine import Engine
     from deploykit_plugins.native_backend import engine_tensors
+
+    from deploykit.native.engine import Engine
 
     config, tensors = engine_tensors(model)
     assert config["weight_bits"] == 4
@@ -159,10 +159,10 @@ def test_int4_kv_cache_decode_equals_full_recompute(model4):
 
 
 def test_engine_refuses_int4_for_moe():
-    from deploykit.native.engine import Engine
+    from deploykit_plugins.native_backend import engine_tensors
     from test_engine import native_model
 
-    from deploykit_plugins.native_backend import engine_tensors
+    from deploykit.native.engine import Engine
 
     config, tensors = engine_tensors(native_model("nano-moe"))
     with pytest.raises(ValueError, match="int4 weights are not supported for MoE"):
