@@ -17,23 +17,32 @@ examples:
   deploykit train --preset small --data 'corpus/*.txt' --data extra.jsonl --out runs/small
   deploykit train --out runs/micro --resume                  # continue from the last checkpoint
   deploykit train --out runs/micro --resume --steps 4000     # extend a finished run
+  torchrun --nproc_per_node 2 -m deploykit train --preset micro --steps 500 --out runs/ddp
+  torchrun --nproc_per_node 2 -m deploykit train --strategy fsdp --grad-checkpointing --out runs/fsdp
+  torchrun --nproc_per_node 1 -m deploykit train --out runs/fsdp --resume   # another world size
+  deploykit train --init runs/micro --data 'domain/*.txt' --lr 3e-4 --warmup 20 --steps 200 --out runs/domain
+  deploykit train --preset small --batch-size 8 --memory-report --out /tmp/unused  # measure, then exit
 
 The folder --out holds the latest checkpoint (a Hugging Face folder: transformers'
 AutoModelForCausalLM and `deploykit generate` load it), trainer_state.{json,safetensors}
 for --resume, train_log.jsonl (one JSON per step and per eval) and loss.png.
-With --resume, omitted options are taken from the saved run."""
+With --resume, omitted options are taken from the saved run.
+
+Under torchrun (gloo on CPU, nccl on GPU, chosen automatically) --batch-size is the global batch,
+split evenly across ranks, so a run's numbers do not depend on the world size and --resume may
+use another one; only rank 0 logs and writes --out (which every node must see)."""
 
 # Flag -> TrainConfig field. Defaults are SUPPRESSed so the namespace holds only what the user typed:
 # a resumed run fills everything else from its checkpoint, a new run from TrainConfig's defaults.
 _FIELDS = ("preset", "data", "tokenizer", "vocab_size", "steps", "batch_size", "block_size", "grad_accum",
            "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "bf16", "eval_interval", "eval_iters",
            "checkpoint_interval", "seed", "val_fraction", "time_budget", "stop_at", "threads", "peak_flops",
-           "sample_prompt", "sample_tokens")
+           "sample_prompt", "sample_tokens", "fp16", "grad_checkpointing", "strategy", "init")
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..model.config import PRESETS
-    from ..train.config import TrainConfig
+    from ..train.config import STRATEGIES, TrainConfig
 
     d = TrainConfig.__dataclass_fields__  # defaults for the help text, without importing torch
 
@@ -42,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     S = argparse.SUPPRESS
     p = sub.add_parser(
-        "train", help="pretrain a model (single process)",
+        "train", help="pretrain a model (one process, or many under torchrun)",
         description="Train a tokenizer on the data (unless --tokenizer), pack it into blocks with a held-out "
         "validation split, and train a preset with AdamW, warmup + cosine lr, grad clipping and accumulation. "
         "Logs loss, lr, tokens/s and MFU; evaluates validation loss/perplexity; checkpoints atomically; "
@@ -55,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--data", action="append", default=S, metavar="SPEC",
                    help="'embedded' (generated default corpus), a text/JSONL file, a folder, or a quoted glob; "
                         "repeat to combine (default embedded)")
+    g.add_argument("--init", type=Path, default=S, metavar="CHECKPOINT",
+                   help="continued pretraining: start from this checkpoint's weights and tokenizer (fresh optimizer, "
+                        "warmup); reports perplexity on its original held-out set and on --data's, before and after")
     g.add_argument("--tokenizer", type=Path, default=S, metavar="FOLDER",
                    help="use this tokenizer.json folder instead of training one on the data")
     g.add_argument("--vocab-size", type=int, default=S, help="BPE vocabulary to train (default: the preset's)")
@@ -78,7 +90,17 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=S, help=f"max grad norm, 0 = off {default('grad_clip')}")
     g.add_argument("--seed", type=int, default=S, help=f"init, split and batch order {default('seed')}")
     g = p.add_argument_group("run")
-    g.add_argument("--bf16", action="store_true", default=S, help="bf16 autocast on CPU (fp32 weights and loss)")
+    g.add_argument("--bf16", action="store_true", default=S, help="bf16 autocast (fp32 weights and loss)")
+    g.add_argument("--fp16", action="store_true", default=S,
+                   help="fp16 autocast with a GradScaler (CUDA only, under torchrun on a GPU)")
+    g.add_argument("--grad-checkpointing", action="store_true", default=S,
+                   help="recompute each block's activations in the backward pass: less memory, about 1/3 more compute")
+    g.add_argument("--strategy", choices=STRATEGIES, default=S,
+                   help="under torchrun: ddp (replicated model, averaged gradients) or fsdp (FSDP2 fully_shard: "
+                        f"parameters, gradients and optimizer state sharded) {default('strategy')}")
+    g.add_argument("--memory-report", action="store_true",
+                   help="measure one training step's memory (parameters, gradients, optimizer state, activations) "
+                        "for these settings, print it and exit without training")
     g.add_argument("--threads", type=int, default=S, help="torch threads (default: all cores)")
     g.add_argument("--eval-interval", type=int, default=S, help=f"steps between evals, 0 = end only {default('eval_interval')}")
     g.add_argument("--eval-iters", type=int, default=S, help=f"val batches per eval, 0 = all {default('eval_iters')}")
@@ -156,13 +178,34 @@ def run(args: argparse.Namespace) -> int:
     from ..train import pretrain
 
     started = _process_start()
+    if args.memory_report:
+        return _memory_report(args)
     cfg = build_config(args)
     # With --json, stdout carries exactly one JSON document; human lines go to stderr.
     result = pretrain(cfg, progress=not args.no_progress, stream=sys.stderr if args.json else sys.stdout,
                       started=started)
-    if args.json:
+    if args.json and result.rank == 0:
         summary = result.to_dict()
         summary["seconds"] = round(summary["seconds"], 2)
         print(json.dumps(summary))
     # Interrupted (SIGINT/SIGTERM) but saved: the shell's code for it, so scripts do not take it for done.
     return 130 if result.stopped == "interrupted" else 0
+
+
+def _memory_report(args: argparse.Namespace) -> int:
+    """--memory-report: one measured step of the configured model; nothing is trained or written."""
+    from ..train.config import TrainConfig
+    from ..train.memory import measure_memory
+
+    given = {f: getattr(args, f) for f in _FIELDS if hasattr(args, f) and f not in ("data", "tokenizer")}
+    cfg = TrainConfig(out=args.out, **given)
+    model_cfg = cfg.model_config()
+    if cfg.vocab_size is not None and cfg.init is None:  # the padded size a run with this BPE size would train
+        model_cfg = model_cfg.replace(vocab_size=-(-cfg.vocab_size // 64) * 64)
+    report = measure_memory(model_cfg, batch_size=cfg.batch_size, block_size=cfg.block_size,
+                            grad_checkpointing=cfg.grad_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print("\n".join(report.lines()))
+    return 0

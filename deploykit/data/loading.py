@@ -218,6 +218,49 @@ def train_val_split(
     return blocks[train_idx], blocks[val_idx]
 
 
+def split_documents(
+    texts: Sequence[str], val_fraction: float, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Hold out whole documents for validation, before tokenizing or packing: ``(train, val)``.
+
+    Splitting packed blocks instead would cut documents across the boundary (the start of a story in
+    train, its end in val) and let the tokenizer learn merges from validation text. A seeded share of
+    the documents (at least one when ``val_fraction > 0``) goes to validation; each side keeps the
+    documents' original order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(
+            f"val_fraction={val_fraction} must be in [0, 1)", hint="pass e.g. val_fraction=0.05"
+        )
+    n = len(texts)
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(
+            f"only {n} document(s): too few to hold out {val_fraction:.0%} of them for validation "
+            "(the split is made per document, so no validation text reaches the tokenizer or the model)",
+            hint="split the text into several documents (files, or lines of a JSONL file), or pass --val-fraction 0",
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx = set(perm[:n_val].tolist())
+    train = [t for i, t in enumerate(texts) if i not in val_idx]
+    val = [t for i, t in enumerate(texts) if i in val_idx]
+    return train, val
+
+
+def encode_and_pack(texts: Sequence[str], tokenizer: Tokenizer, block_size: int, *, what: str = "data") -> torch.Tensor:
+    """Tokenize (``<bos> doc``, eos added by packing) and pack: ``(N, block_size + 1)``; empty texts give
+    ``(0, block_size + 1)``."""
+    if not texts:
+        return torch.empty(0, block_size + 1, dtype=torch.long)
+    # bos starts every document because AutoTokenizer adds it to prompts too (Llama convention).
+    token_lists = tokenizer.encode_batch(list(texts), add_bos=True)
+    try:
+        return pack_documents(token_lists, block_size, tokenizer.eos_id)
+    except DataError as e:
+        raise DataError(f"the {what} ({len(texts)} document(s)): {e.args[0]}",
+                        hint="add more text, lower --block-size, or raise --val-fraction") from e
+
+
 def build_blocks(
     texts: Sequence[str],
     tokenizer: Tokenizer,
@@ -226,11 +269,10 @@ def build_blocks(
     val_fraction: float = 0.05,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize (``<bos> doc``, eos added by packing), pack, and split: ``(train, val)`` blocks."""
-    # bos starts every document because AutoTokenizer adds it to prompts too (Llama convention).
-    token_lists = tokenizer.encode_batch(list(texts), add_bos=True)
-    blocks = pack_documents(token_lists, block_size, tokenizer.eos_id)
-    return train_val_split(blocks, val_fraction, seed)
+    """Split per document (``split_documents``), then tokenize and pack each side: ``(train, val)`` blocks."""
+    train, val = split_documents(texts, val_fraction, seed)
+    return (encode_and_pack(train, tokenizer, block_size, what="training documents"),
+            encode_and_pack(val, tokenizer, block_size, what="validation documents"))
 
 
 # ---- batching ----------------------------------------------------------------------------------------

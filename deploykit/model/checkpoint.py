@@ -43,7 +43,8 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
-RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME)
+STATE_DCP = "trainer_state.dcp"  # a torchrun run's model and optimizer shards (torch.distributed.checkpoint)
+RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME, STATE_DCP)
 # What `deploykit sft --method full` adds: its before/after report (the folder stays a checkpoint).
 SFT_REPORT = "sft_report.json"
 DPO_REPORT = "dpo_report.json"  # and `deploykit dpo`'s

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..model.checkpoint import LOG_NAME, PLOT_NAME, RUN_FILES, STATE_JSON, STATE_TENSORS
+from ..model.checkpoint import LOG_NAME, PLOT_NAME, RUN_FILES, STATE_DCP, STATE_JSON, STATE_TENSORS
 from ..model.config import ModelConfig, preset
 
 # Fields that decide the numbers a run computes. Resuming with any of them changed would not
@@ -19,8 +19,9 @@ from ..model.config import ModelConfig, preset
 # eval/save, threads, output) may change between sessions.
 MATH_FIELDS: tuple[str, ...] = (
     "preset", "model", "data", "tokenizer", "vocab_size", "batch_size", "block_size", "grad_accum",
-    "lr", "min_lr", "warmup", "weight_decay", "betas", "grad_clip", "bf16", "seed", "val_fraction",
+    "lr", "min_lr", "warmup", "weight_decay", "betas", "grad_clip", "bf16", "fp16", "seed", "val_fraction", "init",
 )
+STRATEGIES = ("ddp", "fsdp")  # under torchrun; one plain process needs neither
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    bf16: bool = False  # bf16 autocast on CPU (matmuls in bf16, loss and norms in fp32)
+    bf16: bool = False  # bf16 autocast (CPU or CUDA): matmuls in bf16, weights, loss and norms in fp32
+    fp16: bool = False  # fp16 autocast + GradScaler (CUDA only: CPU fp16 matmuls are slow and unscaled)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2 fully_shard); ignored otherwise
+    init: Path | None = None  # start from this checkpoint's weights and tokenizer (continued pretraining)
     eval_interval: int = 100  # steps between validation evals; 0: only at the end
     eval_iters: int = 20  # validation batches per eval; 0: all validation blocks
     checkpoint_interval: int = 500  # steps between checkpoints; 0: only at the end
@@ -59,11 +64,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
-        if self.tokenizer is not None:
-            object.__setattr__(self, "tokenizer", Path(self.tokenizer))
+        for name in ("tokenizer", "init"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if isinstance(self.data, list):
             object.__setattr__(self, "data", tuple(self.data))
         self._check_types()
+        if self.init is not None and not (self.init / "config.json").is_file():
+            _fail("init", str(self.init), "has no config.json: pass a checkpoint folder (one `deploykit train` wrote, "
+                  "or a Hugging Face Llama/Mixtral folder)")
         if self.model is None:
             preset(self.preset)  # raises ConfigError listing the valid presets
         elif not isinstance(self.model, ModelConfig):
@@ -100,6 +109,13 @@ class TrainConfig:
             _fail("time_budget", self.time_budget, "must be > 0 seconds (or None for no limit)")
         if self.peak_flops is not None and not self.peak_flops > 0:
             _fail("peak_flops", self.peak_flops, "must be > 0 FLOP/s (or None to measure it)")
+        if self.bf16 and self.fp16:
+            _fail("fp16", self.fp16, "contradicts bf16=True: pick one autocast dtype")
+        if self.strategy not in STRATEGIES:
+            _fail("strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
+        if self.init is not None and self.tokenizer is not None:
+            _fail("tokenizer", self.tokenizer, "contradicts init: continued pretraining keeps the checkpoint's "
+                  "tokenizer (its embedding rows are its token ids)")
         if self.resume and self.force:
             _fail("force", self.force, "contradicts resume=True: --resume continues `out`, --force replaces it")
         max_len = self.model_config().max_seq_len
@@ -124,15 +140,19 @@ class TrainConfig:
         if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or not all(_real(b) for b in betas):
             _fail("betas", betas, "must be two numbers in [0, 1), e.g. (0.9, 0.95)")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-        for name in ("bf16", "resume", "force"):
+        for name in ("bf16", "fp16", "grad_checkpointing", "resume", "force"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
-        for name in ("preset", "sample_prompt"):
+        for name in ("preset", "sample_prompt", "strategy"):
             if not isinstance(getattr(self, name), str):
                 _fail(name, getattr(self, name), "must be a string")
 
     def model_config(self) -> ModelConfig:
-        """The model config before the tokenizer fixes vocab_size."""
+        """The model config before the tokenizer fixes vocab_size (with ``init``: the checkpoint's, complete)."""
+        if self.init is not None:
+            from ..model.checkpoint import load_config
+
+            return load_config(self.init)
         return self.model if self.model is not None else preset(self.preset)
 
     def warmup_steps(self, schedule_steps: int) -> int:
@@ -147,6 +167,7 @@ class TrainConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["out"] = str(self.out)
         d["tokenizer"] = None if self.tokenizer is None else str(self.tokenizer)
+        d["init"] = None if self.init is None else str(self.init)
         d["model"] = None if self.model is None else self.model.to_dict()
         d["data"] = self.data if isinstance(self.data, str) else list(self.data)
         d["betas"] = list(self.betas)
@@ -181,4 +202,5 @@ def _fail(field: str, value: Any, rule: str) -> None:
     raise ConfigError(f"TrainConfig.{field}={value!r} {rule}")
 
 
-__all__ = ["LOG_NAME", "MATH_FIELDS", "PLOT_NAME", "RUN_FILES", "STATE_JSON", "STATE_TENSORS", "TrainConfig"]
+__all__ = ["LOG_NAME", "MATH_FIELDS", "PLOT_NAME", "RUN_FILES", "STATE_DCP", "STATE_JSON", "STATE_TENSORS", "STRATEGIES",
+           "TrainConfig"]

@@ -133,7 +133,8 @@ class LrSchedule:
                    refit_step=int(data.get("refit_step", 0)), previous_total=int(data.get("previous_total", 0)))
 
 
-def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:
+def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3,
+                       device: torch.device | str = "cpu") -> float:
     """FLOP/s of one n×n×n matmul at the current thread count, best of ``repeats``.
 
     There is no portable way to ask a CPU for its peak (it depends on the ISA, the clock under load,
@@ -141,12 +142,16 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeat
     actually achieves here: an attainable peak, which makes MFU an upper-bound-ish efficiency figure
     rather than a fraction of a datasheet number. Pass ``peak_flops`` to compare against a datasheet.
     """
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA kernels run asynchronously
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     torch.mm(a, b)  # warm-up: thread pool start, page faults of the output
+    sync()
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best

@@ -31,6 +31,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,6 +45,10 @@ from ..model.config import ModelConfig
 from ..model.graph import CausalLM
 from .budget import REFIT_SHARE, Clock, TimeBudget, eval_batch_count, probe_costs
 from .config import LOG_NAME, MATH_FIELDS, PLOT_NAME, STATE_JSON, TrainConfig
+from .distributed import Parallel, checkpoint_blocks, core, full_model_state, full_optimizer_state, grad_norm_value
+from .distributed import finish as finish_distributed
+from .distributed import load_full_optimizer_state, load_sharded, save_sharded, sync_gradients, wrap
+from .distributed import start as start_distributed
 from .optim import LrSchedule, build_adamw, measure_peak_flops
 from .plots import plot_loss
 from .state import optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat, write_state
@@ -67,7 +72,12 @@ class TrainResult:
     active_params: int
     tokens: int  # training tokens seen in total
     seconds: float  # wall time of this call, set-up and saving included
-    sample: str  # greedy continuation of config.sample_prompt
+    sample: str  # greedy continuation of config.sample_prompt ("" on ranks other than 0)
+    rank: int = 0  # this process's rank under torchrun
+    world_size: int = 1
+    strategy: str | None = None  # "ddp" / "fsdp" under torchrun, None for one plain process
+    # --init: perplexity on the domain's and the original run's held-out documents, before and after
+    perplexity: dict[str, dict[str, float | None]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,7 +98,7 @@ def _available_cores() -> int:
 def _destination(cfg: TrainConfig, need_bytes: int = 0) -> Destination:
     """The run folder as a guarded destination: replaced only if it is a run (with --force or --resume),
     never the data or the tokenizer folder, nor inside or around them."""
-    sources = [Path(cfg.tokenizer)] if cfg.tokenizer is not None else []
+    sources = [Path(p) for p in (cfg.tokenizer, cfg.init) if p is not None]
     for item in [cfg.data] if isinstance(cfg.data, str) else list(cfg.data):
         if item != "embedded":
             head = Path(re.split(r"[*?\[]", item, maxsplit=1)[0] or ".")  # a glob's fixed prefix
@@ -118,8 +128,11 @@ class _StopSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, echo: Any) -> None:
+    def __init__(self, echo: Any, repeat_grace: float = 0.0) -> None:
+        # Under torchrun a Ctrl-C reaches each worker twice (from the terminal, then forwarded by torchrun):
+        # a repeat within ``repeat_grace`` seconds is the same request, not the "abort" one.
         self.echo, self.received, self._previous = echo, None, {}
+        self.repeat_grace, self._at = repeat_grace, 0.0
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -132,8 +145,10 @@ class _StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # the second one: the user means it
+            if time.monotonic() - self._at < self.repeat_grace:
+                return
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received, self._at = signal.Signals(signum).name, time.monotonic()
         self.echo(f"{self.received}: stopping after this step and saving (again to abort without saving)")
 
 
@@ -199,17 +214,100 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     ``progress`` shows a tqdm bar on stderr; ``stream`` receives the human-readable log lines
     (None: silent). ``started`` is the ``clock()`` reading a time budget counts from (the CLI
     passes its process start; default: this call's start). ``clock`` is the time source of the
-    budget and the step timings (tests pass a fake one). Raises ConfigError / DataError /
-    CheckpointError / TargetExistsError with a hint.
+    budget and the step timings (tests pass a fake one). Under torchrun the call joins the process
+    group (``distributed.start``), and only rank 0 logs, shows progress and writes the run folder.
+    Raises ConfigError / DataError / CheckpointError / TargetExistsError with a hint.
     """
-    from ..data import BlockLoader, build_blocks, eval_batches, load_texts
+    t_call = clock()
+    _check_out(config)
+    par = start_distributed(config.strategy, config.batch_size)
+    try:
+        return _run(config, par, progress=progress and par.is_main, stream=stream if par.is_main else None,
+                    started=started, clock=clock, t_call=t_call)
+    finally:
+        finish_distributed(par)
+
+
+def _default_threads(par: Parallel) -> int:
+    # torchrun sets OMP_NUM_THREADS=1; the cores this process may use, shared by the node's ranks, say more.
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if par.distributed else 1
+    return max(1, _available_cores() // per_node)
+
+
+def _tokenizer(cfg: TrainConfig, par: Parallel, train_texts: list[str]) -> Any:
+    """The run's tokenizer: the checkpoint's (--resume, --init), --tokenizer's, or BPE trained on the
+    training documents only. Under torchrun rank 0 trains it and the others receive it."""
+    import tokenizers
+
     from ..model.tokenizer import Tokenizer
 
-    t_call = clock()
+    source = cfg.out if cfg.resume else cfg.init if cfg.init is not None else cfg.tokenizer
+    if source is not None:
+        return Tokenizer.load(source)
+    vocab = cfg.vocab_size or cfg.model_config().vocab_size
+    if not par.distributed:
+        return Tokenizer.train(train_texts, vocab)
+    text = Tokenizer.train(train_texts, vocab).hf.to_str() if par.is_main else None
+    return Tokenizer.from_hf(tokenizers.Tokenizer.from_str(par.broadcast(text)))
+
+
+def _build_model(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Any) -> CausalLM:
+    if cfg.resume:
+        model = load_model(cfg.out)
+        if model.config != model_cfg:
+            raise CheckpointError(f"--resume {cfg.out}: its config.json describes another model than this run's",
+                                  hint="the folder was modified after training; start a new run")
+    elif cfg.init is not None:
+        model = load_model(cfg.init)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise CheckpointError(f"--init {cfg.init}: its tokenizer has {tokenizer.vocab_size} tokens, the model "
+                                  f"only {model.config.vocab_size} embedding rows",
+                                  hint="pass a checkpoint folder whose tokenizer belongs to its model")
+    else:
+        torch.manual_seed(cfg.seed)  # the only randomness in a run: the initial weights
+        model = CausalLM(model_cfg)
+    if cfg.grad_checkpointing:
+        checkpoint_blocks(model)
+    model.train()
+    return model
+
+
+def _original_val_blocks(cfg: TrainConfig, tokenizer: Any, echo: _Echo) -> torch.Tensor | None:
+    """--init: the held-out documents of the run that wrote the checkpoint (its saved data, seed and
+    split), packed with its tokenizer; None when the checkpoint does not say what it was trained on."""
+    from ..data import encode_and_pack, load_texts, split_documents
+
+    path = cfg.init / STATE_JSON
+    try:
+        saved = json.loads(path.read_text())["train_config"]
+        data, seed, fraction = saved["data"], int(saved["seed"]), float(saved["val_fraction"])
+    except (OSError, ValueError, KeyError, TypeError):
+        echo(f"note: {cfg.init} has no readable {STATE_JSON}, so its original held-out set is unknown: only the "
+             "domain perplexity is reported")
+        return None
+    if fraction == 0:
+        return None
+    try:
+        _, val = split_documents(load_texts(data if isinstance(data, str) else list(data)), fraction, seed)
+        return encode_and_pack(val, tokenizer, cfg.block_size, what="original validation documents")
+    except DataError as e:
+        echo(f"note: the original held-out set of {cfg.init} cannot be rebuilt ({e.args[0]}): only the domain "
+             "perplexity is reported")
+        return None
+
+
+def _run(cfg: TrainConfig, par: Parallel, *, progress: bool, stream: TextIO | None, started: float | None,
+         clock: Clock, t_call: float) -> TrainResult:
+    from ..data import BlockLoader, encode_and_pack, eval_batches, load_texts, split_documents
+
     echo = _Echo(stream)
-    cfg = config
-    _check_out(cfg)
-    threads = cfg.threads or _available_cores()
+    if par.distributed and cfg.time_budget is not None:
+        raise ConfigError("--time-budget is not supported under torchrun: the ranks' clocks would fit different "
+                          "schedules", hint="pass --steps (and --stop-at to stop early) for a distributed run")
+    if cfg.fp16 and par.device.type != "cuda":
+        raise ConfigError("TrainConfig.fp16=True needs a CUDA device (fp16 + GradScaler); this process trains on "
+                          f"{par.device}", hint="use --bf16 on a CPU, or launch with torchrun on a GPU machine")
+    threads = cfg.threads or _default_threads(par)
     torch.set_num_threads(threads)
 
     # -- resume: read state first, so a bad folder fails before minutes of set-up ----------------
@@ -218,41 +316,40 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     if cfg.resume:
         saved_tensors, saved = read_state(cfg.out)
         _check_same_run(cfg, saved["train_config"], cfg.out)
+    sharded_state = saved.get("optimizer", {}).get("format") == "dcp"
 
-    # -- tokenizer and data ---------------------------------------------------------------------
+    # -- tokenizer and data: the split is per document, before the tokenizer sees any text -------------
     texts = load_texts(cfg.data if isinstance(cfg.data, str) else list(cfg.data))
-    base_cfg = cfg.model_config()
-    if cfg.resume:
-        tokenizer = Tokenizer.load(cfg.out)
-    elif cfg.tokenizer is not None:
-        tokenizer = Tokenizer.load(cfg.tokenizer)
-    else:
-        # The tokenizer sees every document, validation ones included: BPE merges are not labels, so
-        # the validation loss still measures the LM on text it never trained on.
-        tokenizer = Tokenizer.train(texts, cfg.vocab_size or base_cfg.vocab_size)
-    train_blocks, val_blocks = build_blocks(texts, tokenizer, cfg.block_size,
-                                            val_fraction=cfg.val_fraction, seed=cfg.seed)  # (N, T+1) each
+    train_texts, val_texts = split_documents(texts, cfg.val_fraction, cfg.seed)
+    tokenizer = _tokenizer(cfg, par, train_texts)
+    train_blocks = encode_and_pack(train_texts, tokenizer, cfg.block_size, what="training documents")  # (N, T+1)
+    val_blocks = encode_and_pack(val_texts, tokenizer, cfg.block_size, what="validation documents")  # (M, T+1)
     data_hash = _data_hash(train_blocks)
+    if par.distributed and par.broadcast(data_hash) != data_hash:
+        raise DataError(f"rank {par.rank} read other training data than rank 0 (hash {data_hash})",
+                        hint="every node must see the same --data files (and the same tokenizer)")
     if cfg.resume and saved.get("data_hash") != data_hash:
         raise DataError(f"--resume {cfg.out}: the training data differ from the saved run's "
                         f"(hash {data_hash}, saved {saved.get('data_hash')})",
                         hint="resume with the same --data files, unchanged; or start a new run")
-    loader = BlockLoader(train_blocks, cfg.batch_size, seed=cfg.seed)
+    loader = BlockLoader(train_blocks, cfg.batch_size, seed=cfg.seed)  # the global batch; each rank takes its rows
 
     # -- model and optimizer ----------------------------------------------------------------------
-    model_cfg = base_cfg.replace(
+    base_cfg = cfg.model_config()
+    model_cfg = base_cfg if cfg.init is not None else base_cfg.replace(
         vocab_size=_round_up(tokenizer.vocab_size, VOCAB_MULTIPLE), bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    if cfg.resume:
-        model = load_model(cfg.out)
-        if model.config != model_cfg:
-            raise CheckpointError(f"--resume {cfg.out}: its config.json describes another model than this run's",
-                                  hint="the folder was modified after training; start a new run")
-    else:
-        torch.manual_seed(cfg.seed)  # the only randomness in a run: the initial weights
-        model = CausalLM(model_cfg)
-    model.train()
-    optimizer = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    model = _build_model(cfg, model_cfg, tokenizer)
+    full_optim_state = None
+    if cfg.resume and par.distributed and not sharded_state:
+        # A single-process run continued under torchrun: its optimizer state, keyed by name, for the shards.
+        plain = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        optimizer_from_flat(plain, saved_tensors, saved["optimizer"], cfg.out)
+        full_optim_state = full_optimizer_state(model, plain)
+    train_model = wrap(model, par)  # the model, DDP around it, or the model fully sharded
+    net = core(train_model)  # the CausalLM whose methods (aux loss, expert counts) the loop reads
+    optimizer = build_adamw(net, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
 
     step = 0
     schedule = LrSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps(cfg.steps), total=cfg.steps)
@@ -261,8 +358,15 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     records: list[dict[str, Any]] = []
     peak = cfg.peak_flops
     if cfg.resume:
-        optimizer_from_flat(optimizer, saved_tensors, saved["optimizer"], cfg.out)
+        if sharded_state:
+            load_sharded(cfg.out, train_model, optimizer)  # resharded to this world size (or one process)
+        elif full_optim_state is not None:
+            load_full_optimizer_state(train_model, optimizer, full_optim_state)
+        else:
+            optimizer_from_flat(optimizer, saved_tensors, saved["optimizer"], cfg.out)
         rng_from_flat(saved_tensors, saved["rng"])
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
         loader.load_state_dict(saved["loader"])
         step, tokens_seen = saved["step"], saved["tokens"]
         schedule_fixed = True
@@ -274,15 +378,19 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
                  "schedule is recomputed, so this is no longer the same run as an uninterrupted one")
         records = _read_log(cfg.out / LOG_NAME, step)
         peak = peak or saved.get("peak_flops")  # keep MFU comparable across sessions of one run
-    autocast_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    autocast_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
     peak_note = "given by --peak-flops"
     if peak is None:
-        peak = measure_peak_flops(autocast_dtype)
+        peak = measure_peak_flops(autocast_dtype, device=par.device)
+        if par.distributed:
+            peak = par.sum_([peak])[0] / par.world_size  # one figure for every rank: their mean
         peak_note = (f"measured now: best of 3 {str(autocast_dtype).removeprefix('torch.')} 2048³ matmuls on "
-                     f"{threads} thread(s); pass --peak-flops to compare against a datasheet figure")
+                     f"{threads} thread(s){' per rank' if par.distributed else ''}; pass --peak-flops to compare "
+                     "against a datasheet figure")
     elif cfg.resume and cfg.peak_flops is None:
         peak_note = "measured when the run started"
-    n_params, n_active = model.num_params(), model_cfg.active_params_per_token()
+    peak_total = peak * par.world_size  # MFU counts every rank's peak: communication is part of the cost
+    n_params, n_active = net.num_params(), model_cfg.active_params_per_token()  # DTensors count their global size
     # A save holds the weights and two AdamW moments (fp32), twice while the new folder replaces the old.
     _destination(cfg, need_bytes=n_params * 4 * 3 * 2 + (16 << 20)).check()
     flops_per_token = 6 * n_active  # forward 2N + backward 4N per token (attention scores ignored)
@@ -290,59 +398,102 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     echo(f"deploykit train: {model_cfg.variant} model, {n_params / 1e6:.2f}M params"
          + (f" ({n_active / 1e6:.2f}M active)" if model_cfg.is_moe else "")
          + f", vocab {tokenizer.vocab_size} (padded to {model_cfg.vocab_size}), {threads} thread(s)"
-         + (", bf16 autocast" if cfg.bf16 else ""))
+         + (f" per rank, {par.world_size} ranks ({par.strategy}, {par.backend} on {par.device.type})"
+            if par.distributed else "")
+         + (", bf16 autocast" if cfg.bf16 else "") + (", fp16 autocast + GradScaler" if cfg.fp16 else "")
+         + (", gradient checkpointing" if cfg.grad_checkpointing else ""))
     echo(f"data: {train_blocks.shape[0]} train / {val_blocks.shape[0]} val blocks of {cfg.block_size} tokens "
-         f"({train_blocks.shape[0] * cfg.block_size / 1e6:.2f}M train tokens); {cfg.tokens_per_step} tokens/step")
-    echo(f"peak {peak / 1e9:.0f} GFLOP/s for MFU ({peak_note})")
+         f"({train_blocks.shape[0] * cfg.block_size / 1e6:.2f}M train tokens; {len(train_texts)} / {len(val_texts)} "
+         f"documents); {cfg.tokens_per_step} tokens/step" + (f", {cfg.batch_size // par.world_size} blocks per rank "
+                                                             "per micro-batch" if par.distributed else ""))
+    echo(f"peak {peak / 1e9:.0f} GFLOP/s{' per rank' if par.distributed else ''} for MFU ({peak_note})")
     if cfg.resume:
-        echo(f"resuming {cfg.out} at step {step}/{schedule.total}")
+        echo(f"resuming {cfg.out} at step {step}/{schedule.total}"
+             + (f" (saved by {saved['optimizer']['world_size']} rank(s), {saved['optimizer']['strategy']})"
+                if sharded_state else ""))
 
     # -- pieces of the loop ------------------------------------------------------------------------
     live_log = cfg.resume  # OUT/train_log.jsonl is appended to only once OUT is one of our checkpoints
+    plain_model: list[CausalLM] = [net] if not par.distributed else []  # rank 0's full copy, for saving and sampling
 
     def emit(rec: dict[str, Any]) -> None:
         records.append(rec)
-        if live_log:
+        if live_log and par.is_main:
             with open(cfg.out / LOG_NAME, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        if autocast_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(par.device.type, dtype=autocast_dtype)
 
     @torch.no_grad()
-    def evaluate() -> float | None:
-        if val_blocks.shape[0] == 0:
+    def evaluate(blocks: torch.Tensor = val_blocks) -> float | None:
+        if blocks.shape[0] == 0:
             return None
-        model.eval()
+        train_model.eval()
         total, count = 0.0, 0
-        for i, (x, y) in enumerate(eval_batches(val_blocks, cfg.batch_size)):  # (b, T) each
+        for i, (x, y) in enumerate(eval_batches(blocks, cfg.batch_size)):  # (b, T) each
             if cfg.eval_iters and i >= cfg.eval_iters:
                 break
+            x, y = par.shard_rows(x), par.shard_rows(y)  # (b / world, T): every rank runs every forward (FSDP)
             with autocast():
-                logits = model(x)  # (b, T, V)
+                logits = train_model(x)  # (b, T, V)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
-        model.train()
+        train_model.train()
+        total, count = par.sum_([total, count])
         return total / count
 
     def save_checkpoint() -> None:
         nonlocal live_log
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         rng_tensors, rng_meta = rng_to_flat()
         meta = {
             "step": step, "schedule_steps": schedule.total, "schedule": schedule.to_dict(), "tokens": tokens_seen,
-            "train_config": cfg.to_dict(), "loader": loader.state_dict(), "optimizer": opt_meta,
-            "rng": rng_meta, "data_hash": data_hash, "peak_flops": peak,
+            "train_config": cfg.to_dict(), "loader": loader.state_dict(), "rng": rng_meta, "data_hash": data_hash,
+            "peak_flops": peak,
         }
-        # One atomic replacement of OUT: the model files, then the training state, log and plot are
-        # written into the temporary folder; only a complete folder is renamed onto OUT.
-        with atomic_folder(cfg.out, overwrite=True, is_own=has_file(STATE_JSON), what="run folder") as tmp:
-            save_model(model, tmp, tokenizer, overwrite=True)
-            write_state(tmp, {**opt_tensors, **rng_tensors}, meta)
+        if scaler is not None:
+            meta["scaler"] = scaler.state_dict()
+
+        def write_rest(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+            save_model(plain_model[0], tmp, tokenizer, overwrite=True)
+            write_state(tmp, {**tensors, **rng_tensors}, meta)
             (tmp / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
             plot_loss(records, tmp / PLOT_NAME, title=f"{cfg.out.name}: {model_cfg.variant}, "
-                      f"{n_params / 1e6:.2f}M params, step {step}")
+                      f"{n_params / 1e6:.2f}M params, step {step}"
+                      + (f", {par.world_size} ranks" if par.distributed else ""))
+
+        folder = partial(atomic_folder, cfg.out, overwrite=True, is_own=has_file(STATE_JSON), what="run folder")
+        if not par.distributed:
+            opt_tensors, meta["optimizer"] = optimizer_to_flat(optimizer)
+            # One atomic replacement of OUT: the model files, then the training state, log and plot are
+            # written into the temporary folder; only a complete folder is renamed onto OUT.
+            with folder() as tmp:
+                write_rest(tmp, opt_tensors)
+        else:
+            meta["optimizer"] = {"format": "dcp", "world_size": par.world_size, "strategy": par.strategy}
+            full = full_model_state(train_model, par)  # collective under FSDP; rank 0 gets the weights
+            if par.is_main:
+                if not plain_model:
+                    plain_model.append(CausalLM(model_cfg))
+                plain_model[0].load_state_dict(full)
+            save_collective(par, folder, lambda tmp: save_sharded(tmp, train_model, optimizer),
+                            lambda tmp: write_rest(tmp, {}))
         live_log = True
+
+    adapt: dict[str, dict[str, float | None]] = {}
+    original_val = _original_val_blocks(cfg, tokenizer, echo) if cfg.init is not None and not cfg.resume else None
+
+    def perplexities(when: str) -> None:
+        for name, blocks in (("domain", val_blocks), ("original", original_val)):
+            loss = evaluate(blocks) if blocks is not None else None
+            adapt.setdefault(name, {})[when] = None if loss is None else math.exp(loss)
+        echo(f"perplexity {when}: domain held-out {_fmt(adapt['domain'][when])}, original held-out "
+             f"{_fmt(adapt['original'][when])}")
+
+    if cfg.init is not None and not cfg.resume:
+        perplexities("before")
 
     # -- the loop ----------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -361,12 +512,13 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     last_eval_step = last_save_step = step
     loop_seconds, loop_tokens = 0.0, 0
     ema_tps: float | None = None
-    params = [p for p in model.parameters() if p.requires_grad]
-    stop_signal = _StopSignal(echo)
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    stop_signal = _StopSignal(echo if par.is_main else _rank_echo(par.rank), repeat_grace=2.0 if par.distributed else 0.0)
     try:
         stop_signal.install()
         while step < schedule.total:
-            if stop_signal.received:
+            # One tiny all-reduce under torchrun: a signal that reached any rank stops all at the same step.
+            if par.any(stop_signal.received is not None):
                 stopped = "interrupted"
                 break
             if cfg.stop_at is not None and step >= cfg.stop_at:
@@ -382,23 +534,35 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
                 group["lr"] = lr
             ce_sum, aux_sum = 0.0, 0.0
             counts: torch.Tensor | None = None  # (L, E) tokens per expert, summed over micro-batches
-            for _ in range(cfg.grad_accum):
-                x, y = next(loader)  # (B, T) inputs, (B, T) targets (already shifted by one)
-                with autocast():
-                    logits = model(x)  # (B, T, V)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32 log-softmax
-                loss = ce
-                if model_cfg.is_moe:
-                    aux = model.aux_loss()
-                    loss = ce + model_cfg.router_aux_coef * aux
-                    aux_sum += aux.item()
-                    c = model.expert_counts()
-                    counts = c if counts is None else counts + c
-                (loss / cfg.grad_accum).backward()  # mean over micro-batches = one big batch
+            for micro in range(cfg.grad_accum):
+                x, y = next(loader)  # (B, T) inputs, (B, T) targets (already shifted by one): the global batch
+                x, y = par.shard_rows(x), par.shard_rows(y)  # (B / world, T): this rank's rows
+                with sync_gradients(train_model, par, last=micro == cfg.grad_accum - 1):
+                    with autocast():
+                        logits = train_model(x)  # (B, T, V)
+                    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32 log-softmax
+                    loss = ce
+                    if model_cfg.is_moe:
+                        aux = net.aux_loss()
+                        loss = ce + model_cfg.router_aux_coef * aux
+                        aux_sum += aux.item()
+                        c = net.expert_counts()
+                        counts = c if counts is None else counts + c
+                    # mean over micro-batches = one big batch; DDP/FSDP average over ranks, whose rows are equal in number
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 ce_sum += ce.item()
+            if par.distributed:  # the logged loss is the global batch's: the mean of the ranks' equal shares
+                ce_sum, aux_sum = (v / par.world_size for v in par.sum_([ce_sum, aux_sum]))
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             # clip_grad_norm_ returns the pre-clip norm: logged, it shows spikes that clipping hid.
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += cfg.tokens_per_step
@@ -409,12 +573,12 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
             ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
             last_loss = ce_sum / cfg.grad_accum
             rec: dict[str, Any] = {
-                "kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                "kind": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm_value(grad_norm),
                 "tokens": tokens_seen, "step_seconds": round(dt, 5), "tok_per_s": round(tps, 1),
-                "mfu": round(flops_per_token * tps / peak, 5), "elapsed": round(clock() - t_call, 3),
+                "mfu": round(flops_per_token * tps / peak_total, 5), "elapsed": round(clock() - t_call, 3),
             }
             if model_cfg.is_moe:
-                share = counts.sum(0).float() / counts.sum()  # (E,) share of routed assignments
+                share = counts.sum(0).float() / counts.sum()  # (E,) share of routed assignments (rank 0's rows)
                 rec["aux_loss"] = aux_sum / cfg.grad_accum
                 rec["expert_share"] = [round(s, 4) for s in share.tolist()]
             emit(rec)
@@ -466,28 +630,72 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
                 emit({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
         if last_save_step != step or not (cfg.out / STATE_JSON).is_file():
             save_checkpoint()
+        if adapt and not interrupted:
+            perplexities("after")
     finally:
         stop_signal.restore()
-    sample = "" if interrupted else _greedy_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
-    model.train()
+    sample = ""
+    if not interrupted and par.is_main:
+        if not plain_model:  # a distributed run that saved nothing now (resumed a finished run)
+            plain_model.append(load_model(cfg.out))
+        sample = _greedy_sample(plain_model[0], tokenizer, cfg.sample_prompt, cfg.sample_tokens)
+    train_model.train()
     if last_loss is None:  # nothing trained this call (resumed a finished run)
         last_loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
     tps = loop_tokens / loop_seconds if loop_seconds else 0.0
     result = TrainResult(
         out=cfg.out, steps=step, schedule_steps=schedule.total, stopped=stopped, train_loss=last_loss,
         val_loss=last_val, val_ppl=None if last_val is None else math.exp(last_val), tokens_per_second=tps,
-        mfu=flops_per_token * tps / peak, peak_flops=peak, params=n_params, active_params=n_active,
-        tokens=tokens_seen, seconds=clock() - t_call, sample=sample)
+        mfu=flops_per_token * tps / peak_total, peak_flops=peak_total, params=n_params, active_params=n_active,
+        tokens=tokens_seen, seconds=clock() - t_call, sample=sample, rank=par.rank, world_size=par.world_size,
+        strategy=par.strategy, perplexity=adapt or None)
     why = {"done": "", "time_budget": " (time budget reached)", "stop_at": f" (stopped at step {cfg.stop_at})",
            "interrupted": f" (interrupted; saved: continue with --resume --out {cfg.out})"}[stopped]
     echo(f"done: step {step}/{schedule.total}{why} in {result.seconds:.1f}s; {tps:,.0f} tok/s, "
-         f"MFU {result.mfu:.1%} of {peak / 1e9:.0f} GFLOP/s")
+         f"MFU {result.mfu:.1%} of {peak_total / 1e9:.0f} GFLOP/s")
     if last_val is not None:
         echo(f"eval: val loss {last_val:.4f}, val perplexity {result.val_ppl:.2f}")
     if not interrupted:
         echo(f"sample (greedy): {cfg.sample_prompt}{sample}")
     echo(f"checkpoint: {cfg.out}  (deploykit generate {cfg.out} --prompt \"...\")")
     return result
+
+
+def _fmt(ppl: float | None) -> str:
+    return "n/a" if ppl is None else f"{ppl:.2f}"
+
+
+def _rank_echo(rank: int) -> Any:
+    return lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+
+
+def save_collective(par: Parallel, folder: Any, shards: Any, rest: Any) -> None:
+    """One atomic checkpoint written by every rank: rank 0 opens the temporary folder and writes the
+    model, state, log and plot into it (``rest``: first, because ``save_model`` replaces the folder it
+    writes), tells the others where it is, all write their DCP shards into it, and rank 0 renames it
+    onto OUT; the closing all-reduce is the barrier after the rename, and tells every rank whether it worked."""
+    if not par.is_main:
+        tmp = par.broadcast(None)
+        if tmp is None:
+            raise CheckpointError("rank 0 could not write the checkpoint", hint="see rank 0's error")
+        shards(Path(tmp))
+        if par.any(False):
+            raise CheckpointError("rank 0 could not finish the checkpoint", hint="see rank 0's error")
+        return
+    stage = "open"
+    try:
+        with folder() as tmp:
+            rest(tmp)
+            par.broadcast(str(tmp))
+            stage = "shards"
+            shards(tmp)
+            stage = "rename"
+        stage = "done"
+    finally:
+        if stage == "open":
+            par.broadcast(None)
+        elif stage in ("rename", "done"):
+            par.any(stage != "done")
 
 
 def _saved_schedule(saved: dict[str, Any], cfg: TrainConfig) -> LrSchedule:
@@ -526,4 +734,4 @@ def _greedy_sample(model: CausalLM, tokenizer: Any, prompt: str, max_new_tokens:
     return tokenizer.decode(new)
 
 
-__all__ = ["TrainConfig", "TrainResult", "pretrain", "ModelConfig"]
+__all__ = ["ModelConfig", "TrainConfig", "TrainResult", "pretrain"]

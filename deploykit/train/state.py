@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model.schema import JsonObject, ListOf, non_negative, positive, read_json_object, short_repr
-from .config import STATE_JSON, STATE_TENSORS
+from .config import STATE_DCP, STATE_JSON, STATE_TENSORS
 
 STATE_VERSION = 1
 
@@ -193,6 +193,14 @@ def check_meta(meta: JsonObject, folder: Path) -> None:
     for key in ("epoch", "position", "seed", "shuffle", "num_blocks", "batch_size"):
         loader.field(key, int, check=non_negative)
     optimizer = meta.object("optimizer")
+    if optimizer.get("format") == "dcp":  # a torchrun run: model and optimizer shards in trainer_state.dcp/
+        optimizer.field("world_size", int, check=positive)
+        optimizer.field("strategy", str)
+        if not (folder / STATE_DCP / ".metadata").is_file():
+            raise CheckpointError(f"{folder / STATE_DCP}: missing or incomplete (no .metadata), but "
+                                  f"{STATE_JSON} says the optimizer state is there", hint=STATE_HINT)
+        meta.object("rng").field("python", ListOf((int, float, list, None), length=3), check=_python_rng_state)
+        return
     for i, group in enumerate(optimizer.field("param_groups", ListOf(dict))):
         group = optimizer.nested(f"param_groups[{i}]", group)
         group.field("params", ListOf(int))
