@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ def start(strategy: str, batch_size: int) -> Parallel:
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}",
                           hint="use --strategy ddp (replicated model) or --strategy fsdp (sharded model)")
+    world = int(os.environ["WORLD_SIZE"])
+    if batch_size % world:  # before joining: a refusal must not leave the other ranks waiting
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the world size {world}",
+                          hint=f"--batch-size is the global batch, split evenly across ranks: pass a multiple of {world}")
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
@@ -118,11 +123,6 @@ def start(strategy: str, batch_size: int) -> Parallel:
         dist.init_process_group(backend, device_id=device if cuda else None)
     par = Parallel(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    strategy=strategy, backend=backend, device=device, owns_group=owns)
-    if batch_size % par.world_size:
-        finish(par)
-        raise ConfigError(f"--batch-size {batch_size} is not divisible by the world size {par.world_size}",
-                          hint=f"--batch-size is the global batch, split evenly across ranks: pass a multiple of "
-                               f"{par.world_size}")
     return par
 
 
@@ -223,7 +223,9 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

@@ -47,7 +47,7 @@ from .budget import REFIT_SHARE, Clock, TimeBudget, eval_batch_count, probe_cost
 from .config import LOG_NAME, MATH_FIELDS, PLOT_NAME, STATE_JSON, TrainConfig
 from .distributed import Parallel, checkpoint_blocks, core, full_model_state, full_optimizer_state, grad_norm_value
 from .distributed import finish as finish_distributed
-from .distributed import load_full_optimizer_state, load_sharded, save_sharded, sync_gradients, wrap
+from .distributed import launched_by_torchrun, load_full_optimizer_state, load_sharded, save_sharded, sync_gradients, wrap
 from .distributed import start as start_distributed
 from .optim import LrSchedule, build_adamw, measure_peak_flops
 from .plots import plot_loss
@@ -220,6 +220,9 @@ def pretrain(config: TrainConfig, *, progress: bool = True, stream: TextIO | Non
     """
     t_call = clock()
     _check_out(config)
+    if launched_by_torchrun() and config.time_budget is not None:
+        raise ConfigError("--time-budget is not supported under torchrun: the ranks' clocks would fit different "
+                          "schedules", hint="pass --steps (and --stop-at to stop early) for a distributed run")
     par = start_distributed(config.strategy, config.batch_size)
     try:
         return _run(config, par, progress=progress and par.is_main, stream=stream if par.is_main else None,
@@ -301,9 +304,6 @@ def _run(cfg: TrainConfig, par: Parallel, *, progress: bool, stream: TextIO | No
     from ..data import BlockLoader, encode_and_pack, eval_batches, load_texts, split_documents
 
     echo = _Echo(stream)
-    if par.distributed and cfg.time_budget is not None:
-        raise ConfigError("--time-budget is not supported under torchrun: the ranks' clocks would fit different "
-                          "schedules", hint="pass --steps (and --stop-at to stop early) for a distributed run")
     if cfg.fp16 and par.device.type != "cuda":
         raise ConfigError("TrainConfig.fp16=True needs a CUDA device (fp16 + GradScaler); this process trains on "
                           f"{par.device}", hint="use --bf16 on a CPU, or launch with torchrun on a GPU machine")
