@@ -582,3 +582,117 @@ def test_cli_sigint_exits_130_after_saving(corpus, tmp_path):
     summary = json.loads(stdout)
     assert summary["stopped"] == "interrupted" and summary["steps"] > 0
     assert json.loads((out / "trainer_state.json").read_text())["step"] == summary["steps"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL, the per-document split, gradient checkpointing, memory, continued pretraining
+# ---------------------------------------------------------------------------------------------
+def test_sigkill_loses_at_most_one_interval_and_resume_continues_the_curve(corpus, tmp_path):
+    """kill -9 mid-run: the folder holds the last periodic checkpoint (atomic, never half-written), and
+    --resume from it retraces the uninterrupted run's losses bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "deploykit", "train", "--data", corpus["data"], "--tokenizer", str(corpus["tokenizer"]),
+           "--preset", "nano", "--steps", "1000", "--batch-size", "4", "--block-size", "32", "--eval-interval", "0",
+           "--checkpoint-interval", "2", "--threads", "1", "--peak-flops", "1e11", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = out / "trainer_state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (state_file.is_file() and json.loads(state_file.read_text())["step"] >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = json.loads(state_file.read_text())["step"]
+    logged = max(step for step, _ in _train_losses(out))
+    assert saved >= 4 and saved % 2 == 0 and logged - saved <= 2  # the live log may run ahead of the state
+    kw = dict(steps=1000, eval_interval=0, checkpoint_interval=2, sample_tokens=48)
+    pretrain(_cfg(corpus, out, resume=True, stop_at=saved + 3, **kw), progress=False, stream=None)
+    ref = tmp_path / "ref"
+    pretrain(_cfg(corpus, ref, stop_at=saved + 3, **kw), progress=False, stream=None)
+    assert _train_losses(out) == _train_losses(ref)  # the records after the checkpoint were written again
+
+
+def test_validation_documents_never_reach_the_tokenizer(tmp_path):
+    """The split is per document and made before the tokenizer trains: a word repeated throughout one
+    validation document gets no merge, the same kind of word in a training document becomes one token."""
+    from deploykit.data import english_documents, split_documents
+    from deploykit.model.tokenizer import Tokenizer
+
+    docs = english_documents(40_000, seed=3)
+    _, val = split_documents(docs, 0.1, seed=0)
+    train_i = next(i for i, d in enumerate(docs) if d not in val)
+    val_i = docs.index(val[0])
+    docs[train_i] += " quetzalcoatlus" * 200
+    docs[val_i] += " xylophonistic" * 200
+    train, val2 = split_documents(docs, 0.1, seed=0)  # the same documents go to validation
+    assert docs[val_i] in val2 and docs[train_i] in train and not set(train) & set(val2)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "run"
+    pretrain(TrainConfig(out=out, data=str(data), vocab_size=600, val_fraction=0.1, **{**TINY, "steps": 1}),
+             progress=False, stream=None)
+    tok = Tokenizer.load(out)
+    assert len(tok.encode(" quetzalcoatlus")) == 1
+    assert len(tok.encode(" xylophonistic")) > 3
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_saves_activation_memory():
+    import torch.nn.functional as F
+
+    from deploykit.model.config import preset
+    from deploykit.model.graph import CausalLM
+    from deploykit.train.distributed import checkpoint_blocks
+    from deploykit.train.memory import measure_memory
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = CausalLM(preset("nano-moe", vocab_size=256))  # MoE: the router's aux loss is recomputed too
+        if checkpointed:
+            checkpoint_blocks(model)
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))  # (B, T)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()) + model.aux_loss()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, ckpt = grads
+    assert all(torch.equal(plain[n], ckpt[n]) for n in plain)
+
+    cfg = preset("nano", vocab_size=512)
+    full = measure_memory(cfg, batch_size=4, block_size=64)
+    saved = measure_memory(cfg, batch_size=4, block_size=64, grad_checkpointing=True)
+    assert full.params == saved.params == cfg.num_params() * 4  # fp32 weights
+    assert full.grads == full.params and full.optimizer >= 2 * full.params  # fp32 grads, two fp32 AdamW moments
+    assert 4.0 <= full.static_ratio < 4.01  # the "3-4x model size" rule is weights + grads + moments, exactly 4x
+    assert saved.activations < 0.7 * full.activations and saved.peak < full.peak
+
+
+def test_cli_memory_report_prints_the_breakdown_as_json(capsys, tmp_path):
+    code, out = _cli(["--preset", "nano", "--batch-size", "2", "--block-size", "32", "--vocab-size", "512",
+                      "--memory-report", "--json", "--out", str(tmp_path / "unused")], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["params"] > 0 and report["activations"] > 0 and report["static_ratio"] == pytest.approx(4.0, abs=0.01)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_init_continues_pretraining_and_reports_both_held_out_sets(corpus, tmp_path):
+    from deploykit.data import task_documents
+
+    base = tmp_path / "base"
+    pretrain(_cfg(corpus, base, steps=20, lr=3e-3), progress=False, stream=None)
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("".join(json.dumps({"text": d}) + "\n" for d in task_documents(20_000, seed=5)))
+    out = tmp_path / "adapted"
+    res = pretrain(TrainConfig(out=out, init=base, data=str(domain), **{**TINY, "steps": 12, "lr": 1e-3, "warmup": 3}),
+                   progress=False, stream=None)
+    ppl = res.perplexity
+    assert set(ppl) == {"domain", "original"} and all(set(v) == {"before", "after"} for v in ppl.values())
+    assert ppl["domain"]["after"] < ppl["domain"]["before"]  # it learned the domain
+    assert all(v > 1 for side in ppl.values() for v in side.values())
+    assert res.train_loss is not None and (out / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="init"):
+        TrainConfig(out=tmp_path / "x", init=tmp_path / "missing")

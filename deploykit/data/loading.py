@@ -225,26 +225,26 @@ def split_documents(
 
     Splitting packed blocks instead would cut documents across the boundary (the start of a story in
     train, its end in val) and let the tokenizer learn merges from validation text. A seeded share of
-    the documents (at least one when ``val_fraction > 0``) goes to validation; each side keeps the
-    documents' original order.
+    the distinct documents (at least one when ``val_fraction > 0``) goes to validation, and copies of a
+    document follow it: a text repeated in the corpus (short generated facts, boilerplate) would otherwise
+    land on both sides and be "held out" while trained on. Each side keeps the original order.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(
             f"val_fraction={val_fraction} must be in [0, 1)", hint="pass e.g. val_fraction=0.05"
         )
-    n = len(texts)
+    distinct = list(dict.fromkeys(texts))
+    n = len(distinct)
     n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
     if n - n_val < 1:
         raise DataError(
-            f"only {n} document(s): too few to hold out {val_fraction:.0%} of them for validation "
+            f"only {n} distinct document(s): too few to hold out {val_fraction:.0%} of them for validation "
             "(the split is made per document, so no validation text reaches the tokenizer or the model)",
             hint="split the text into several documents (files, or lines of a JSONL file), or pass --val-fraction 0",
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx = set(perm[:n_val].tolist())
-    train = [t for i, t in enumerate(texts) if i not in val_idx]
-    val = [t for i, t in enumerate(texts) if i in val_idx]
-    return train, val
+    held_out = {distinct[i] for i in perm[:n_val].tolist()}
+    return [t for t in texts if t not in held_out], [t for t in texts if t in held_out]
 
 
 def encode_and_pack(texts: Sequence[str], tokenizer: Tokenizer, block_size: int, *, what: str = "data") -> torch.Tensor:
