@@ -1,7 +1,9 @@
 """GPTQ and the Q4_0 grid (deploykit.deploy.gptq): the grid matches llama.cpp's Q4_0 rounding, GPTQ beats
-round-to-nearest on its own objective ||W X - Q X||², and the Hessians read from a model are X Xᵀ."""
+round-to-nearest on its own objective ||W X - Q X||², the Hessians read from a model are X Xᵀ, and the
+rounded weights written as Q4_0 blocks are what llama.cpp reads (the gguf backend's rounding=gptq|rtn)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +94,47 @@ def test_collect_hessians_reads_each_linear_input():
     assert torch.equal(H[names[0]], H[names[1]])  # q and k read the same normed input
     with pytest.raises(ConfigError, match="calibration"):
         gptq.collect_hessians(model, names, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# the same rounding as llama.cpp Q4_0 blocks (the gguf backend's rounding=gptq|rtn)
+# ---------------------------------------------------------------------------------------------
+def test_q4_0_blocks_decode_to_deploykit_weights():
+    """ggml's own dequantizer (the gguf package's port of it) reads deploykit's blocks back exactly."""
+    quants = pytest.importorskip("gguf.quants")
+    from deploykit_plugins.gguf_backend.rounding import q4_0_blocks
+
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
+    q, s = gptq.rtn(w)
+    blocks = q4_0_blocks(q, s)  # (8, 3 * 18)
+    assert blocks.shape == (8, 54)
+    assert np.array_equal(quants.dequantize(blocks, quants.GGMLQuantizationType.Q4_0), gptq.dequantize(q, s).numpy())
+    # gguf's quantizer takes 1/d before rounding d to fp16, deploykit after: the same bytes but at rare ties
+    theirs = quants.quantize(w.numpy(), quants.GGMLQuantizationType.Q4_0)
+    assert (theirs == blocks).mean() > 0.98
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        q4_0_blocks(q[:, :40], s[:, :2])
+
+
+@pytest.mark.slow  # a whole gguf conversion with its proofs: ~40-90 s on 2 cores
+def test_gguf_q4_0_from_gptq_rounding_runs_in_llama_cpp(nano_checkpoint, tmp_path):
+    """llama.cpp runs deploykit's GPTQ-rounded weights: the file passes its proof, its decoder weights are
+    deploykit's blocks (read back with the gguf reader), and the rest keeps llama.cpp's own types."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    import deploykit
+
+    res = deploykit.convert(nano_checkpoint, "gguf", "q4_0", tmp_path / "g", options={"rounding": "gptq"})
+    info = res.manifest["backend_info"]
+    q = info["quality"]
+    print(f"\ngguf q4_0 gptq on nano: Δppl {q['delta_ppl_pct']:+.3f} % KL {q['kl_vs_fp32']:.2e} "
+          f"({info['rounded_tensors']} tensors rounded by deploykit)")
+    assert res.passed and info["rounding"] == "gptq"
+    cfg = deploykit.load_model(nano_checkpoint).config
+    assert info["rounded_tensors"] == 7 * cfg.n_layers  # q, k, v, o, gate, up, down per layer
+    reader = gguf.GGUFReader(str(res.path / "model.gguf"))
+    t = {x.name: x for x in reader.tensors}["blk.0.attn_v.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    with pytest.raises(ConfigError, match="writes Q4_0 blocks only"):
+        deploykit.convert(nano_checkpoint, "gguf", "q8_0", tmp_path / "h", options={"rounding": "gptq"})

@@ -56,6 +56,7 @@ from deploykit.errors import BackendError, ConfigError, ParityError
 
 from .gguf_file import import_gguf, write_gguf
 from .proofs import measure_quality, parity_note, prove_tokenizer
+from .rounding import ROUNDINGS, write_rounded_q4_0
 from .runtime import KV_TYPES, GgufRunner, _quiet_llama_logs
 
 if TYPE_CHECKING:
@@ -111,9 +112,13 @@ class GgufOptions(SchemeOptions):
 
     kv_cache: str = option("f16", "KV cache type of served runners: f16 (llama.cpp's default), f32 or q8_0")
     flash_attn: bool = option(False, "llama.cpp's flash attention for served runners (q8_0 KV cache turns it on)")
+    rounding: str = option("llama", "q4_0 only: llama (llama.cpp's quantizer), gptq (deploykit's GPTQ from the "
+                                    "calibration set) or rtn (deploykit's round to nearest), written as Q4_0 blocks")
 
     def check(self) -> list[str]:
-        return [] if self.kv_cache in KV_TYPES else [f"kv_cache={self.kv_cache!r} must be one of {', '.join(KV_TYPES)}"]
+        out = [] if self.kv_cache in KV_TYPES else [f"kv_cache={self.kv_cache!r} must be one of {', '.join(KV_TYPES)}"]
+        return out + ([] if self.rounding in ROUNDINGS else
+                      [f"rounding={self.rounding!r} must be one of {', '.join(ROUNDINGS)}"])
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,10 @@ class GgufBackend(Backend):
             raise ConfigError("the gguf backend needs the model's tokenizer: a GGUF file carries its vocabulary",
                               hint="convert a checkpoint folder that holds tokenizer.json, or pass tokenizer=")
         spec, out = _BY_NAME[scheme.name], Path(out)
+        rounding = ctx.options.rounding
+        if rounding != "llama" and spec.name != "q4_0":
+            raise ConfigError(f"gguf/{spec.name}: rounding={rounding} writes Q4_0 blocks only",
+                              hint="use --quant q4_0 with rounding=gptq|rtn, or rounding=llama")
         work = out / ".f32"  # the F32 file every quantized scheme starts from; removed below
         facts: dict[str, Any] = {"file": MODEL_FILE, "scheme": spec.name}
         try:
@@ -194,6 +203,9 @@ class GgufBackend(Backend):
                 t0 = time.perf_counter()
                 quantize(src, out / MODEL_FILE, spec, threads=ctx.threads)
                 facts["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+            if rounding != "llama":
+                ctx.progress(f"rewriting the Q4_0 decoder weights with deploykit's {rounding} rounding")
+                facts |= write_rounded_q4_0(out / MODEL_FILE, model, rounding, ctx.calibration)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         path = out / MODEL_FILE
