@@ -4,7 +4,8 @@
 //           references to the numpy views the loader passed in; nothing is copied or
 //           re-packed), the rotary table, and the thread count. Read-only once built, so any
 //           number of sessions may run on it from any number of threads.
-// Session = one sequence: a KV cache preallocated for max_seq_len positions (fp32, position-major
+// Session = one sequence: a KV cache preallocated for max_seq_len positions (fp32 by default, or the
+//           config's kv_cache "fp16" / "int8" (one scale per position and kv head); position-major
 //           (L, cap, kv_heads * head_dim): the k/v GEMMs write their rows straight into it) and
 //           scratch grown to the largest step seen. A decode step allocates nothing.
 //
@@ -41,6 +42,7 @@ int64_t round_up4(int64_t v) { return (v + 3) / 4 * 4; }
 int64_t round_up32(int64_t v) { return (v + 31) / 32 * 32; }
 
 enum class Variant { Dense, Legacy, Moe };
+enum class KvCache { F32, F16, I8 };  // the session's K/V storage
 
 struct Config {
   Variant variant = Variant::Dense;
@@ -48,6 +50,7 @@ struct Config {
   float eps = 1e-5f;
   bool lm_head_int8 = true;
   int weight_bits = 8;  // the decoder linears: 8 (int8 packs) or 4 (int4 packs); the lm_head stays int8/fp32
+  KvCache kv = KvCache::F32;
   int64_t qdim() const { return H * hd; }
   int64_t kvdim() const { return KV * hd; }
 };
@@ -159,6 +162,11 @@ class Engine {
     if (config.contains("weight_bits")) c_.weight_bits = config["weight_bits"].cast<int>();
     if (c_.weight_bits != 8 && c_.weight_bits != 4)
       throw py::value_error("native engine: weight_bits must be 8 or 4, got " + std::to_string(c_.weight_bits));
+    const std::string kv = config.contains("kv_cache") ? config["kv_cache"].cast<std::string>() : "fp32";
+    if (kv == "fp32") c_.kv = KvCache::F32;
+    else if (kv == "fp16") c_.kv = KvCache::F16;
+    else if (kv == "int8") c_.kv = KvCache::I8;
+    else throw py::value_error("native engine: kv_cache must be fp32, fp16 or int8, got '" + kv + "'");
     if (c_.weight_bits == 4 && c_.variant == Variant::Moe)
       throw py::value_error("native engine: int4 weights are not supported for MoE models (moe_ffn's experts are int8)");
     if (c_.variant == Variant::Moe) {
@@ -166,6 +174,8 @@ class Engine {
       c_.top_k = cfg_int(config, "top_k");
     }
     if (c_.H % c_.KV) throw py::value_error("native engine: n_kv_heads must divide n_heads");
+    if (c_.kv != KvCache::F32 && c_.hd > 512)
+      throw py::value_error("native engine: an fp16/int8 KV cache needs head_dim <= 512, got " + std::to_string(c_.hd));
     Arrays a(arrays);
     const int64_t D = c_.D, F = c_.F;
     const bool legacy = c_.variant == Variant::Legacy;
@@ -246,6 +256,7 @@ class Engine {
 struct Scratch {
   int64_t rows = 0;
   std::vector<float> x, h, tmp, q, att, mid, router, scores, logits_row;
+  std::vector<float> knew, vnew;  // fp16/int8 caches: this step's k/v rows in fp32 before they are stored
   std::vector<int8_t> qa;
   std::vector<float> sa;
   std::vector<int32_t> asum;  // int4 packs: activation group sums (T, lda / 32)
@@ -260,8 +271,19 @@ class Session {
     const Config& c = e_->config();
     const size_t n = static_cast<size_t>(c.L * c.cap * c.kvdim());
     // Not value-initialised: pages are touched only as positions are written.
-    k_.reset(new float[n]);
-    v_.reset(new float[n]);
+    if (c.kv == KvCache::F32) {
+      k_.reset(new float[n]);
+      v_.reset(new float[n]);
+    } else if (c.kv == KvCache::F16) {
+      k16_.reset(new uint16_t[n]);
+      v16_.reset(new uint16_t[n]);
+    } else {
+      k8_.reset(new int8_t[n]);
+      v8_.reset(new int8_t[n]);
+      const size_t ns = static_cast<size_t>(c.L * c.cap * c.KV);  // one scale per (layer, position, kv head)
+      ks_.reset(new float[ns]);
+      vs_.reset(new float[ns]);
+    }
   }
 
   int64_t length() const { return len_; }
@@ -300,6 +322,7 @@ class Session {
     auto grow = [](auto& v, int64_t n) { v.resize(static_cast<size_t>(n)); };
     grow(s_.x, T * c.D); grow(s_.h, T * c.D); grow(s_.tmp, T * c.D);
     grow(s_.q, T * c.qdim()); grow(s_.att, T * c.qdim());
+    if (c.kv != KvCache::F32) { grow(s_.knew, T * c.kvdim()); grow(s_.vnew, T * c.kvdim()); }
     grow(s_.mid, T * c.F);
     grow(s_.router, T * std::max<int64_t>(1, c.E));
     grow(s_.scores, 4LL * nt * c.cap);
@@ -385,11 +408,27 @@ class Session {
     }
   }
 
+  // fp16/int8 caches: store this step's k/v rows (s_.knew / s_.vnew, rotary applied) at positions len_..
+  void store_kv(int64_t l, int64_t T) {
+    const Config& c = e_->config();
+    const int64_t kvd = c.kvdim(), off = (l * c.cap + len_) * kvd;
+    if (c.kv == KvCache::F16) {
+      engine::to_f16(s_.knew.data(), k16_.get() + off, T * kvd);
+      engine::to_f16(s_.vnew.data(), v16_.get() + off, T * kvd);
+      return;
+    }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < c.KV; ++g) {
+        const int64_t src = t * kvd + g * c.hd, dst = off + src, si = (l * c.cap + len_ + t) * c.KV + g;
+        engine::to_i8(s_.knew.data() + src, k8_.get() + dst, ks_.get() + si, c.hd);
+        engine::to_i8(s_.vnew.data() + src, v8_.get() + dst, vs_.get() + si, c.hd);
+      }
+  }
+
   void attention(int64_t l, int64_t T) {
     const Config& c = e_->config();
     const int64_t hd = c.hd, qd = c.qdim(), kvd = c.kvdim(), group = c.H / c.KV;
-    const float* K = k_.get() + l * c.cap * kvd;
-    const float* Vc = v_.get() + l * c.cap * kvd;
+    const int64_t base = l * c.cap * kvd, sbase = l * c.cap * c.KV;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
     const int64_t tasks = T * c.H;
     const double work = static_cast<double>(tasks) * (len_ + T) * hd;
@@ -401,8 +440,16 @@ class Session {
       float* sc = s_.scores.data() + ch * c.cap;
       for (long long task = b; task < e; ++task) {
         const int64_t t = task / c.H, h = task % c.H, g = h / group, pos = len_ + t;
-        engine::attend_row(s_.q.data() + t * qd + h * hd, K + g * hd, Vc + g * hd, kvd, pos + 1, hd, scale, sc,
-                           s_.att.data() + t * qd + h * hd);
+        const float* qr = s_.q.data() + t * qd + h * hd;
+        float* o = s_.att.data() + t * qd + h * hd;
+        const int64_t at = base + g * hd;
+        if (c.kv == KvCache::F32)
+          engine::attend_row(qr, k_.get() + at, v_.get() + at, kvd, pos + 1, hd, scale, sc, o);
+        else if (c.kv == KvCache::F16)
+          engine::attend_row_f16(qr, k16_.get() + at, v16_.get() + at, kvd, pos + 1, hd, scale, sc, o);
+        else
+          engine::attend_row_i8(qr, k8_.get() + at, v8_.get() + at, ks_.get() + sbase + g, vs_.get() + sbase + g, kvd,
+                                c.KV, pos + 1, hd, scale, sc, o);
       }
     });
   }
@@ -412,8 +459,10 @@ class Session {
     const Layer& y = e_->layers_[l];
     const int64_t D = c.D, qd = c.qdim(), kvd = c.kvdim();
     float *x = s_.x.data(), *h = s_.h.data(), *tmp = s_.tmp.data();
-    float* kc = k_.get() + (l * c.cap + len_) * kvd;
-    float* vc = v_.get() + (l * c.cap + len_) * kvd;
+    // fp32 cache: the k/v GEMMs write straight into it; else into fp32 rows, stored after the rotary
+    const bool f32 = c.kv == KvCache::F32;
+    float* kc = f32 ? k_.get() + (l * c.cap + len_) * kvd : s_.knew.data();
+    float* vc = f32 ? v_.get() + (l * c.cap + len_) * kvd : s_.vnew.data();
     // attention
     norm(y.ln1_w, y.ln1_b, x, h, T);
     quantize(h, T, D);
@@ -429,6 +478,7 @@ class Session {
         rotary(s_.q.data() + t * qd, c.H, len_ + t);
         rotary(kc + t * kvd, c.KV, len_ + t);
       }
+    if (!f32) store_kv(l, T);
     attention(l, T);
     quantize(s_.att.data(), T, qd);
     gemm(y.o, T, tmp, D);
@@ -473,7 +523,10 @@ class Session {
   }
 
   std::shared_ptr<const Engine> e_;
-  std::unique_ptr<float[]> k_, v_;  // (L, cap, kv_heads * head_dim)
+  std::unique_ptr<float[]> k_, v_;  // (L, cap, kv_heads * head_dim), the fp32 cache
+  std::unique_ptr<uint16_t[]> k16_, v16_;  // the fp16 cache (IEEE half bits), same layout
+  std::unique_ptr<int8_t[]> k8_, v8_;  // the int8 cache, same layout ...
+  std::unique_ptr<float[]> ks_, vs_;  // ... with one scale per (layer, position, kv head): (L, cap, kv_heads)
   int64_t len_ = 0;
   Scratch s_;
   std::mutex mu_;
@@ -491,7 +544,10 @@ void register_engine(py::module_& m) {
       .def_property_readonly("isa", [](const Engine& e) { return std::string(isa_name(e.isa())); })
       .def_property_readonly("nthreads", &Engine::nthreads)
       .def_property_readonly("max_seq_len", [](const Engine& e) { return e.config().cap; })
-      .def_property_readonly("vocab_size", [](const Engine& e) { return e.config().V; });
+      .def_property_readonly("vocab_size", [](const Engine& e) { return e.config().V; })
+      .def_property_readonly("kv_cache", [](const Engine& e) {
+        return std::string(e.config().kv == KvCache::F32 ? "fp32" : e.config().kv == KvCache::F16 ? "fp16" : "int8");
+      });
 
   py::class_<Session>(m, "EngineSession",
                       "One sequence on an Engine: its own KV cache (capacity max_seq_len).")

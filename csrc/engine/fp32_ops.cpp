@@ -49,7 +49,94 @@ inline __attribute__((always_inline)) float exp_neg(float x) {
   return y * scale;
 }
 
+// fp16 bits -> fp32, exact for normal and subnormal values: the half's exponent/mantissa bits moved
+// into a float's and rescaled by 2^(127 - 15) (the multiply also normalises subnormals).
+inline __attribute__((always_inline)) float f16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h & 0x7fff) << 13;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  f *= 0x1p112f;
+  uint32_t out;
+  std::memcpy(&out, &f, 4);
+  out |= static_cast<uint32_t>(h & 0x8000) << 16;
+  std::memcpy(&f, &out, 4);
+  return f;
+}
+
+// softmax of sc[0, n) in place (max subtracted); returns 1 / sum.
+inline __attribute__((always_inline)) float softmax_inplace(float* sc, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < n; ++p) mx = sc[p] > mx ? sc[p] : mx;
+  float sum = 0.f;
+  for (int64_t p = 0; p < n; ++p) sc[p] = exp_neg(sc[p] - mx);
+  for (int64_t p = 0; p < n; ++p) sum += sc[p];
+  return 1.f / sum;
+}
+
 }  // namespace
+
+DK_CLONES void attend_row_f16(const float* q, const uint16_t* K, const uint16_t* V, int64_t ldk, int64_t n,
+                              int64_t hd, float scale, float* sc, float* out) {
+  float row[512];  // one converted row (head_dim <= 512, checked by the engine)
+  for (int64_t p = 0; p < n; ++p) {
+    for (int64_t i = 0; i < hd; ++i) row[i] = f16_to_f32(K[p * ldk + i]);
+    sc[p] = dot_inline(q, row, hd) * scale;
+  }
+  const float inv = softmax_inplace(sc, n);
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+  for (int64_t p = 0; p < n; ++p) {
+    const float w = sc[p];
+    for (int64_t i = 0; i < hd; ++i) out[i] += w * f16_to_f32(V[p * ldk + i]);
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+DK_CLONES void attend_row_i8(const float* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs,
+                             int64_t ldk, int64_t lds, int64_t n, int64_t hd, float scale, float* sc, float* out) {
+  float row[512];
+  for (int64_t p = 0; p < n; ++p) {
+    for (int64_t i = 0; i < hd; ++i) row[i] = static_cast<float>(K[p * ldk + i]);
+    sc[p] = dot_inline(q, row, hd) * (ks[p * lds] * scale);
+  }
+  const float inv = softmax_inplace(sc, n);
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+  for (int64_t p = 0; p < n; ++p) {
+    const float w = sc[p] * vs[p * lds];
+    for (int64_t i = 0; i < hd; ++i) out[i] += w * static_cast<float>(V[p * ldk + i]);
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+void to_f16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, &x[i], 4);
+    const uint32_t sign = (b >> 16) & 0x8000, ab = b & 0x7fffffff;
+    uint16_t h;
+    if (ab >= 0x477ff000u) {  // rounds to >= 65520: inf (NaN stays NaN)
+      h = static_cast<uint16_t>(ab > 0x7f800000u ? 0x7e00 : 0x7c00);
+    } else if (ab < 0x38800000u) {  // below fp16's smallest normal: a subnormal (or 0), via float rounding
+      float f;
+      std::memcpy(&f, &ab, 4);
+      h = static_cast<uint16_t>(std::nearbyint(f * 0x1p24f));  // units of 2^-24, round half to even
+    } else {  // normal: drop 13 mantissa bits, round half to even
+      const uint32_t r = ab + 0x0fffu + ((ab >> 13) & 1u);
+      h = static_cast<uint16_t>((r - 0x38000000u) >> 13);
+    }
+    y[i] = static_cast<uint16_t>(sign | h);
+  }
+}
+
+void to_i8(const float* x, int8_t* y, float* s, int64_t n) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *s = amax / 127.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    y[i] = static_cast<int8_t>(v > 127.f ? 127.f : (v < -127.f ? -127.f : v));
+  }
+}
 
 DK_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_inline(a, b, n); }
 

@@ -31,7 +31,8 @@ from deploykit.native import _require
 CONFIG_KEYS = ("variant", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                "max_seq_len", "norm_eps", "n_experts", "top_k", "lm_head_int8")
 # weight_bits: 8 (int8 packs) or 4 (the decoder linears are int4 packs, deploykit.native.int4).
-OPTIONAL_KEYS = {"weight_bits": 8}
+# kv_cache: each session's K/V storage, "fp32", "fp16" or "int8" (symmetric, one scale per position and kv head).
+OPTIONAL_KEYS = {"weight_bits": 8, "kv_cache": "fp32"}
 
 
 class Engine:
@@ -63,6 +64,10 @@ class Engine:
     @property
     def vocab_size(self) -> int:
         return self._c.vocab_size
+
+    @property
+    def kv_cache(self) -> str:
+        return self._c.kv_cache
 
     @property
     def max_seq_len(self) -> int:

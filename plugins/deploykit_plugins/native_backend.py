@@ -65,8 +65,23 @@ INT4 = Tolerance(max_abs_logit=None, max_rel_logit=0.6, max_delta_ppl=0.05, min_
                  min_greedy_match=0.5, router_tie=0.1)
 
 
+KV_CACHES = ("fp32", "fp16", "int8")
+
+
 @dataclass(frozen=True)
-class Int4Options(Int8Options):
+class NativeOptions(Int8Options):
+    """Every native scheme: the shared int8 options plus the engine's KV-cache storage."""
+
+    # fp16 halves the cache's bytes, int8 quarters them (one fp32 scale per position and kv head); measured
+    # against the fp32 cache in tests/native/test_kv_cache.py, and the artifact's parity proof runs with it.
+    kv_cache: str = option("fp32", "the engine's KV cache: fp32, fp16 or int8 (per position and kv head)")
+
+    def check(self) -> list[str]:
+        return [] if self.kv_cache in KV_CACHES else [f"kv_cache={self.kv_cache!r} must be one of {', '.join(KV_CACHES)}"]
+
+
+@dataclass(frozen=True)
+class Int4Options(NativeOptions):
     """native/int4: how the 4-bit weights are rounded (deploykit.deploy.gptq)."""
 
     rounding: str = option("gptq", "gptq (from the calibration set) or rtn (round to nearest)")
@@ -75,15 +90,16 @@ class Int4Options(Int8Options):
     def check(self) -> list[str]:
         from deploykit.deploy.gptq import ROUNDINGS
 
-        out = [] if self.rounding in ROUNDINGS else [f"rounding={self.rounding!r} must be one of {', '.join(ROUNDINGS)}"]
+        out = super().check()
+        out += [] if self.rounding in ROUNDINGS else [f"rounding={self.rounding!r} must be one of {', '.join(ROUNDINGS)}"]
         return out + ([] if 0 < self.gptq_damp <= 1 else [f"gptq_damp={self.gptq_damp} must be in (0, 1]"])
 
 
 SCHEMES = (
     Scheme("int8", "dense/legacy models: fused int8 linears (per-token activations, SwiGLU epilogue), "
-           "C++ kernels with run-time ISA dispatch", INT8, Int8Options),
+           "C++ kernels with run-time ISA dispatch", INT8, NativeOptions),
     Scheme("int8-moe", "MoE models: int8 attention + native top-k routing and int8 experts (moe_ffn)", INT8,
-           Int8Options),
+           NativeOptions),
     Scheme("int4", "dense/legacy models: 4-bit weights in groups of 32 (Q4_0 grid, GPTQ or round-to-nearest), "
            "int8 activations, nibbles unpacked in the GEMM; lm_head int8", INT4, Int4Options),
 )
@@ -474,6 +490,7 @@ class NativeBackend(Backend):
         set_threads(threads)
         model, layout = load_native_model(Path(artifact))
         config, tensors = engine_tensors(model)
+        config["kv_cache"] = str((manifest.get("options") or {}).get("kv_cache", "fp32"))
         try:
             engine = Engine(config, tensors, threads=torch.get_num_threads())
         except ValueError as e:  # a tensor of the wrong size for its config: one line naming it
@@ -483,7 +500,7 @@ class NativeBackend(Backend):
         return EngineRunner(model, engine, backend=self.name, quant=str(manifest.get("quant", layout.get("scheme"))),
                             threads=threads, tokenizer=load_tokenizer(Path(artifact)), files=model_files(artifact),
                             details={"isa": native.cpu_summary()["isa"], "quantize_lm_head": layout.get("quantize_lm_head"),
-                                     "runs": "native C++ decode engine"})
+                                     "runs": "native C++ decode engine", "kv_cache": engine.kv_cache})
 
 
 @hookimpl
