@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from native_helpers import requires_native
 from test_engine import native_model, probe
 
@@ -22,8 +21,9 @@ BOUNDS = {"fp16": 0.03, "int8": 0.03}
 
 
 def _engine(model, kv: str):
-    from deploykit.native.engine import Engine
     from deploykit_plugins.native_backend import engine_tensors
+
+    from deploykit.native.engine import Engine
 
     config, tensors = engine_tensors(model)
     return Engine({**config, "kv_cache": kv}, tensors, threads=2)
