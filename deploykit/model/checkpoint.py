@@ -48,8 +48,11 @@ RUN_FILES: tuple[str, ...] = (STATE_JSON, STATE_TENSORS, LOG_NAME, PLOT_NAME, ST
 # What `deploykit sft --method full` adds: its before/after report (the folder stays a checkpoint).
 SFT_REPORT = "sft_report.json"
 DPO_REPORT = "dpo_report.json"  # and `deploykit dpo`'s
+# `deploykit rlhf`'s report, per-iteration log and reward/KL curves beside the tuned policy.
+RLHF_REPORT = "rlhf_report.json"
+RLHF_FILES: tuple[str, ...] = (RLHF_REPORT, "rlhf_log.jsonl", "rlhf.png")
 CHECKPOINT_FILES = frozenset({CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, *TOKENIZER_FILES,
-                              *RUN_FILES, SFT_REPORT, DPO_REPORT})
+                              *RUN_FILES, SFT_REPORT, DPO_REPORT, *RLHF_FILES})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # transformers model_type -> deploykit variant, for folders written by transformers itself.

@@ -54,3 +54,36 @@ def _log(p):
     import numpy as np
 
     return np.log(np.clip(p, 1e-30, None))
+
+
+def plot_rlhf(records: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """PPO's two curves against iteration: mean reward-model score (left) and KL to the reference
+    per response (right), plus the verified accuracy of the samples when the tasks know answers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    try:
+        ax.plot(its, [r["reward"] for r in records], "o-", ms=3, lw=1.4, color="tab:blue", label="mean reward")
+        acc = [(r["iteration"], r["sample_accuracy"]) for r in records if not math.isnan(r["sample_accuracy"])]
+        if acc:
+            ax.plot(*zip(*acc), "s--", ms=2.5, lw=1.0, color="tab:green", label="sampled answers right (share)")
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel("reward-model score / share right")
+        ax.grid(True, alpha=0.3)
+        kl_ax = ax.twinx()
+        kl_ax.plot(its, [r["kl"] for r in records], "^-", ms=3, lw=1.2, color="tab:red", label="KL to reference")
+        kl_ax.set_ylabel("KL (nats per response)")
+        lines = ax.get_legend_handles_labels()
+        kl_lines = kl_ax.get_legend_handles_labels()
+        ax.legend(lines[0] + kl_lines[0], lines[1] + kl_lines[1], loc="best", fontsize=8)
+        if title:
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path

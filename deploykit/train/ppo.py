@@ -1,4 +1,4 @@
-"""The pieces of PPO for RLHF, as plain tensor functions (the ``deploykit rlhf`` loop is not built yet).
+"""The pieces of PPO for RLHF, as plain tensor functions; ``deploykit.train.rlhf`` runs the loop.
 
 Every tensor is per response token, (B, T), with ``mask`` 1 on response tokens and 0 on padding;
 the sequence-level reward-model score arrives on the last response token, and the KL penalty
@@ -6,7 +6,46 @@ against the frozen reference is paid on every token, so the advantage of an earl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .sft import IGNORE
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each target token, (B, T); 0 where the target is IGNORE.
+
+    ``logits`` (B, T, V) at position t score ``targets[:, t]``, the token that follows input t:
+    the alignment that the seed's sketch gets wrong by slicing sequence means.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return tok * (targets != IGNORE)
+
+
+def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the next-token distribution over the masked positions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    ent = -(logp.exp() * logp).sum(-1)  # (B, T)
+    return (ent * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class AdaptiveKL:
+    """Ziegler et al. (2019)'s controller: nudge the KL coefficient so that the mean per-sequence KL
+    tracks ``target``; proportional error clipped to ±20 %, scaled by ``n_steps / horizon``.
+    ``target=None`` keeps the coefficient fixed."""
+
+    coef: float
+    target: float | None = None
+    horizon: int = 10_000
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.coef *= 1.0 + error * n_steps / self.horizon
+        return self.coef
 
 
 def kl_penalized_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, score: torch.Tensor, mask: torch.Tensor,

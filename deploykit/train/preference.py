@@ -23,11 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.loading import jsonl_records
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..fsutil import Destination, has_file
 from ..model.checkpoint import DPO_REPORT, load_model, save_model
 from ..model.graph import CausalLM
 from .optim import build_adamw, lr_at
+from .ppo import token_logps
 from .sft import EMBEDDED, IGNORE, TASK_INSTRUCTIONS, SftExample, Template, collate, encode_prompt_response, exact_match
 
 REWARD_REPORT = "reward_report.json"
@@ -108,11 +109,7 @@ def pair_batch(tokenizer: Any, pairs: Sequence[PreferencePair], max_len: int
 # ---------------------------------------------------------------------------------------------
 def response_logps(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of per-token log-probs of the response tokens, (B,); prompt and padding contribute 0."""
-    logits = model(inputs)  # (B, T, V)
-    mask = targets != IGNORE  # (B, T)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (tok * mask).sum(-1)
+    return token_logps(model(inputs), targets).sum(-1)  # (B, T, V) -> (B, T) -> (B,)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -146,6 +143,25 @@ class RewardModel(nn.Module):
         last = (targets != IGNORE).long().cumsum(-1).argmax(-1)  # (B,)
         pooled = hidden[torch.arange(len(inputs)), last]  # (B, D)
         return self.head(pooled).squeeze(-1)  # (B,)
+
+
+def load_reward_model(folder: str | Path) -> RewardModel:
+    """A folder written by ``deploykit reward``: the backbone checkpoint and its scalar head."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    head = folder / REWARD_HEAD
+    if not head.is_file():
+        raise CheckpointError(f"{folder}: not a reward model (no {REWARD_HEAD})",
+                              hint="train one with: deploykit reward SFT_CHECKPOINT --data embedded-tasks --out DIR")
+    rm = RewardModel(load_model(folder))
+    state = load_file(str(head))
+    expected = {k: tuple(v.shape) for k, v in rm.head.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state.items()} != expected:
+        raise CheckpointError(f"{head}: tensors {sorted(state)} do not fit a head for d_model "
+                              f"{rm.backbone.config.d_model}", hint="retrain the reward model with deploykit reward")
+    rm.head.load_state_dict(state)
+    return rm.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
