@@ -1,0 +1,499 @@
+"""TFLite backend: deploykit's decoder rewritten in TensorFlow ops, converted by ``tf.lite.TFLiteConverter``,
+run by the LiteRT interpreter (``ai_edge_litert``) or, without it, ``tf.lite.Interpreter``.
+
+The artifact is one flatbuffer, ``model.tflite``, with one signature (``decode``) that carries a
+fixed-capacity KV cache as inputs and outputs:
+
+    inputs   input_ids   int32   (batch, seq)                 seq >= 1, dynamic
+             past        int32   ()                           positions already in the cache
+             k_cache     float32 (layers, batch, kv_heads, C, head_dim)   C = max_seq_len
+             v_cache     float32 (layers, batch, kv_heads, C, head_dim)
+    outputs  logits      float32 (batch, seq, vocab)
+             k_cache / v_cache   the caches with positions past..past+seq-1 written
+
+A prefill is one call with ``past = 0`` and zero caches, each decode step one call with one token
+and the previous outputs: the prefix is never recomputed. Cache slots past ``past + seq`` are
+masked out of attention, so their contents never matter. The new keys are written with a Gather
+and a Select (slot c takes new row c - past where past <= c < past + seq), builtin ops that every
+LiteRT build has and that copy values exactly.
+
+Route. FACTS.md lists three that work here: (i) this one, (ii) onnx2tf on the ONNX export (hard pins
+old tensorflow/numpy/onnx: only with ``--no-deps``), (iii) litert-torch straight from the torch module
+(adds ~0.9 GB of jax/jaxlib and pins typing_extensions/pydantic down, breaking coremltools' cattrs).
+(i) keeps to the design card's tensorflow (tensorflow-cpu 2.21: 1.3 GB, already the heaviest
+dependency; ai_edge_litert adds 59 MB), needs no version pins and keeps the sequence dynamic. The TF
+graph is ~150 lines below, checked against torch by the parity proof of every conversion.
+
+Schemes, measured on the trained nano / nano-moe / nano-legacy test checkpoints (2 cores, see the
+table at the end of this docstring for the numbers the tolerances rest on):
+
+- ``fp32``: the graph as is. EXACT tier.
+- ``fp16``: weights stored fp16 (``target_spec.supported_types = [tf.float16]``); the CPU kernels
+  dequantize them once at load and compute in fp32. HALF tier.
+- ``int8-dynamic``: dynamic-range quantization (``Optimize.DEFAULT``): int8 weights per channel in
+  every FullyConnected, activations quantized per call by the hybrid kernels. INT8 tier.
+- ``int8``: full-integer quantization with a representative dataset drawn from ``ctx.calibration``
+  (a prefill and a decode step per sequence, so the ranges cover both). Ops without an int8 kernel
+  stay float (``TFLITE_BUILTINS`` is allowed beside ``TFLITE_BUILTINS_INT8``); inputs/outputs stay
+  float32 so the runner is the same for every scheme.
+
+MoE: the router's softmax, ``tf.math.top_k`` and renormalisation are TF ops; the experts run dense
+(every expert on every token, weighted by a (N, E) combine matrix that is zero off the top-k), as
+one FullyConnected per projection over the concatenated experts: the same function as the sorted
+torch dispatch at E/k times the expert FLOPs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deploykit.deploy.backend import (
+    EXACT,
+    HALF,
+    INT8,
+    Backend,
+    ConvertContext,
+    Runner,
+    RunnerInfo,
+    Scheme,
+)
+from deploykit.deploy.hookspecs import hookimpl
+from deploykit.deploy.runtime import check_threads
+from deploykit.errors import (
+    ArtifactError,
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+)
+
+if TYPE_CHECKING:
+    from deploykit.model.config import ModelConfig
+    from deploykit.model.graph import CausalLM
+
+MODEL_FILE = "model.tflite"
+CONFIG_FILE = "tflite_config.json"  # the ModelConfig and the signature's layout, beside the flatbuffer
+SIGNATURE = "decode"
+ROUTER_SCOPE = "router"
+INSTALL_HINT = "pip install 'deploykit[tflite]'"
+
+class TFLiteBackend(Backend):
+    name = "tflite"
+    description = "TF-ops rewrite converted by TFLiteConverter, KV cache as signature tensors, LiteRT interpreter"
+    schemes = (
+        Scheme("fp32", "fp32 weights and compute", EXACT),
+        Scheme("fp16", "fp16 weights (dequantized at load), fp32 compute", HALF),
+        Scheme("int8-dynamic", "int8 per-channel weights, activations quantized per call (dynamic range)", INT8),
+        Scheme("int8", "int8 weights and activations of every matmul layer (static ranges from the calibration "
+               "set); attention, norms and routers float", INT8),
+    )
+    artifact_files = (MODEL_FILE, CONFIG_FILE)
+    platforms = "CPU (edge)"
+
+    def missing_requirements(self) -> list[str]:
+        if importlib.util.find_spec("tensorflow") is None:
+            return [f"tensorflow is not installed (it converts; ai_edge_litert alone only runs artifacts): {INSTALL_HINT}"]
+        return []
+
+    def versions(self) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        found = {}
+        for pkg in ("tensorflow-cpu", "tensorflow", "ai-edge-litert"):
+            try:
+                found[pkg] = version(pkg)
+            except PackageNotFoundError:
+                pass
+        return found
+
+    def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+        import json
+
+        cfg = model.config
+        ctx.progress("building the TF graph")
+        t0 = time.perf_counter()
+        module = DecoderModule(model)
+        ctx.progress(f"converting to TFLite ({scheme.name})")
+        flatbuffer = convert_module(module, scheme.name, ctx.calibration)
+        seconds = round(time.perf_counter() - t0, 2)
+        (Path(out) / MODEL_FILE).write_bytes(flatbuffer)
+        layout = {"format": 1, "signature": SIGNATURE, "capacity": cfg.max_seq_len, "quant": scheme.name,
+                  "model_config": cfg.to_dict()}
+        (Path(out) / CONFIG_FILE).write_text(json.dumps(layout, indent=1) + "\n")
+        facts: dict[str, Any] = {"route": "TF-ops rewrite + tf.lite.TFLiteConverter", "signature": SIGNATURE,
+                                 "interpreter": interpreter_name(),
+                                 "kv_cache": f"fixed capacity {cfg.max_seq_len}, signature inputs/outputs",
+                                 "convert_seconds": seconds, "bytes": len(flatbuffer)}
+        if cfg.is_moe:
+            facts["parity_note"] = ("MoE converted with dense dispatch: top-k routing in TF ops, every expert runs "
+                                    "on every token and a combine matrix keeps the chosen k")
+        if scheme.name == "int8":
+            facts["calibration_sequences"] = len(_calibration(ctx.calibration, cfg))
+        return facts
+
+    def load(self, artifact: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        return TFLiteRunner(Path(artifact), threads=threads)
+
+
+@hookimpl
+def deploykit_backends() -> list[Backend]:
+    return [TFLiteBackend()]
+
+
+# -- the decoder in TF ops --------------------------------------------------------------------------
+def _weights(model: Any) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+class DecoderModule:
+    """deploykit's CausalLM as a ``tf.function`` over a fixed-capacity cache (the module docstring's signature).
+
+    Built from the torch model's weights (copied into TF constants); nothing of torch is traced.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import tensorflow as tf
+
+        self.tf = tf
+        self.cfg = cfg = model.config
+        w = _weights(model)
+        # Variables, not constants: the SavedModel keeps them beside the graph (no 2 GB GraphDef limit)
+        # and the converter freezes them into the flatbuffer.
+        self.w = {k: tf.Variable(v, trainable=False) for k, v in w.items()}
+        if cfg.tie_embeddings:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        if cfg.variant != "legacy":
+            # cos/sin tables for every cache slot, gathered by position. Computing them in the graph
+            # (positions * inv_freq, then Cos/Sin) is exact in fp32 but not under full-integer int8: the
+            # angles, up to max_seq_len radians, get one int8 scale and sin() of them is noise.
+            import torch
+
+            from deploykit.model.graph import rope_inv_freq, rotary_cos_sin
+
+            cos, sin = rotary_cos_sin(torch.arange(cfg.max_seq_len), rope_inv_freq(cfg))  # (C, hd) each
+            self.cos_table, self.sin_table = tf.constant(cos.numpy()), tf.constant(sin.numpy())
+        if cfg.is_moe:  # experts concatenated so each projection is one FullyConnected (see module doc)
+            for i in range(cfg.n_layers):
+                p = f"model.layers.{i}.block_sparse_moe.experts."
+                E, F, D = w[p + "w1"].shape
+                self.w[p + "w1cat"] = tf.Variable(w[p + "w1"].reshape(E * F, D), trainable=False)  # (E*F, D)
+                self.w[p + "w3cat"] = tf.Variable(w[p + "w3"].reshape(E * F, D), trainable=False)
+                self.w[p + "w2cat"] = tf.Variable(w[p + "w2"].transpose(1, 0, 2).reshape(D, E * F),  # (D, E*F)
+                                                  trainable=False)
+        L, KV, C, hd = cfg.n_layers, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim
+        self.decode = tf.function(self._decode, input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="input_ids"), tf.TensorSpec([], tf.int32, name="past"),
+            tf.TensorSpec([L, None, KV, C, hd], tf.float32, name="k_cache"),
+            tf.TensorSpec([L, None, KV, C, hd], tf.float32, name="v_cache")])
+
+    def _linear(self, x: Any, name: str) -> Any:
+        # x (N, in) @ W^T with W (out, in): TFLite's FullyConnected takes (out, in) weights as they are.
+        tf = self.tf
+        y = tf.matmul(x, self.w[name + ".weight"], transpose_b=True)
+        bias = self.w.get(name + ".bias")
+        return y if bias is None else y + bias
+
+    def _norm(self, x: Any, name: str) -> Any:
+        tf, eps = self.tf, self.cfg.norm_eps
+        if self.cfg.variant == "legacy":  # LayerNorm
+            mean = tf.reduce_mean(x, -1, keepdims=True)
+            var = tf.reduce_mean(tf.square(x - mean), -1, keepdims=True)
+            return (x - mean) * tf.math.rsqrt(var + eps) * self.w[name + ".weight"] + self.w[name + ".bias"]
+        return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True) + eps) * self.w[name + ".weight"]
+
+    def _rotary(self, x: Any, cos: Any, sin: Any) -> Any:
+        # x (B, h, T, hd); cos/sin (T, hd). Llama's rotate-half layout.
+        half = self.cfg.head_dim // 2
+        rotated = self.tf.concat([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def _attention(self, x: Any, i: int, B: Any, T: Any, past: Any, rotary: Any, k_cache: Any, v_cache: Any,
+                   mask: Any) -> tuple[Any, Any, Any]:
+        tf, cfg = self.tf, self.cfg
+        H, KV, hd, C = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len
+        p = f"model.layers.{i}.self_attn."
+        q = tf.transpose(tf.reshape(self._linear(x, p + "q_proj"), [B, T, H, hd]), [0, 2, 1, 3])  # (B, h, T, hd)
+        k = tf.transpose(tf.reshape(self._linear(x, p + "k_proj"), [B, T, KV, hd]), [0, 2, 1, 3])  # (B, kv, T, hd)
+        v = tf.transpose(tf.reshape(self._linear(x, p + "v_proj"), [B, T, KV, hd]), [0, 2, 1, 3])
+        if rotary is not None:
+            q, k = self._rotary(q, *rotary), self._rotary(k, *rotary)
+        # Write the new rows into slots past..past+T-1: slot c takes row clip(c - past) where it is new.
+        slots = tf.range(C)  # (C,)
+        new = (slots >= past) & (slots < past + T)  # (C,)
+        rows = tf.clip_by_value(slots - past, 0, T - 1)  # (C,)
+        k_all = tf.where(new[None, None, :, None], tf.gather(k, rows, axis=2), k_cache[i])  # (B, kv, C, hd)
+        v_all = tf.where(new[None, None, :, None], tf.gather(v, rows, axis=2), v_cache[i])
+        if KV != H:  # grouped-query attention: query head j reads kv head j // (H / KV)
+            heads = tf.constant(np.arange(H) // (H // KV), tf.int32)
+            k_rep, v_rep = tf.gather(k_all, heads, axis=1), tf.gather(v_all, heads, axis=1)  # (B, h, C, hd)
+        else:
+            k_rep, v_rep = k_all, v_all
+        scores = tf.matmul(q, k_rep, transpose_b=True) * (1.0 / float(np.sqrt(hd)))  # (B, h, T, C)
+        scores = tf.where(mask[None, None], scores, tf.fill(tf.shape(scores), -np.inf))
+        y = tf.matmul(tf.nn.softmax(scores, axis=-1), v_rep)  # (B, h, T, hd)
+        y = tf.reshape(tf.transpose(y, [0, 2, 1, 3]), [B * T, H * hd])
+        return self._linear(y, p + "o_proj"), k_all, v_all
+
+    def _mlp(self, x: Any, i: int) -> Any:
+        tf, cfg = self.tf, self.cfg
+        if cfg.variant == "legacy":
+            p = f"model.layers.{i}.mlp."
+            return self._linear(tf.nn.gelu(self._linear(x, p + "up_proj"), approximate=False), p + "down_proj")
+        if not cfg.is_moe:
+            p = f"model.layers.{i}.mlp."
+            return self._linear(tf.nn.silu(self._linear(x, p + "gate_proj")) * self._linear(x, p + "up_proj"),
+                                p + "down_proj")
+        return self._moe(x, i)
+
+    def _moe(self, x: Any, i: int) -> Any:
+        """Mixtral routing (softmax over E, top k, renormalised) and dense experts. x (N, D) -> (N, D)."""
+        tf, cfg = self.tf, self.cfg
+        E, K, F = cfg.n_experts, cfg.top_k, cfg.ffn_dim
+        p = f"model.layers.{i}.block_sparse_moe."
+        with tf.name_scope(ROUTER_SCOPE):  # named, so int8 can keep the router float (see _int8_float_ops)
+            probs = tf.nn.softmax(self._linear(x, p + "gate"), axis=-1)  # (N, E)
+        top_p, top_i = tf.math.top_k(probs, k=K)  # (N, k)
+        weights = top_p / tf.reduce_sum(top_p, -1, keepdims=True)  # (N, k)
+        combine = tf.reduce_sum(tf.one_hot(top_i, E) * weights[..., None], axis=1)  # (N, E), k non-zeros a row
+        N = tf.shape(x)[0]
+        gate = tf.matmul(x, self.w[p + "experts.w1cat"], transpose_b=True)  # (N, E*F)
+        up = tf.matmul(x, self.w[p + "experts.w3cat"], transpose_b=True)
+        h = tf.reshape(tf.nn.silu(gate) * up, [N, E, F]) * combine[..., None]  # (N, E, F), zero off the top k
+        return tf.matmul(tf.reshape(h, [N, E * F]), self.w[p + "experts.w2cat"], transpose_b=True)  # (N, D)
+
+    def _decode(self, input_ids: Any, past: Any, k_cache: Any, v_cache: Any) -> dict[str, Any]:
+        tf, cfg = self.tf, self.cfg
+        B, T = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
+        D, C = cfg.d_model, cfg.max_seq_len
+        positions = past + tf.range(T)  # (T,)
+        x = tf.gather(self.w["model.embed_tokens.weight"], input_ids)  # (B, T, D)
+        rotary = None
+        if cfg.variant == "legacy":
+            x = x + tf.gather(self.w["model.embed_positions.weight"], positions)[None]
+        else:
+            rotary = (tf.gather(self.cos_table, positions), tf.gather(self.sin_table, positions))  # (T, hd) each
+        mask = tf.range(C)[None, :] <= positions[:, None]  # (T, C): query t sees slots 0..past+t
+        x = tf.reshape(x, [B * T, D])  # (N, D): FullyConnected layers see rows
+        keys, values = [], []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            a, k_all, v_all = self._attention(self._norm(x, p + "input_layernorm"), i, B, T, past, rotary,
+                                              k_cache, v_cache, mask)
+            x = x + a
+            x = x + self._mlp(self._norm(x, p + "post_attention_layernorm"), i)
+            keys.append(k_all)
+            values.append(v_all)
+        logits = self._linear(self._norm(x, "model.norm"), "lm_head")  # (N, V)
+        return {"logits": tf.reshape(logits, [B, T, cfg.vocab_size]), "k_cache": tf.stack(keys),
+                "v_cache": tf.stack(values)}
+
+
+# -- conversion -------------------------------------------------------------------------------------
+def _calibration(sequences: Sequence[Sequence[int]], cfg: ModelConfig) -> list[list[int]]:
+    return [list(s)[:cfg.max_seq_len] for s in sequences if len(s) >= 2]
+
+
+def empty_cache(cfg: ModelConfig, batch: int) -> np.ndarray:
+    return np.zeros((cfg.n_layers, batch, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim), np.float32)
+
+
+def convert_module(module: DecoderModule, scheme: str, calibration: Sequence[Sequence[int]] = ()) -> bytes:
+    """The flatbuffer of ``module``'s decode signature under ``scheme``.
+
+    Through a SavedModel in a temporary folder: the converter names signatures only from one (the
+    concrete-function route calls every signature ``serving_default``).
+    """
+    import shutil
+    import tempfile
+
+    tf = module.tf
+    root = tf.Module()
+    root.weights = list(module.w.values())  # tracked, so the SavedModel holds them
+    root.decode = module.decode
+    folder = tempfile.mkdtemp(prefix="deploykit-tflite-")
+    try:
+        tf.saved_model.save(root, folder, signatures={SIGNATURE: module.decode.get_concrete_function()})
+        return _convert_saved(tf, folder, module, scheme, calibration)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# Full-integer int8 keeps these float (measured, see the module docstring): everything but the
+# FullyConnected layers and the embedding Gather. Quantizing them all with one static int8 scale per
+# tensor (the attention scores, softmax, norms' squares, residual sums) gave the trained nano
+# top-1 0.13 and KL 1.5; with only the matmul layers int8, top-1 0.98 and KL 4e-4.
+_INT8_FLOAT_OPS = ["ADD", "SUB", "MUL", "DIV", "BATCH_MATMUL", "SOFTMAX", "SELECT_V2", "SQUARE", "MEAN", "RSQRT",
+                   "CONCATENATION", "LOGISTIC", "GELU", "TRANSPOSE", "RESHAPE", "NEG", "STRIDED_SLICE", "PACK",
+                   "SUM", "TOPK_V2", "ONE_HOT", "MAXIMUM", "MINIMUM", "FILL"]
+
+
+def _convert_saved(tf: Any, folder: str, module: DecoderModule, scheme: str,
+                   calibration: Sequence[Sequence[int]]) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE])
+    try:
+        if scheme == "fp32":
+            return converter.convert()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if scheme == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
+            return converter.convert()
+        if scheme == "int8-dynamic":
+            return converter.convert()
+        if scheme == "int8":
+            return _full_int8(tf, converter, folder, module, calibration)
+    except (BackendError, ConfigError):
+        raise
+    except Exception as e:  # the converter's errors are multi-line MLIR dumps: keep the first line
+        from deploykit.errors import first_line
+
+        raise BackendError(f"TFLiteConverter failed for {scheme}: {type(e).__name__}: {first_line(e)}",
+                           hint="rerun with --debug for the converter's full message") from e
+    raise BackendError(f"tflite backend has no scheme {scheme!r}",
+                       hint=f"valid schemes: {', '.join(s.name for s in TFLiteBackend.schemes)}")
+
+
+def _full_int8(tf: Any, converter: Any, folder: str, module: DecoderModule, calibration: Sequence[Sequence[int]]) -> bytes:
+    """int8 weights and activations in every FullyConnected and the embedding, ranges calibrated on
+    ``calibration``; the ops of ``_INT8_FLOAT_OPS`` and the MoE routers stay float.
+
+    Selective quantization is LiteRT's QuantizationDebugger (``denylisted_ops`` / ``denylisted_nodes``):
+    the routers are FullyConnected too, found by their name scope in the float model's tensors.
+    """
+    import re
+
+    seqs = _calibration(calibration, module.cfg)
+    if not seqs:
+        raise ConfigError("tflite/int8 needs calibration token sequences (ctx.calibration), got none of length >= 2",
+                          hint="pass calibration data (deploykit convert draws it from the eval corpus) or use "
+                          "int8-dynamic")
+    routers: list[str] = []
+    if module.cfg.is_moe:
+        float_model = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE]).convert()
+        pattern = re.compile(rf"(^|;){ROUTER_SCOPE}(_\d+)?/")
+        routers = [d["name"] for d in tf.lite.Interpreter(model_content=float_model).get_tensor_details()
+                   if pattern.search(d["name"])]
+    converter.representative_dataset = lambda: _representative(module, seqs)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=_INT8_FLOAT_OPS, denylisted_nodes=routers)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: _representative(module, seqs[:1]), debug_options=options)
+    return debugger.get_nondebug_quantized_model()
+
+
+def _representative(module: DecoderModule, seqs: list[list[int]]) -> Any:
+    """Feeds for int8 calibration, keyed by signature input: per sequence a prefill with
+    an empty cache, then a one-token decode step with the cache the TF graph computed for the rest."""
+    cfg = module.cfg
+    for seq in seqs:
+        ids = np.asarray([seq], np.int32)  # (1, T)
+        empty = empty_cache(cfg, 1)
+        yield {"input_ids": ids, "past": np.int32(0), "k_cache": empty, "v_cache": empty}
+        out = module.decode(ids[:, :-1], np.int32(0), empty, empty)
+        yield {"input_ids": ids[:, -1:], "past": np.int32(len(seq) - 1), "k_cache": out["k_cache"].numpy(),
+               "v_cache": out["v_cache"].numpy()}
+
+
+# -- runtime ----------------------------------------------------------------------------------------
+def interpreter_name() -> str:
+    """The interpreter this machine runs artifacts with (and the parity proof used)."""
+    return "ai_edge_litert" if importlib.util.find_spec("ai_edge_litert") is not None else "tf.lite.Interpreter"
+
+
+def _interpreter(path: Path, threads: int | None) -> tuple[Any, str]:
+    """(interpreter, which): LiteRT's when ai_edge_litert is installed, else tensorflow's (deprecated there)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        which = "ai_edge_litert"
+    except ImportError:
+        try:
+            import tensorflow as tf
+        except ImportError as e:
+            raise BackendUnavailable(f"{path}: neither ai_edge_litert nor tensorflow is installed to run it",
+                                     hint=INSTALL_HINT) from e
+        Interpreter, which = tf.lite.Interpreter, "tf.lite.Interpreter"
+    try:
+        return Interpreter(model_path=str(path), num_threads=threads or None), which
+    except (ValueError, RuntimeError) as e:
+        from deploykit.errors import first_line
+
+        raise ArtifactError(f"{path}: not a loadable TFLite flatbuffer ({first_line(e)})",
+                            hint="the file is damaged or not written by deploykit; convert again") from e
+
+
+class TFLiteRunner(Runner):
+    """A .tflite artifact in one interpreter. Interpreters are not thread-safe: calls take a lock."""
+
+    def __init__(self, artifact: Path, *, threads: int | None = None) -> None:
+        import json
+
+        from deploykit.deploy.artifact import model_files
+        from deploykit.model.config import ModelConfig
+
+        check_threads(threads)
+        path = artifact / MODEL_FILE
+        for need in (MODEL_FILE, CONFIG_FILE):
+            if not (artifact / need).is_file():
+                raise ArtifactError(f"{artifact}: no {need}", hint="re-run deploykit convert --backend tflite")
+        try:
+            layout = json.loads((artifact / CONFIG_FILE).read_text())
+            self.config = ModelConfig.from_dict(layout["model_config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{artifact / CONFIG_FILE}: unreadable ({e})",
+                                hint="re-run deploykit convert --backend tflite") from e
+        self.interpreter, self.which = _interpreter(path, threads)
+        try:
+            self.signature = self.interpreter.get_signature_runner(SIGNATURE)
+        except ValueError as e:
+            raise ArtifactError(f"{path}: no {SIGNATURE!r} signature ({e})",
+                                hint="not written by deploykit's tflite backend; convert again") from e
+        self._lock = threading.Lock()
+        self.eos_token_id = self.config.eos_token_id
+        self.max_length = self.config.max_seq_len
+        self.tokenizer = None
+        if (artifact / "tokenizer.json").is_file():
+            from deploykit.model.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.load(artifact)
+        files = model_files(artifact)
+        self.info = RunnerInfo(
+            backend="tflite", quant=str(layout.get("quant", "?")), kv_cache=True, size_bytes=sum(files.values()),
+            files=files, threads=threads, parameters=self.config.num_params(), vocab_size=self.config.vocab_size,
+            max_length=self.config.max_seq_len,
+            details={"interpreter": self.which, "signature": SIGNATURE,
+                     "kv_cache": f"fixed capacity {self.config.max_seq_len} as signature tensors"})
+
+    def run(self, input_ids: np.ndarray, past: int, k_cache: np.ndarray, v_cache: np.ndarray) -> dict[str, np.ndarray]:
+        """One signature call: ids (B, T) at positions past.. -> logits (B, T, V) and the updated caches."""
+        if past + input_ids.shape[1] > self.config.max_seq_len:
+            raise ConfigError(f"sequence of {past + input_ids.shape[1]} tokens exceeds the cache capacity "
+                              f"{self.config.max_seq_len}", hint="shorten the prompt or max_new_tokens")
+        with self._lock:
+            return self.signature(input_ids=input_ids.astype(np.int32), past=np.int32(past), k_cache=k_cache,
+                                  v_cache=v_cache)
+
+    def forward(self, input_ids: np.ndarray) -> np.ndarray:
+        empty = empty_cache(self.config, input_ids.shape[0])
+        return np.asarray(self.run(input_ids, 0, empty, empty)["logits"], np.float32)
+
+    def new_session(self) -> TFLiteSession:
+        return TFLiteSession(self)
+
+
+class TFLiteSession:
+    """One sequence: its caches and length; each feed runs only the new tokens."""
+
+    def __init__(self, runner: TFLiteRunner) -> None:
+        self.runner, self.past = runner, 0
+        self.k = self.v = empty_cache(runner.config, 1)
+
+    def feed(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray([token_ids], np.int64)  # (1, T_new), checked by CheckedSession
+        out = self.runner.run(ids, self.past, self.k, self.v)
+        self.k, self.v, self.past = out["k_cache"], out["v_cache"], self.past + ids.shape[1]
+        return np.asarray(out["logits"][0, -1], np.float32)  # (V,)
