@@ -6,8 +6,9 @@ Models (``--models``): ``micro`` and ``micro-moe`` (``runs/<model>`` reused, els
 shapes (d_model 576, 30 layers, 9 heads, 3 kv heads, ffn 1536, vocab 49152, tied embeddings).
 
 - Contenders (``--contenders``): torch fp32, torch int8-dynamic, onnx int8-dynamic, native int8
-  (the engine), native int8 through its torch modules (the reference path the engine replaced), and
-  llama.cpp Q8_0 / Q4_0 through deploykit's GGUF backend (``deploykit.convert(..., "gguf", "q8_0")``;
+  (the engine), native int8 through its torch modules (the reference path the engine replaced), native
+  int4 (the engine, GPTQ-rounded 4-bit weights; dense and legacy models only), and llama.cpp Q8_0 / Q4_0
+  (and Q4_0 holding deploykit's GPTQ rounding, ``--option rounding=gptq``) through deploykit's GGUF backend (``deploykit.convert(..., "gguf", "q8_0")``;
   rows skipped with the reason when that backend is not importable or does not run the model). Each is
   converted through ``deploykit.convert`` so its parity proof runs; the verdict is shown beside it.
 - decode: a fresh session is fed a 16-token prompt (untimed), then 128 fixed tokens one at a time
@@ -58,9 +59,11 @@ SMOLLM2 = dict(variant="dense", vocab_size=49152, d_model=576, n_layers=30, n_he
 CONTENDERS = {  # label -> (backend, scheme or None = the model's native scheme)
     "torch fp32": ("torch", "fp32"), "torch int8-dynamic": ("torch", "int8-dynamic"),
     "onnx int8-dynamic": ("onnx", "int8-dynamic"), "native int8": ("native", None),
-    "native int8 (torch modules)": ("native", None), "llama.cpp Q8_0": ("gguf", "q8_0"),
-    "llama.cpp Q4_0": ("gguf", "q4_0"),
+    "native int8 (torch modules)": ("native", None), "native int4": ("native", "int4"),
+    "llama.cpp Q8_0": ("gguf", "q8_0"), "llama.cpp Q4_0": ("gguf", "q4_0"),
+    "llama.cpp Q4_0 (deploykit GPTQ)": ("gguf", "q4_0"),
 }
+OPTIONS = {"native int4": {"rounding": "gptq"}, "llama.cpp Q4_0 (deploykit GPTQ)": {"rounding": "gptq"}}
 
 
 def random_checkpoint(model: str, work: Path) -> Path:
@@ -104,6 +107,7 @@ def contenders(model: str, ckpt: Path, work: Path, args) -> tuple[dict, dict]:
     out, skipped, native_runner = {}, {}, None
     for label in args.contenders.split(","):
         backend, scheme = CONTENDERS[label]
+        options = OPTIONS.get(label)
         scheme = scheme or native_scheme
         label = label.replace("native int8", f"native {native_scheme}")
         if label.endswith("(torch modules)") and native_runner is not None:
@@ -114,10 +118,11 @@ def contenders(model: str, ckpt: Path, work: Path, args) -> tuple[dict, dict]:
         try:
             # allow_mismatch: a contender past its parity tolerance still has a speed worth knowing; the
             # verdict is recorded and shown next to it.
-            r = deploykit.convert(ckpt, backend, scheme, work / f"{model}-{backend}-{scheme}", threads=args.threads,
-                                  allow_mismatch=True)
+            folder = work / f"{model}-{backend}-{scheme}{'-' + options['rounding'] if options else ''}"
+            r = deploykit.convert(ckpt, backend, scheme, folder, threads=args.threads, allow_mismatch=True,
+                                  options=options)
         except Exception as e:  # noqa: BLE001  (an absent backend or runtime: the row says why)
-            if backend in ("gguf", "onnx"):
+            if backend in ("gguf", "onnx") or scheme == "int4":  # int4: MoE models are refused, with the reason
                 skipped[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                 print(f"  {label}: skipped ({skipped[label]})", flush=True)
                 continue
@@ -126,7 +131,7 @@ def contenders(model: str, ckpt: Path, work: Path, args) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         runner = deploykit.load(r.path, threads=args.threads, verify_files=False)
         load_s = time.perf_counter() - t0
-        if backend == "native":
+        if backend == "native" and scheme != "int4":
             native_runner = runner
         s = r.report.to_dict()["summary"]
         out[label] = {"runner": runner, "convert_s": convert_s, "load_s": load_s,
@@ -166,14 +171,14 @@ def bench_model(model: str, args, work: Path) -> dict:
         rows[k] = {"decode_tok_s": decode[k], **{f"prefill{n}_tok_s": prefill[n][k] for n in lengths},
                    "load_s": c["load_s"], "parity": c["parity"], "parity_passed": c["parity_passed"],
                    "artifact_bytes": c["bytes"]}
-    nat = next((k for k in runners if k.startswith("native") and "torch modules" not in k), None)
     ratios = {}
-    for base in runners:
-        if nat is None or base == nat:
-            continue
-        ratios[f"decode {nat} / {base}"] = decode[nat]["median"] / decode[base]["median"]
-        for n in lengths:
-            ratios[f"prefill{n} {nat} / {base}"] = prefill[n][nat]["median"] / prefill[n][base]["median"]
+    for nat in (k for k in runners if k.startswith("native") and "torch modules" not in k):
+        for base in runners:
+            if base.startswith("native"):
+                continue
+            ratios[f"decode {nat} / {base}"] = decode[nat]["median"] / decode[base]["median"]
+            for n in lengths:
+                ratios[f"prefill{n} {nat} / {base}"] = prefill[n][nat]["median"] / prefill[n][base]["median"]
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}x", flush=True)
     label = str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else "random weights"
