@@ -696,3 +696,14 @@ def test_init_continues_pretraining_and_reports_both_held_out_sets(corpus, tmp_p
     assert res.train_loss is not None and (out / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="init"):
         TrainConfig(out=tmp_path / "x", init=tmp_path / "missing")
+
+
+def test_a_single_long_document_is_split_in_pieces_that_join_back():
+    from deploykit.data import split_documents
+
+    book = "".join(f"Line {i} of the one book in this corpus.\n" for i in range(2000))  # one document, ~84k chars
+    train, val = split_documents([book], 0.1, seed=0)
+    assert val and train and all(p.endswith("\n") for p in train + val)  # cut at line ends
+    assert "".join(sorted(train + val, key=book.index)) == book  # nothing lost, nothing on both sides
+    with_copies = split_documents([f"doc {i}" for i in range(30)] * 2, 0.1, seed=0)
+    assert not set(with_copies[0]) & set(with_copies[1])  # copies of a document follow it

@@ -218,6 +218,10 @@ def train_val_split(
     return blocks[train_idx], blocks[val_idx]
 
 
+SPLIT_MIN_DOCUMENTS = 20  # fewer distinct documents than this (one book, a few files): they are cut into pieces first
+PIECE_CHARS = 2000  # ...of about this many characters, at a line end (else a space), so the split still has units
+
+
 def split_documents(
     texts: Sequence[str], val_fraction: float, seed: int = 0
 ) -> tuple[list[str], list[str]]:
@@ -228,23 +232,63 @@ def split_documents(
     the distinct documents (at least one when ``val_fraction > 0``) goes to validation, and copies of a
     document follow it: a text repeated in the corpus (short generated facts, boilerplate) would otherwise
     land on both sides and be "held out" while trained on. Each side keeps the original order.
+
+    With fewer than ``SPLIT_MIN_DOCUMENTS`` distinct documents (a single text file is one document) the
+    unit is a piece of about ``PIECE_CHARS`` characters instead; consecutive pieces of one document that
+    land on the same side are joined again, so only the cuts between the sides break a document.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(
             f"val_fraction={val_fraction} must be in [0, 1)", hint="pass e.g. val_fraction=0.05"
         )
+    if val_fraction == 0:
+        return list(texts), []
     distinct = list(dict.fromkeys(texts))
-    n = len(distinct)
-    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if len(distinct) < SPLIT_MIN_DOCUMENTS:
+        return _split_pieces(texts, val_fraction, seed)
+    held_out = {distinct[i] for i in _held_out(len(distinct), val_fraction, seed, "distinct document(s)")}
+    return [t for t in texts if t not in held_out], [t for t in texts if t in held_out]
+
+
+def _held_out(n: int, val_fraction: float, seed: int, what: str) -> list[int]:
+    n_val = max(1, round(n * val_fraction))
     if n - n_val < 1:
         raise DataError(
-            f"only {n} distinct document(s): too few to hold out {val_fraction:.0%} of them for validation "
+            f"only {n} {what}: too few to hold out {val_fraction:.0%} of them for validation "
             "(the split is made per document, so no validation text reaches the tokenizer or the model)",
-            hint="split the text into several documents (files, or lines of a JSONL file), or pass --val-fraction 0",
+            hint="add text, split it into several documents (files, or lines of a JSONL file), or pass "
+                 "--val-fraction 0",
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held_out = {distinct[i] for i in perm[:n_val].tolist()}
-    return [t for t in texts if t not in held_out], [t for t in texts if t in held_out]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val].tolist()
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` cut into pieces of about PIECE_CHARS at a line end (else a space); ``"".join`` gives it back."""
+    out, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        end = start + PIECE_CHARS
+        cut = text.rfind("\n", start + 1, end)
+        cut = cut if cut != -1 else text.rfind(" ", start + 1, end)
+        cut = end if cut == -1 else cut + 1
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def _split_pieces(texts: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    units = [(doc, piece) for doc, text in enumerate(texts) for piece in _pieces(text)]
+    held_out = set(_held_out(len(units), val_fraction, seed, "piece(s) of text (too short)"))
+    sides: tuple[list[str], list[str]] = ([], [])
+    last: list[tuple[int, int] | None] = [None, None]  # (document, unit index) each side ended with
+    for i, (doc, piece) in enumerate(units):
+        side = int(i in held_out)
+        if last[side] == (doc, i - 1):  # the next piece of the same document: join it back
+            sides[side][-1] += piece
+        else:
+            sides[side].append(piece)
+        last[side] = (doc, i)
+    return sides
 
 
 def encode_and_pack(texts: Sequence[str], tokenizer: Tokenizer, block_size: int, *, what: str = "data") -> torch.Tensor:

@@ -493,6 +493,9 @@ def _run(cfg: TrainConfig, par: Parallel, *, progress: bool, stream: TextIO | No
              f"{_fmt(adapt['original'][when])}")
 
     if cfg.init is not None and not cfg.resume:
+        if cfg.lr >= TrainConfig.__dataclass_fields__["lr"].default:
+            echo(f"note: --init with --lr {cfg.lr:g}, the from-scratch rate: continued pretraining usually wants one "
+                 "about 10x lower (and a warmup) so the domain does not overwrite what the model knew")
         perplexities("before")
 
     # -- the loop ----------------------------------------------------------------------------------
