@@ -391,3 +391,14 @@ def test_int4_truncated_pack_is_a_one_line_error(int4_artifacts, tmp_path):
         deploykit.load(art, verify_files=False)
     msg = e.value.args[0]
     assert "\n" not in msg and "mlp.gate_up: int4 packed tensors" in msg and e.value.hint, msg
+
+
+def test_int4_tier_catches_a_packing_bug(nano_checkpoint, tmp_path, monkeypatch):
+    """The INT4 tier must catch a real bug: the group scales of every int4 weight off by 2x."""
+    from deploykit.native import int4
+
+    real = int4.pack_int4_weight
+    monkeypatch.setattr(int4, "pack_int4_weight", lambda q, s, **k: real(q, s * 2, **k))
+    with pytest.raises(ParityError):
+        deploykit.convert(nano_checkpoint, "native", "int4", tmp_path / "bad", options={"rounding": "rtn"})
+    assert not (tmp_path / "bad").exists()

@@ -9,6 +9,15 @@ Converting walks a deploykit ``CausalLM`` and swaps modules for ``deploykit.nati
 - ``int8-moe`` (MoE models): attention as above; each MoE layer keeps its fp32 router (an int8
   router could flip expert choices, which costs far more than it saves) and runs top-k routing,
   grouping and the int8 SwiGLU experts in one native ``moe_ffn`` call.
+- ``int4`` (dense and legacy models): every decoder linear becomes an ``Int4Linear`` / ``Int4SwiGLU``
+  (``deploykit.native.int4``: 4-bit weights in groups of 32 on llama.cpp's Q4_0 grid, int8 activations,
+  the nibbles unpacked in registers inside the GEMM); the lm_head stays int8. The weights are rounded by
+  ``deploykit.deploy.gptq``: GPTQ from the calibration set (``--option rounding=gptq``, the default) or
+  round to nearest (``rounding=rtn``). MoE models are refused: their experts run in ``moe_ffn``'s grouped
+  int8 kernel, which has no 4-bit variant.
+
+Every scheme takes ``--option kv_cache=fp32|fp16|int8``: the engine's KV-cache storage (the parity proof
+runs with it).
 
 Artifact (pickle-free): ``config.json`` (the model config, transformers style), ``native.safetensors``
 (the prepacked int8 panels, scales and column sums via ``PackedInt8Weight.to_tensors`` /
@@ -60,9 +69,19 @@ BUILD_HINT = ("build the extension: `pip install --no-build-isolation -e .` (or 
 # top-1 >= 0.98, KL ~1e-4; a doubled weight scale (the classic packing bug) lands outside it.
 # Option quantize_lm_head (default true): on trained nano it moves max |Δlogit| from ~0.05 to ~0.1 and
 # keeps top-1 >= 0.98 (measured), for a large decode win on models whose vocab is the biggest matrix.
-# INT4: the declared 4-bit tier (see Int4Options for the measured numbers behind it).
-INT4 = Tolerance(max_abs_logit=None, max_rel_logit=0.6, max_delta_ppl=0.05, min_top1=0.85, max_kl=0.1,
-                 min_greedy_match=0.5, router_tie=0.1)
+# INT4: the declared 4-bit tier. Measured on the parity probes (native int4, lm_head int8, worst case):
+#
+#   model                    rounding   Δppl      mean KL   top-1   greedy   max |Δlogit| / range
+#   trained nano (fixture)   gptq       -0.01 %   2.9e-4    0.998   -        0.62
+#   trained nano (fixture)   rtn        +0.07 %   4.0e-4    0.985   -        0.74
+#   runs/micro (ppl 4.28)    gptq       -0.04 %   5.4e-4    0.983   0.990    0.82   0.059
+#   runs/micro (ppl 4.28)    rtn        +0.41 %   1.1e-3    0.986   0.979    0.77   0.066
+#
+# Δppl ±5 % is issue 12's 4-bit goal; KL 0.02 is ~20x the worst measured, top-1 0.93 and greedy 0.75 sit
+# below int8's bounds by what 4 bits cost; the scaled max |Δlogit| (0.4, 6x the worst) catches one broken
+# position. Held-out text: benchmarks/results/quantization_accuracy.md (the native and gguf 4-bit rows).
+INT4 = Tolerance(max_abs_logit=None, max_rel_logit=0.4, max_delta_ppl=0.05, min_top1=0.93, max_kl=0.02,
+                 min_greedy_match=0.75, router_tie=0.1)
 
 
 KV_CACHES = ("fp32", "fp16", "int8")
