@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     p = sub.add_parser(
         "train", help="pretrain a model (one process, or many under torchrun)",
-        description="Train a tokenizer on the data (unless --tokenizer), pack it into blocks with a held-out "
-        "validation split, and train a preset with AdamW, warmup + cosine lr, grad clipping and accumulation. "
+        description="Hold out validation documents, train a tokenizer on the rest (unless --tokenizer), pack "
+        "both into blocks, and train a preset with AdamW, warmup + cosine lr, grad clipping and accumulation. "
         "Logs loss, lr, tokens/s and MFU; evaluates validation loss/perplexity; checkpoints atomically; "
         "--resume continues bit for bit. Ends with the eval perplexity and a greedy sample.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", type=Path, default=S, metavar="FOLDER",
                    help="use this tokenizer.json folder instead of training one on the data")
     g.add_argument("--vocab-size", type=int, default=S, help="BPE vocabulary to train (default: the preset's)")
-    g.add_argument("--val-fraction", type=float, default=S, help=f"blocks held out for eval {default('val_fraction')}")
+    g.add_argument("--val-fraction", type=float, default=S, help=f"documents held out for eval, before the tokenizer sees any {default('val_fraction')}")
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=int, default=S, help=f"optimizer steps; the cosine ends here {default('steps')}")
     g.add_argument("--time-budget", type=float, default=S, metavar="SECONDS",

@@ -1,22 +1,28 @@
-"""Single-process pretraining: ``pretrain(TrainConfig) -> TrainResult``.
+"""Pretraining, in one process or in many under torchrun: ``pretrain(TrainConfig) -> TrainResult``.
 
 One run, top to bottom:
 
-1. tokenizer — trained with byte-level BPE on the data (or loaded from ``--tokenizer``, or from the
-   checkpoint on ``--resume``); the model's vocab_size becomes its size rounded up to 64;
-2. data — documents packed into ``(N, block_size + 1)`` blocks, a seeded share held out for
-   validation, batches from a resumable ``BlockLoader``;
-3. model + AdamW (no decay on 1-D params and embeddings), linear warmup + cosine lr;
-4. the loop — grad accumulation, optional bf16 autocast, grad clipping, MoE aux loss, a progress
-   bar, one JSON record per step and per eval in ``OUT/train_log.jsonl``;
+1. data — documents split into train and validation first (``split_documents``: per document, so
+   no validation text reaches the tokenizer or the model), then each side tokenized and packed into
+   ``(N, block_size + 1)`` blocks; batches from a resumable ``BlockLoader``;
+2. tokenizer — trained with byte-level BPE on the training documents only (or loaded from
+   ``--tokenizer``, from ``--init``'s checkpoint, or from the run on ``--resume``); the model's
+   vocab_size becomes its size rounded up to 64;
+3. model + AdamW (no decay on 1-D params and embeddings), linear warmup + cosine lr; under torchrun
+   wrapped in DDP or sharded by FSDP2 (``distributed.py``), optionally with per-block gradient
+   checkpointing;
+4. the loop — grad accumulation, optional bf16 (or CUDA fp16 + GradScaler) autocast, grad clipping,
+   MoE aux loss, a progress bar, one JSON record per step and per eval in ``OUT/train_log.jsonl``;
 5. checkpoints — the whole folder (model, tokenizer, optimizer/RNG/loader state, log, loss.png)
-   replaced atomically, so ``OUT`` is always a loadable model and a resumable run.
+   replaced atomically, so ``OUT`` is always a loadable model and a resumable run; under torchrun
+   the optimizer and model state are DCP shards written by every rank into the same folder.
 
 Bit-for-bit resume holds because everything a step reads is restored exactly: weights (fp32
 safetensors), AdamW moments and step counts, the loader's (epoch, position), the RNG states, and
 the lr schedule (its length, warmup and ``--time-budget`` re-fit); and because nothing in a step
 depends on wall time: a budget decides the schedule (see ``budget.py``), which is then saved. Evals
-and checkpoints only read the model.
+and checkpoints only read the model. Across world sizes the resume is exact up to the order of the
+all-reduce's float sums: the global batch, and so the math, does not depend on the world size.
 """
 from __future__ import annotations
 
