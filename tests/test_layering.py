@@ -4,6 +4,7 @@ scripts and the example plugin runs along the arrows, never against them.
     foundation (errors, fsutil)  <-  model  <-  data  <-  train
                                      model  <-  deploy  <-  plugins (built-in backends)
     foundation  <-  native  <-  plugins
+    model, data, deploy  <-  eval  (checkpoints and artifacts alike, through the Runner API)
     everything  <-  bench  <-  cli          nothing imports cli (but ``python -m deploykit``)
 
 Backends import the core, never each other; the core (model, deploy) knows no backend and no
@@ -33,6 +34,7 @@ LAYERS: dict[str, str] = {
     "deploykit.train": "train",
     "deploykit.native": "native",
     "deploykit.deploy": "deploy",
+    "deploykit.eval": "eval",
     "deploykit.bench": "bench",
     "deploykit.cli": "cli",
     "deploykit_plugins": "plugins",
@@ -46,17 +48,18 @@ ALLOWED: dict[str, set[str]] = {
     "native": {"foundation", "native"},
     "deploy": {"foundation", "model", "deploy"},
     "api": {"api", "foundation", "model", "deploy"},
+    "eval": {"api", "foundation", "model", "data", "deploy", "eval"},
     "plugins": {"api", "foundation", "model", "deploy", "native"},
-    "bench": {"api", "foundation", "model", "data", "train", "native", "deploy", "bench"},
-    "cli": {"api", "foundation", "model", "data", "train", "native", "deploy", "bench", "cli"},
+    "bench": {"api", "foundation", "model", "data", "train", "native", "deploy", "eval", "bench"},
+    "cli": {"api", "foundation", "model", "data", "train", "native", "deploy", "eval", "bench", "cli"},
     "main": {"cli"},
     # users of deploykit: public names of every layer but the CLI; never a backend module
-    "benchmarks": {"api", "foundation", "model", "data", "train", "native", "deploy", "bench"},
+    "benchmarks": {"api", "foundation", "model", "data", "train", "native", "deploy", "eval", "bench"},
     "examples": {"api", "foundation", "model", "deploy"},
 }
 # The only top-level modules of the package; everything else lives in a layer package.
 TOP_LEVEL = {"__init__.py", "__main__.py", "errors.py", "fsutil.py", "backend.py"}
-LAYER_PACKAGES = {"model", "data", "train", "deploy", "native", "bench", "cli"}
+LAYER_PACKAGES = {"model", "data", "train", "deploy", "native", "eval", "bench", "cli"}
 
 
 @dataclass(frozen=True)

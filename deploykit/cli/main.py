@@ -16,7 +16,7 @@ from ..errors import ConfigError, DeploykitError
 from ..fsutil import filesystem_error
 
 # Order here is the order in `deploykit --help`.
-COMMANDS = ("train", "plan", "sft", "reward", "rlhf", "generate", "convert", "backends", "bench")
+COMMANDS = ("train", "plan", "sft", "reward", "rlhf", "generate", "convert", "eval", "backends", "bench")
 
 EPILOG = """\
 examples:
