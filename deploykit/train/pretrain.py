@@ -541,26 +541,7 @@ def _run(cfg: TrainConfig, par: Parallel, *, progress: bool, stream: TextIO | No
             lr = schedule.at(step + 1)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ce_sum, aux_sum = 0.0, 0.0
-            counts: torch.Tensor | None = None  # (L, E) tokens per expert, summed over micro-batches
-            for micro in range(cfg.grad_accum):
-                x, y = next(loader)  # (B, T) inputs, (B, T) targets (already shifted by one): the global batch
-                x, y = par.shard_rows(x), par.shard_rows(y)  # (B / world, T): this rank's rows
-                with sync_gradients(train_model, par, last=micro == cfg.grad_accum - 1):
-                    with autocast():
-                        logits = train_model(x)  # (B, T, V)
-                    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32 log-softmax
-                    loss = ce
-                    if model_cfg.is_moe:
-                        aux = net.aux_loss()
-                        loss = ce + model_cfg.router_aux_coef * aux
-                        aux_sum += aux.item()
-                        c = net.expert_counts()
-                        counts = c if counts is None else counts + c
-                    # mean over micro-batches = one big batch; DDP/FSDP average over ranks, whose rows are equal in number
-                    scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                ce_sum += ce.item()
+            ce_sum, aux_sum, counts = _accumulate(cfg, par, model_cfg, train_model, net, loader, autocast, scaler)
             if par.distributed:  # the logged loss is the global batch's: the mean of the ranks' equal shares
                 ce_sum, aux_sum = (v / par.world_size for v in par.sum_([ce_sum, aux_sum]))
             if scaler is not None:
@@ -668,6 +649,34 @@ def _run(cfg: TrainConfig, par: Parallel, *, progress: bool, stream: TextIO | No
         echo(f"sample (greedy): {cfg.sample_prompt}{sample}")
     echo(f"checkpoint: {cfg.out}  (deploykit generate {cfg.out} --prompt \"...\")")
     return result
+
+
+def _accumulate(cfg: TrainConfig, par: Parallel, model_cfg: ModelConfig, train_model: torch.nn.Module, net: CausalLM,
+                loader: Any, autocast: Any, scaler: Any) -> tuple[float, float, torch.Tensor | None]:
+    """Forward and backward of one optimizer step's ``grad_accum`` micro-batches; gradients accumulate
+    in the parameters. Returns this rank's summed cross-entropy and aux loss, and the MoE expert counts
+    (L, E) summed over the micro-batches (None for dense models)."""
+    ce_sum, aux_sum = 0.0, 0.0
+    counts: torch.Tensor | None = None
+    for micro in range(cfg.grad_accum):
+        x, y = next(loader)  # (B, T) inputs, (B, T) targets (already shifted by one): the global batch
+        x, y = par.shard_rows(x), par.shard_rows(y)  # (B / world, T): this rank's rows
+        with sync_gradients(train_model, par, last=micro == cfg.grad_accum - 1):
+            with autocast():
+                logits = train_model(x)  # (B, T, V)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32 log-softmax
+            loss = ce
+            if model_cfg.is_moe:
+                aux = net.aux_loss()
+                loss = ce + model_cfg.router_aux_coef * aux
+                aux_sum += aux.item()
+                c = net.expert_counts()
+                counts = c if counts is None else counts + c
+            # mean over micro-batches = one big batch; DDP/FSDP average over ranks, whose rows are equal in number
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        ce_sum += ce.item()
+    return ce_sum, aux_sum, counts
 
 
 def _fmt(ppl: float | None) -> str:
