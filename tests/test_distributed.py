@@ -209,3 +209,18 @@ def test_torchrun_refuses_a_batch_that_does_not_split_and_a_time_budget(corpus, 
         pretrain(TrainConfig(out=tmp_path / "a", data=corpus["data"], tokenizer=corpus["tokenizer"],
                              **{**TINY, **bad}), progress=False, stream=None)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_a_single_process_checkpoint_resumes_on_2_fsdp_ranks(corpus, tmp_path):
+    """The other direction: AdamW's unsharded state from trainer_state.safetensors is resharded onto
+    FSDP2's DTensor parameters (set_optimizer_state_dict with full_state_dict)."""
+    ref = tmp_path / "one"
+    pretrain(TrainConfig(out=ref, data=corpus["data"], tokenizer=corpus["tokenizer"], **TINY), progress=False,
+             stream=None)
+    half = tmp_path / "half"
+    pretrain(TrainConfig(out=half, data=corpus["data"], tokenizer=corpus["tokenizer"], stop_at=2, **TINY),
+             progress=False, stream=None)
+    _run(_torchrun(2, ["--out", str(half), "--resume", "--no-progress", "--strategy", "fsdp", "--stop-at", "4"]))
+    assert json.loads((half / "trainer_state.json").read_text())["optimizer"]["format"] == "dcp"
+    _assert_same_run(ref, half)

@@ -707,3 +707,14 @@ def test_a_single_long_document_is_split_in_pieces_that_join_back():
     assert "".join(sorted(train + val, key=book.index)) == book  # nothing lost, nothing on both sides
     with_copies = split_documents([f"doc {i}" for i in range(30)] * 2, 0.1, seed=0)
     assert not set(with_copies[0]) & set(with_copies[1])  # copies of a document follow it
+
+
+def test_fp16_needs_cuda_and_contradicts_bf16(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="pick one"):
+        _cfg(corpus, tmp_path / "a", bf16=True, fp16=True)
+    with pytest.raises(ConfigError, match="strategy"):
+        _cfg(corpus, tmp_path / "a", strategy="zero3")
+    if not torch.cuda.is_available():  # one plain process trains on the CPU
+        with pytest.raises(ConfigError, match="needs a CUDA device"):
+            pretrain(_cfg(corpus, tmp_path / "b", fp16=True), progress=False, stream=None)
+        assert not (tmp_path / "b").exists()
