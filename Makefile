@@ -31,13 +31,14 @@ LLAMA_KEY   := $(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS) $(PYTHON)'
 LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-$(LLAMA_KEY)
 LLAMA_STAMP  := $(VENV)/.stamp-llama-cpp-$(LLAMA_KEY)
 
-.PHONY: setup demo test test-all bench clean help llama-cpp-wheel
+.PHONY: setup demo test test-all bench align-demo clean help llama-cpp-wheel
 
 help:
 	@echo "make demo   - set up, train the demo model, generate, convert to every backend, bench"
 	@echo "make test   - set up, then run the test suite (slow and gpu tests excluded)"
 	@echo "make test-all - include @slow tests"
 	@echo "make bench  - regenerate benchmarks/results/ (micro, micro-moe across every backend)"
+	@echo "make align-demo - base -> SFT -> reward model -> PPO / DPO, table in benchmarks/results/alignment.md"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +93,10 @@ test-all: setup
 
 demo: setup
 	$(BIN)/python benchmarks/demo.py --out $(DEMO_DIR) --threads $(THREADS)
+
+# base -> SFT -> reward model -> PPO and DPO on the embedded tasks; writes benchmarks/results/alignment.*
+align-demo: setup
+	$(BIN)/python benchmarks/alignment.py --base $(DEMO_DIR) --work runs/align --threads $(THREADS)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py --threads $(THREADS)
