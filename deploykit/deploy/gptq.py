@@ -85,6 +85,20 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: i
     G = -(-K // GROUP)
     Q = torch.zeros(N, K, dtype=torch.int8)
     scales = torch.zeros(N, G, dtype=torch.float32)
+    # The column loop is thousands of tiny ops: on one thread they skip the pool's hand-offs, which on a
+    # busy machine cost more than the ops (measured at load 12: a 768x256 weight in 10.9 s on 2 threads, 0.94 s on 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _columns(W, Hinv, Q, scales, block)
+    finally:
+        torch.set_num_threads(threads)
+    return Q, scales
+
+
+def _columns(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, scales: torch.Tensor, block: int) -> None:
+    """GPTQ's lazy-batch column loop: rounds W (N, K) into Q / scales in place (W is updated as it goes)."""
+    K = W.shape[1]
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1 = W[:, i1:i2].clone()  # (N, B)
@@ -103,7 +117,6 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: i
             W1[:, i:] -= err[:, None] * Hb[i, i:][None, :]
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
-    return Q, scales
 
 
 @torch.no_grad()
