@@ -255,4 +255,5 @@ def full_model_state(model: nn.Module, par: Parallel) -> dict[str, torch.Tensor]
 
 
 __all__ = ["DCP_FOLDER", "STRATEGIES", "Parallel", "checkpoint_blocks", "core", "finish", "full_model_state",
-           "launched_by_torchrun", "load_sharded", "save_sharded", "start", "sync_gradients", "wrap"]
+           "full_optimizer_state", "grad_norm_value", "launched_by_torchrun", "load_full_optimizer_state", "load_sharded",
+           "save_sharded", "start", "sync_gradients", "wrap"]
