@@ -140,14 +140,13 @@ def _routing_agreement(data: Any, experts: list[np.ndarray]) -> float:
 
 
 def _perplexity(runner: Any, blocks: np.ndarray) -> float:
-    nll, count = 0.0, 0
-    for blk in blocks:  # one block at a time: bounded memory on every backend
-        logits = np.asarray(runner.forward(blk[None, :-1]), dtype=np.float32)[0]  # (S, V)
-        lp = _log_softmax(logits)
-        targets = blk[1:]
-        nll -= float(lp[np.arange(len(targets)), targets].sum())
-        count += len(targets)
-    return float(np.exp(nll / count))
+    """``deploykit eval``'s sliding-window perplexity over the blocks (N, S+1), which overlap by one
+    token: S-token windows at stride S score exactly the blocks' targets, one block in memory at a time."""
+    from deploykit.eval.perplexity import sliding_perplexity
+
+    S = blocks.shape[1] - 1
+    stream = np.concatenate([blocks[0], *(b[1:] for b in blocks[1:])])  # (N·S + 1,)
+    return sliding_perplexity(runner.forward, stream, window=S, stride=S).ppl
 
 
 def _task_completions(runner: Any, tasks: list[dict[str, Any]]) -> list[list[int]]:

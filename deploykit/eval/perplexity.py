@@ -58,13 +58,20 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def sliding_perplexity(forward: Any, stream: Sequence[int], *, window: int, stride: int) -> Perplexity:
-    """``forward(ids (1, T)) -> logits (1, T, V)`` over ``stream``; the perplexity of its tokens."""
+    """``forward(ids (1, T)) -> logits (1, T, V)`` over ``stream``; the perplexity of its tokens.
+
+    ``window`` is the number of tokens fed per forward (at most the model's max length): a window
+    spans ``window + 1`` tokens, since its last token is only a target.
+    """
     ids = np.asarray(stream, dtype=np.int64)
     if len(ids) < 2:
         raise DataError(f"perplexity needs at least 2 tokens, got {len(ids)}", hint="pass more held-out text")
-    total, count, spans = 0.0, 0, windows(len(ids), window, stride)
+    if window < 1 or not 1 <= stride <= window:
+        raise ConfigError(f"window={window}, stride={stride}: need 1 <= stride <= window",
+                          hint="e.g. --window 256 --stride 128")
+    total, count, spans = 0.0, 0, windows(len(ids), window + 1, stride)
     for begin, end, first in spans:
-        logits = np.asarray(forward(ids[None, begin:end]))[0]  # (T, V): row t predicts token begin + t + 1
+        logits = np.asarray(forward(ids[None, begin:end - 1]))[0]  # (T, V): row t predicts token begin + t + 1
         logp = log_softmax(logits[first - begin - 1: end - begin - 1])  # rows predicting first..end-1
         total -= float(logp[np.arange(end - first), ids[first:end]].sum())
         count += end - first
