@@ -391,7 +391,6 @@ class TensorRTRunner(Runner):
             raise ArtifactError(f"{artifact / ENGINE_FILE}: TensorRT could not deserialize the engine",
                                 hint="the file is damaged or from another TensorRT build; convert again")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
         self.inputs, self.outputs = io_names(self.config.n_layers)
         self._lock = threading.Lock()
         self.eos_token_id, self.max_length = self.config.eos_token_id, self.config.max_seq_len
@@ -420,8 +419,10 @@ class TensorRTRunner(Runner):
             raise ConfigError(f"batch {B}, {T} new token(s) after {P}: outside the engine's profiles (batch <= "
                               f"{MAX_BATCH}; a prefill from an empty cache, or one token at a time after it; "
                               f"max_seq_len={cfg.max_seq_len})", hint="feed the prompt in one call, then one token per step")
+        # torch's current stream: the input tensors were written on it, so the engine runs after them
+        stream = torch.cuda.current_stream()
         with self._lock:
-            self.context.set_optimization_profile_async(0 if P == 0 else 1, self.stream.cuda_stream)
+            self.context.set_optimization_profile_async(0 if P == 0 else 1, stream.cuda_stream)
             feeds = dict(zip(self.inputs, [input_ids.contiguous(), *[p.contiguous() for p in past]]))
             for name, tensor in feeds.items():
                 self.context.set_input_shape(name, tuple(tensor.shape))
@@ -431,9 +432,9 @@ class TensorRTRunner(Runner):
                 shape = tuple(self.context.get_tensor_shape(name))
                 results.append(torch.empty(shape, dtype=torch.float32, device="cuda"))
                 self.context.set_tensor_address(name, results[-1].data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
+            if not self.context.execute_async_v3(stream.cuda_stream):
                 raise BackendError("TensorRT execution failed", hint="rerun with --debug")
-            self.stream.synchronize()
+            stream.synchronize()
         return results[0], results[1:]
 
     def forward(self, input_ids: np.ndarray) -> np.ndarray:
