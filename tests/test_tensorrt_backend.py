@@ -189,3 +189,13 @@ def test_the_bench_reports_its_rows_as_unavailable_with_the_reason():
     trt = [r for r in rows if r.backend == "tensorrt"]
     assert len(trt) == 1 and trt[0].scheme == "fp16,fp32,int8,fp8" and trt[0].reason == BACKEND.missing_requirements()[0]
     assert {r.backend for r in rows if r.reason is None} >= {"tflite", "coreml"}  # converted and measured here
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="this machine can run TensorRT")
+def test_deploykit_backends_explains_the_absence_in_one_line(capsys):
+    from deploykit.cli.main import main
+
+    assert main(["backends", "--json"]) == 0
+    (entry,) = [b for b in json.loads(capsys.readouterr().out)["backends"] if b["name"] == "tensorrt"]
+    assert entry["available"] is False and entry["missing"] == BACKEND.missing_requirements()
+    assert len(entry["missing"]) == 1 and "\n" not in entry["missing"][0]
