@@ -3,7 +3,6 @@ prompt tuning that touches only the soft prompt, and a tiny run of each command.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +137,28 @@ def test_bad_data_is_a_one_line_error(nano_checkpoint, tmp_path, capsys):
     bad.write_text('{"instruction": "x"}\n')
     assert main(["sft", str(nano_checkpoint), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "output" in capsys.readouterr().err
+
+
+def test_qa_template_is_the_corpus_task_format_and_prompts_tokenize_as_in_training(tokenizer):
+    from deploykit.train.sft import TEMPLATES, encode_example, prompt_ids
+
+    qa = TEMPLATES["qa"]
+    ex = SftExample("add", "Add the two numbers.", "23+58=?", "81")
+    prompt = qa.prompt(ex.instruction, ex.input)
+    assert prompt == "Q: 23+58=? A: "  # no instruction shown; the space goes with the answer
+    ids, labels = encode_example(tokenizer, qa, ex, 128)
+    assert tokenizer.decode(ids[1:-1]) == "Q: 23+58=? A: 81" and ids[-1] == tokenizer.eos_id
+    labelled = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    assert tokenizer.decode(labelled[:-1]).strip() == "81"
+    # what exact-match feeds is exactly the training text's prefix before the first labelled token
+    fed = prompt_ids(tokenizer, prompt)
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    assert fed == ids[:first]
+
+
+def test_template_needs_its_placeholders_unless_the_instruction_part_is_empty():
+    with pytest.raises(ConfigError, match="instruction"):
+        Template(instruction="### Instr:\n")
+    with pytest.raises(ConfigError, match="input"):
+        Template(instruction="", input="Q: A:")
+    assert Template(instruction="", input="{input}").prompt("ignored", "x") == "x### Response:\n"

@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="comma-separated module names")
     p.add_argument("--prompt-tokens", type=int, default=8, help="virtual tokens for --method prompt")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per eval answer")
+    p.add_argument("--template", default="seed", choices=("seed", "qa"),
+                   help='prompt layout: seed ("### Instruction / ### Input / ### Response", default) or qa '
+                   '(the embedded tasks\' own "Q: ... A: answer", which the bench asks in)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it is an sft run")
@@ -57,9 +60,9 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.sft import SftConfig, sft
+    from ..train.sft import TEMPLATES, SftConfig, sft
 
-    cfg = SftConfig(base=args.base, data=args.data, out=args.out, method=args.method, steps=args.steps,
+    cfg = SftConfig(template=TEMPLATES[args.template], base=args.base, data=args.data, out=args.out, method=args.method, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                     train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, lora_r=args.lora_r,
                     lora_alpha=args.lora_alpha, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),

@@ -41,7 +41,8 @@ from ..model.tokenizer import TOKENIZER_FILE, Tokenizer
 from .ppo import AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, kl_penalized_rewards, masked_entropy, \
     token_logps, whiten
 from .preference import RewardModel, load_reward_model
-from .sft import EMBEDDED, IGNORE, SftExample, Template, collate, embedded_examples, encode_prompt_response, exact_match
+from .sft import EMBEDDED, IGNORE, SftExample, Template, collate, embedded_examples, encode_prompt_response, exact_match, \
+    prompt_ids
 
 RLHF_LOG, RLHF_PLOT = RLHF_FILES[1], RLHF_FILES[2]
 
@@ -143,11 +144,11 @@ def load_prompts(cfg: RlhfConfig, template: Template) -> tuple[list[Prompt], lis
 
 
 @torch.no_grad()
-def sample_response(model: CausalLM, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float,
+def sample_response(model: CausalLM, prompt: Sequence[int], *, max_new_tokens: int, temperature: float,
                     eos_id: int, generator: torch.Generator) -> list[int]:
-    """Token ids sampled after ``prompt_ids`` over the KV cache, the eos included when it came."""
+    """Token ids sampled after the ``prompt`` ids over the KV cache, the eos included when it came."""
     cache = model.new_cache()
-    logits = model(torch.tensor([list(prompt_ids)]), cache)[0, -1]  # (V,)
+    logits = model(torch.tensor([list(prompt)]), cache)[0, -1]  # (V,)
     out: list[int] = []
     for _ in range(max_new_tokens):
         probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -183,10 +184,10 @@ def rollout(pv: PolicyWithValue, rm: RewardModel, tokenizer: Tokenizer, prompts:
     pv.eval()
     rows, score_rows, texts, no_eos = [], [], [], []
     for p in prompts:
-        prompt_ids = [tokenizer.bos_id, *tokenizer.encode(p.text)]
-        resp = sample_response(pv.policy, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+        ids = prompt_ids(tokenizer, p.text)
+        resp = sample_response(pv.policy, ids, max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, eos_id=tokenizer.eos_id, generator=generator)
-        rows.append((prompt_ids + resp, [IGNORE] * len(prompt_ids) + resp))
+        rows.append((ids + resp, [IGNORE] * len(ids) + resp))
         text = response_text(tokenizer, resp)
         texts.append(text)
         no_eos.append(resp[-1] != tokenizer.eos_id)

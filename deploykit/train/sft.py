@@ -59,15 +59,34 @@ class Template:
     response: str = "### Response:\n"
 
     def __post_init__(self) -> None:
+        # An empty instruction part is a template that shows no instruction (``qa``); a non-empty one
+        # without its placeholder is a typo.
         for name, key in (("instruction", "{instruction}"), ("input", "{input}")):
-            if key not in getattr(self, name):
-                raise ConfigError(f"Template.{name}={getattr(self, name)!r} lacks {key}", hint=f"include {key}")
+            value = getattr(self, name)
+            if key not in value and (name == "input" or value):
+                raise ConfigError(f"Template.{name}={value!r} lacks {key}", hint=f"include {key}")
 
     def prompt(self, instruction: str, input: str = "") -> str:
         text = self.instruction.format(instruction=instruction)
         if input:
             text += self.input.format(input=input)
         return text + self.response
+
+
+# Named templates for --template: the seed's layout, and the embedded corpus's own task format
+# ("Q: 23+58=? A: 81"), which a model pretrained on the corpus has already seen, and which the
+# bench's task-accuracy column asks in.
+TEMPLATES: dict[str, Template] = {
+    "seed": Template(),
+    "qa": Template(instruction="", input="Q: {input} A:", response=" "),
+}
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """bos + the prompt's tokens, without its trailing spaces: byte-level BPE attaches a space to the
+    word after it, so in training the space before the answer is part of the answer's first token
+    (" 81"), and a prompt fed with it would end on a lone-space token the model never saw there."""
+    return [tokenizer.bos_id, *tokenizer.encode(prompt.rstrip(" "))]
 
 
 @dataclass(frozen=True)
@@ -312,7 +331,7 @@ def exact_match(model: nn.Module, tokenizer: Any, template: Template, examples: 
     model.eval()
     hits: dict[str, list[int]] = {}
     for ex in examples:
-        ids = [tokenizer.bos_id, *tokenizer.encode(template.prompt(ex.instruction, ex.input))]
+        ids = prompt_ids(tokenizer, template.prompt(ex.instruction, ex.input))
         new: list[int] = []
         for _ in range(max_new_tokens):
             nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
