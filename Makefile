@@ -72,7 +72,10 @@ $(LLAMA_STAMP): $(DEPS_STAMP)
 	touch $@
 
 # The project with every extra it uses (editable: builds the C++ extension); rerun when native
-# sources or metadata (dependencies, entry points) change.
+# sources or metadata (dependencies, entry points) change. ".[all]" brings the edge backends' tools
+# too: tensorflow-cpu + ai-edge-litert (tflite) and coremltools + scikit-learn (coreml), seen
+# together with torch 2.13 at tensorflow-cpu 2.21 and coremltools 9.0. tensorrt is not in it: its
+# libraries come from NVIDIA's index and need a GPU (README).
 $(EXT_STAMP): $(DEPS_STAMP) $(LLAMA_STAMP) pyproject.toml $(NATIVE_SRC)
 	$(PIPC) -q --no-build-isolation -e ".[all]"
 	rm -f $(VENV)/.stamp-files-*
