@@ -54,3 +54,21 @@ def test_convert_json_and_options(nano_checkpoint, tmp_path, capsys):
     assert main(args) == 2  # exists now
     assert main(args[:-3] + ["--option", "nonsense", "--force"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_backends_table_keeps_brackets_of_plugin_text(capsys, monkeypatch):
+    # a reason such as "pip install 'deploykit[tensorrt]'" is data, not rich markup
+    import deploykit.cli.backends as cli_backends
+
+    real = cli_backends.describe
+
+    def with_brackets():
+        data = real()
+        row = data["backends"][0]
+        row["available"], row["missing"] = False, ["pip install 'deploykit[extra]' [bold]"]
+        return data
+
+    monkeypatch.setattr(cli_backends, "describe", with_brackets)
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["backends"]) == 0
+    assert "deploykit[extra]' [bold]" in capsys.readouterr().out

@@ -52,14 +52,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    # Plugin text is data, not markup: "pip install 'deploykit[tensorrt]'" must keep its brackets.
     table = Table(title="deploykit backends", title_justify="left")
     for col in ("backend", "schemes (default first)", "platforms", "available", "plugin"):
         table.add_column(col)
     for row in data["backends"]:
-        avail = "[green]yes[/]" if row["available"] else "[red]no[/]: " + "; ".join(row["missing"])
-        table.add_row(row["name"], ", ".join(s["name"] for s in row["schemes"]), row["platforms"], avail, row["plugin"])
+        avail = "[green]yes[/]" if row["available"] else "[red]no[/]: " + escape("; ".join(row["missing"]))
+        table.add_row(escape(row["name"]), escape(", ".join(s["name"] for s in row["schemes"])),
+                      escape(row["platforms"]), avail, escape(row["plugin"]))
     console = Console()
     console.print(table)
     tol = Table(title="parity tolerances (vs fp32 torch) and options (--option key=value)", title_justify="left")
@@ -80,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
                         f"≥ {t['min_top1']:g}", f"≥ {t['min_greedy_match']:g}", opts or "—")
     console.print(tol)
     for e in data["plugin_errors"]:
-        console.print(f"[red]broken plugin[/] {e['plugin']} ({e['source']}), at {e['stage']}: {e['error']}")
+        console.print(f"[red]broken plugin[/] {escape(str(e['plugin']))} ({escape(str(e['source']))}), "
+                      f"at {escape(str(e['stage']))}: {escape(str(e['error']))}")
     return 0
