@@ -119,6 +119,26 @@ def test_variants_convert_and_their_program_matches_torch(tmp_path, variant, sch
     assert got.shape == ref.shape and np.abs(got - ref).max() < 0.1 * (ref.max() - ref.min())
 
 
+def test_a_fixed_sequence_shape_pads_its_last_chunk_exactly(tmp_path):
+    """seq_len=4: every call takes 4 tokens; prefill in chunks, decode steps padded, logits unchanged."""
+    from deploykit.errors import ConfigError
+
+    model = tiny("dense")
+    scheme = BACKEND.scheme("fp32")
+    ctx = ConvertContext(source=None, tokenizer=None, options=scheme.parse_options({"seq_len": "4"}, backend="coreml"))
+    facts = BACKEND.convert(model, scheme, tmp_path, ctx)
+    assert facts["spec"]["input_ids"] == "fixed (1, 4)"
+    runner = BACKEND.load(tmp_path, {})
+    ids = torch.randint(3, 320, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).numpy()
+    session = runner.new_session()
+    steps = np.stack([session.feed(ids[0, :7].tolist())] + [session.feed([int(t)]) for t in ids[0, 7:]])  # (4, V)
+    assert np.abs(runner.forward(ids.numpy()) - ref).max() < 1e-4 and np.abs(steps - ref[0, 6:]).max() < 1e-4
+    with pytest.raises(ConfigError, match="seq_len=-1 must be >= 0"):
+        scheme.parse_options({"seq_len": "-1"}, backend="coreml")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", [s.name for s in cb.CoreMLBackend.schemes])
 @pytest.mark.parametrize("which", ["nano_checkpoint", "nano_moe_checkpoint"])

@@ -1,7 +1,8 @@
 """Core ML backend: an ML program (``model.mlpackage``) converted by coremltools from a traced torch
 decoder with a fixed-capacity KV cache.
 
-    inputs   input_ids   int32   (1, seq)            seq ranged 1..max_seq_len (ct.RangeDim)
+    inputs   input_ids   int32   (1, seq)            seq ranged 1..max_seq_len (ct.RangeDim), or fixed
+                                                     with --option seq_len=N (the runner pads chunks)
              past        int32   (1,)                positions already in the cache
              k_cache     float32 (layers, 1, kv_heads, C, head_dim)   C = max_seq_len
              v_cache     float32 (layers, 1, kv_heads, C, head_dim)
@@ -71,6 +72,7 @@ import platform
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +90,14 @@ from deploykit.deploy.backend import (
     Tolerance,
 )
 from deploykit.deploy.hookspecs import hookimpl
+from deploykit.deploy.options import SchemeOptions, option
 from deploykit.deploy.runtime import check_threads
-from deploykit.errors import ArtifactError, BackendError, BackendUnavailable
+from deploykit.errors import (
+    ArtifactError,
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+)
 
 if TYPE_CHECKING:
     from deploykit.model.config import ModelConfig
@@ -117,14 +125,25 @@ FP16_ROUNDING = 2.0 ** -11
 WEIGHT_ERROR = {"fp32": 0.0, "fp16": FP16_ROUNDING, "int8": 0.5 / 127 + 3 * FP16_ROUNDING, "palette4": 0.2}
 
 
+@dataclass(frozen=True)
+class CoreMLOptions(SchemeOptions):
+    """The sequence shape of ``input_ids``: ranged (one model for prefill and decode) or fixed."""
+
+    seq_len: int = option(0, "0: input_ids ranged 1..max_seq_len; N: fixed at N tokens a call (the runner "
+                             "pads the last chunk; N=1 is a pure decode model)")
+
+    def check(self) -> list[str]:
+        return [] if self.seq_len >= 0 else [f"seq_len={self.seq_len} must be >= 0"]
+
+
 class CoreMLBackend(Backend):
     name = "coreml"
     description = "Core ML ML program (.mlpackage) with a KV cache; predicts on macOS, proven on Linux by spec, weights, MIL reference"
     schemes = (
-        Scheme("fp16", "fp16 weights and compute (ANE-ready)", HALF),
-        Scheme("fp32", "fp32 weights and compute", EXACT),
-        Scheme("int8", "int8 per-channel weights (linear_quantize_weights), fp16 compute", INT8),
-        Scheme("palette4", "4-bit palettized weights, k-means per 16 output channels, fp16 compute", PALETTE4),
+        Scheme("fp16", "fp16 weights and compute (ANE-ready)", HALF, CoreMLOptions),
+        Scheme("fp32", "fp32 weights and compute", EXACT, CoreMLOptions),
+        Scheme("int8", "int8 per-channel weights (linear_quantize_weights), fp16 compute", INT8, CoreMLOptions),
+        Scheme("palette4", "4-bit palettized weights, k-means per 16 output channels, fp16 compute", PALETTE4, CoreMLOptions),
     )
     artifact_files = (f"{PACKAGE}/*", CONFIG_FILE)
     platforms = "Apple (macOS/iOS); converts anywhere"
@@ -149,14 +168,18 @@ class CoreMLBackend(Backend):
         out = Path(out)
         ctx.progress("tracing the cache decoder")
         t0 = time.perf_counter()
-        mlmodel = convert_model(model, scheme.name)
+        seq_len = ctx.options.seq_len if isinstance(ctx.options, CoreMLOptions) else 0
+        if seq_len > model.config.max_seq_len:
+            raise ConfigError(f"coreml seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}",
+                              hint="choose seq_len <= max_seq_len, or 0 for a ranged shape")
+        mlmodel = convert_model(model, scheme.name, seq_len=seq_len)
         mlmodel.save(str(out / PACKAGE))
         seconds = round(time.perf_counter() - t0, 2)
         cfg = model.config
-        (out / CONFIG_FILE).write_text(json.dumps({"format": 1, "quant": scheme.name, "model_config": cfg.to_dict()},
-                                                  indent=1) + "\n")
+        (out / CONFIG_FILE).write_text(json.dumps({"format": 1, "quant": scheme.name, "seq_len": seq_len,
+                                                   "model_config": cfg.to_dict()}, indent=1) + "\n")
         ctx.progress("checking the package's spec and weights")
-        spec = check_package(out / PACKAGE, cfg)
+        spec = check_package(out / PACKAGE, cfg, seq_len=seq_len)
         weights = compare_weights(out / PACKAGE, model, scheme.name)
         facts: dict[str, Any] = {
             "convert_seconds": seconds, "deployment_target": "iOS18/macOS15", "spec": spec, "weights": weights,
@@ -274,19 +297,20 @@ def empty_cache(cfg: ModelConfig) -> np.ndarray:
     return np.zeros((cfg.n_layers, 1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim), np.float32)
 
 
-def convert_model(model: Any, scheme: str) -> Any:
-    """The ct.models.MLModel of ``model`` under ``scheme`` (not saved)."""
+def convert_model(model: Any, scheme: str, *, seq_len: int = 0) -> Any:
+    """The ct.models.MLModel of ``model`` under ``scheme`` (not saved); ``seq_len`` 0: ranged, N: fixed."""
     import coremltools as ct
     import torch
 
     cfg = model.config
     decoder = cache_decoder(model)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8), dtype=torch.int32)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len or 8), dtype=torch.int32)
     cache = torch.from_numpy(empty_cache(cfg))
     past = torch.tensor([0], dtype=torch.int32)
     with torch.no_grad():
         traced = torch.jit.trace(decoder, (ids, past, cache, cache), check_trace=False)
-    inputs = [ct.TensorType(name="input_ids", shape=(1, ct.RangeDim(1, cfg.max_seq_len, default=8)), dtype=np.int32),
+    seq = seq_len or ct.RangeDim(1, cfg.max_seq_len, default=8)
+    inputs = [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
               ct.TensorType(name="past", shape=(1,), dtype=np.int32),
               ct.TensorType(name="k_cache", shape=tuple(cache.shape), dtype=np.float32),
               ct.TensorType(name="v_cache", shape=tuple(cache.shape), dtype=np.float32)]
@@ -351,7 +375,7 @@ def open_package(path: Path) -> tuple[Any, Any]:
     return mlmodel, program
 
 
-def check_package(path: Path, cfg: ModelConfig) -> dict[str, Any]:
+def check_package(path: Path, cfg: ModelConfig, *, seq_len: int = 0) -> dict[str, Any]:
     """The saved package's inputs, outputs, target and ops, checked against the signature; returns them."""
     mlmodel, program = open_package(path)
     spec = mlmodel.get_spec()
@@ -366,14 +390,17 @@ def check_package(path: Path, cfg: ModelConfig) -> dict[str, Any]:
         problems.append(f"specification version {spec.specificationVersion} < {SPEC_VERSION} (iOS 18)")
     if spec.WhichOneof("Type") != "mlProgram":
         problems.append("not an ML program")
-    seq = spec.description.input[0].type.multiArrayType.shapeRange.sizeRanges
-    if len(seq) != 2 or seq[1].upperBound != cfg.max_seq_len:
+    ids = spec.description.input[0].type.multiArrayType
+    if seq_len and list(ids.shape) != [1, seq_len]:
+        problems.append(f"input_ids has shape {list(ids.shape)}, expected [1, {seq_len}]")
+    if not seq_len and (len(ids.shapeRange.sizeRanges) != 2 or ids.shapeRange.sizeRanges[1].upperBound != cfg.max_seq_len):
         problems.append(f"input_ids is not ranged 1..{cfg.max_seq_len}")
     if problems:
         raise ArtifactError(f"{path}: the Core ML spec does not match deploykit's signature: {'; '.join(problems)}",
                             hint="convert again")
     ops = sorted({op.op_type for op in program.functions["main"].operations})
-    return {"inputs": inputs, "outputs": outputs, "specification_version": spec.specificationVersion, "ops": ops}
+    return {"inputs": inputs, "outputs": outputs, "specification_version": spec.specificationVersion, "ops": ops,
+            "input_ids": f"fixed (1, {seq_len})" if seq_len else f"ranged (1, 1..{cfg.max_seq_len})"}
 
 
 def package_weights(program: Any) -> dict[str, np.ndarray]:
@@ -551,6 +578,7 @@ class CoreMLRunner(Runner):
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{artifact / CONFIG_FILE}: unreadable ({e})",
                                 hint="re-run deploykit convert --backend coreml") from e
+        self.seq_len = int(layout.get("seq_len") or 0)  # 0: ranged; N: every call takes exactly N tokens
         _, program = open_package(artifact / PACKAGE)
         if platform.system() == "Darwin":
             import coremltools as ct
@@ -575,7 +603,28 @@ class CoreMLRunner(Runner):
                                         "kv_cache": "tensors in/out (fixed capacity)"})
 
     def run(self, input_ids: np.ndarray, past: int, k_cache: np.ndarray, v_cache: np.ndarray) -> dict[str, np.ndarray]:
-        """One call: ids (1, T) at positions past.. -> logits (1, T, V) and the updated caches."""
+        """ids (1, T) at positions past.. -> logits (1, T, V) and the updated caches.
+
+        A fixed-shape package takes N tokens a call: T is fed in chunks of N, the last one padded.
+        Padding is harmless: pads sit in slots after every real token (which the causal mask keeps
+        them from seeing) and the next call writes its tokens over them.
+        """
+        if not self.seq_len:
+            return self._call(input_ids, past, k_cache, v_cache)
+        N, T, logits = self.seq_len, input_ids.shape[1], []
+        if past + -(-T // N) * N > self.config.max_seq_len:
+            raise ConfigError(f"{T} token(s) after {past}, in chunks of seq_len={N}, pass the cache capacity "
+                              f"{self.config.max_seq_len}", hint="convert with a smaller seq_len, or 0 (ranged)")
+        for start in range(0, T, N):
+            chunk = input_ids[:, start:start + N]
+            real = chunk.shape[1]
+            padded = np.pad(chunk, ((0, 0), (0, N - real)), constant_values=self.config.pad_token_id)
+            out = self._call(padded, past + start, k_cache, v_cache)
+            k_cache, v_cache = out["k_out"], out["v_out"]
+            logits.append(out["logits"][:, :real])
+        return {"logits": np.concatenate(logits, axis=1), "k_out": k_cache, "v_out": v_cache}
+
+    def _call(self, input_ids: np.ndarray, past: int, k_cache: np.ndarray, v_cache: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids.astype(np.int32), "past": np.asarray([past], np.int32),
                  "k_cache": k_cache, "v_cache": v_cache}
         with self._lock:
