@@ -57,6 +57,10 @@ checkpoints, 1 thread, shared 2-core machine (load average 9-11: convert times a
     micro        fp16      -0.003 %  0.011        0.001   8.8e-8   1.000  1.000  14.53      9.6
     micro        int8      +0.074 %  0.141        0.010   3.4e-5   0.995  1.000   7.45      9.0
     micro        palette4  -1.086 %  1.62         0.136   7.8e-3   0.896  0.854   3.88     33.6
+    micro-legacy fp16      -0.001 %  0.0011       0.000   5.0e-9   1.000  1.000  14.11     10.7
+    micro-legacy fp32      -0.000 %  3.8e-6       0.000   6e-14    1.000  1.000  28.04      4.0
+    micro-legacy int8      -0.011 %  0.030        0.003   3.1e-6   0.998  1.000   7.22      7.8
+    micro-legacy palette4  -0.172 %  0.436        0.039   9.6e-4   0.944  0.979   3.75     18.9
 
 fp16 and int8 sit well inside HALF and INT8; fp32 at float rounding (EXACT). palette4 gets its own
 tier (PALETTE4 below, about 2x the worst measured). Weight errors measured: fp16 4.7e-4 of the row
@@ -98,6 +102,8 @@ from deploykit.errors import (
     BackendUnavailable,
     ConfigError,
 )
+
+from .mil_reference import MilReference
 
 if TYPE_CHECKING:
     from deploykit.model.config import ModelConfig
@@ -475,92 +481,7 @@ def weight_error(w: np.ndarray, got: np.ndarray, scheme: str) -> float:
     return float(rows.max())
 
 
-# -- numerics: the Core ML runtime on macOS, the MIL reference elsewhere ---------------------------------
-class MilReference:
-    """Evaluates a MIL program's main function with coremltools' numpy op references (``value_inference``).
-
-    Ops whose reference reads the static (symbolic) output shape, or that have none (silu), are
-    computed here from the runtime values. Not thread-safe: calls are serialised by the runner.
-    """
-
-    def __init__(self, program: Any) -> None:
-        self.function = program.functions["main"]
-        self.consts = {op.outputs[0].name: op.outputs[0].val for op in self.function.operations
-                       if op.op_type == "const"}
-        self.consts.update({op.outputs[0].name: np.asarray(op.materialized_val_inference())
-                            for op in self.function.operations if op.op_type.startswith("constexpr_")})
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        env = dict(self.consts)
-        for name, var in self.function.inputs.items():
-            env[var.name] = feeds[name]
-        for op in self.function.operations:
-            if op.outputs[0].name in self.consts:
-                continue
-            outs = self._run(op, env)
-            for var, val in zip(op.outputs, outs):
-                env[var.name] = np.asarray(val)
-        return {v.name: env[v.name] for v in self.function.outputs}
-
-    def _run(self, op: Any, env: dict[str, np.ndarray]) -> tuple[Any, ...]:
-        value = _OWN.get(op.op_type)
-        if value is not None:
-            return (value(op, lambda var: env.get(var.name, var.val)),)
-        saved = []
-        for var in _vars(list(op.inputs.values())):
-            if var.name in env:
-                saved.append((var, var._sym_val))
-                var._sym_val = _Value(env[var.name])
-        try:
-            out = op.value_inference()
-        finally:
-            for var, old in saved:
-                var._sym_val = old
-        return tuple(out) if len(op.outputs) > 1 else (out,)
-
-
-class _Value:
-    """What a MIL Var keeps in ``_sym_val``: an object with ``.val``."""
-
-    def __init__(self, val: Any) -> None:
-        self.val = val
-
-
-def _vars(items: Any) -> Any:
-    for x in items:
-        if isinstance(x, (list, tuple)):
-            yield from _vars(x)
-        elif hasattr(x, "_sym_val"):
-            yield x
-
-
-def _reduce(fn: Any) -> Any:
-    def run(op: Any, val: Any) -> np.ndarray:
-        x = val(op.x)
-        axes = None if op.axes is None else tuple(int(a) for a in val(op.axes))
-        return fn(x, axis=axes, keepdims=bool(val(op.keep_dims))).astype(x.dtype)
-    return run
-
-
-def _expand_dims(op: Any, val: Any) -> np.ndarray:
-    x = val(op.x)
-    rank = x.ndim + len(val(op.axes))
-    for axis in sorted(int(a) % rank for a in val(op.axes)):
-        x = np.expand_dims(x, axis)
-    return x
-
-
-_OWN = {  # op type -> f(op, value of a var): the references that read static shapes, and silu
-    "silu": lambda op, val: val(op.x) / (1 + np.exp(-val(op.x))),
-    "shape": lambda op, val: np.array(val(op.x).shape, np.int32),
-    "fill_like": lambda op, val: np.full(val(op.ref_tensor).shape, val(op.value)),
-    "reshape": lambda op, val: np.reshape(val(op.x), [int(d) for d in val(op.shape)]),
-    "expand_dims": _expand_dims,
-    "squeeze": lambda op, val: np.squeeze(val(op.x), axis=None if op.axes is None else tuple(int(a) for a in val(op.axes))),
-    "reduce_mean": _reduce(np.mean), "reduce_sum": _reduce(np.sum), "reduce_max": _reduce(np.max),
-}
-
-
+# -- numerics: the Core ML runtime on macOS, the MIL reference (mil_reference.py) elsewhere ------------
 class CoreMLRunner(Runner):
     """A .mlpackage: ``MLModel.predict`` on macOS, the MIL reference elsewhere (see the module docstring)."""
 
