@@ -66,6 +66,12 @@ and on the trained demo models (runs/micro: 7.1 M parameters, vocab 8192, 512 po
     micro-moe    fp16          +0.003 %  0.012        0.001   1.1e-7   1.000  1.000  42.76     14
     micro-moe    int8-dynamic  +0.389 %  1.24         0.079   3.9e-4   0.995  0.990  22.15      5
     micro-moe    int8          -0.327 %  1.79         0.118   2.2e-3   0.956  0.927  41.07     59
+    micro-legacy fp32          +0.000 %  7.6e-6       0.000   2e-13    1.000  1.000  27.94     13
+    micro-legacy fp16          -0.001 %  0.0011       0.000   4.4e-9   1.000  1.000  14.02      6
+    micro-legacy int8-dynamic  -0.021 %  0.049        0.004   6.2e-6   0.998  1.000   7.87      6
+    micro-legacy int8          +0.017 %  0.156        0.014   1.1e-4   1.000  1.000   8.12     18
+
+(micro-legacy: the preset trained 60 steps like the test checkpoints; no demo run of it exists.)
 
 So fp32 sits at float rounding (EXACT: 1e-3), fp16 weights at 0.4 % of the logit range (HALF: 10 %),
 both int8 schemes at ≤ 0.4 % Δppl and ≤ 13 % of the range (INT8: 1 %, 30 %); int8's worst is the MoE,
