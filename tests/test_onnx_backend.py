@@ -30,6 +30,7 @@ from deploykit_plugins import onnx_backend as ob  # noqa: E402
 
 from deploykit.deploy.backend import ConvertContext, Scheme  # noqa: E402
 from deploykit.deploy.parity import compare_logits  # noqa: E402
+from deploykit.errors import ConfigError  # noqa: E402
 from deploykit.model.config import ModelConfig  # noqa: E402
 from deploykit.model.generation import generate as torch_generate  # noqa: E402
 from deploykit.model.graph import CausalLM  # noqa: E402
@@ -385,11 +386,119 @@ def test_lm_head_can_stay_fp32(artifacts, variant):
     assert head and head[0] in every and head[0] not in kept and len(kept) == len(every) - 1
 
 
-def test_int8_options_are_parsed_and_keep_fp32_is_refused_until_honoured():
-    from deploykit.errors import ConfigError
-
-    opts = BACKEND.scheme("int8-dynamic").parse_options({"smoothquant": "true", "quantize_lm_head": "false"},
+def test_int8_options_are_parsed():
+    opts = BACKEND.scheme("int8-dynamic").parse_options({"smoothquant": "true", "quantize_lm_head": "false",
+                                                         "keep_fp32": "lm_head", "per_channel": "false"},
                                                         backend="onnx")
     assert opts.smoothquant is True and opts.quantize_lm_head is False and opts.smoothquant_alpha == -1.0
-    with pytest.raises(ConfigError, match="keep_fp32 is not supported by the onnx backend"):
-        BACKEND.scheme("int8-static").parse_options({"keep_fp32": "lm_head"}, backend="onnx")
+    assert opts.keep_list() == ["lm_head"] and opts.per_channel is False
+    assert BACKEND.scheme("int8-static").parse_options({}, backend="onnx").per_channel is True  # the default
+
+
+# -- per-channel weights and keep_fp32 ---------------------------------------------------------------
+def _int8_weights(proto) -> list[tuple[str, tuple[int, ...], np.ndarray, int]]:
+    """(name, dims, scale, output axis) of every int8 MatMul/Gemm weight initializer of a quantized graph:
+    the B operand of a MatMulInteger (dynamic) or the x of a DequantizeLinear feeding a MatMul/Gemm (QDQ;
+    the embedding's Gather table is quantized like an activation, per tensor, and is not listed). The
+    output axis is the last one of a MatMul weight (K, N) / (E, K, N), the first of a Gemm's transB (N, K)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    consumer = {i: n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input}
+    out = []
+    for n in proto.graph.node:
+        if n.op_type == "MatMulInteger" and n.input[1] in inits:
+            w, scale, out_axis = n.input[1], inits[n.input[1].removesuffix("_quantized") + "_scale"], -1
+        elif n.op_type == "DequantizeLinear" and n.input[0] in inits and n.output[0] in consumer:
+            w, scale = n.input[0], inits[n.input[1]]
+            user = consumer[n.output[0]]
+            trans_b = user.op_type == "Gemm" and any(a.name == "transB" and a.i for a in user.attribute)
+            out_axis = 0 if trans_b else -1
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if numpy_helper.to_array(scale).size > 1:
+                assert axis % len(inits[w].dims) == out_axis % len(inits[w].dims), (w, axis)
+        else:
+            continue
+        dims = tuple(inits[w].dims)
+        if len(dims) >= 2 and inits[w].data_type == onnx.TensorProto.INT8:
+            out.append((w, dims, numpy_helper.to_array(scale), out_axis))
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-static"])
+def test_int8_weights_have_one_scale_per_output_channel(artifacts, variant, scheme):
+    """The default: one scale per output channel (the last axis of a MatMul weight (K, N)); the stacked
+    experts' (E, K, N) get one per expert and channel in int8-dynamic (E, 1, N) and one per tensor in
+    int8-static (see onnx_backend._quantize_static why); per_channel=false gives one per tensor."""
+    weights = _int8_weights(onnx.load(str(artifacts[scheme] / ob.MODEL_FILE)))
+    assert len(weights) >= 7 * 2
+    for name, dims, scale, out_axis in weights:
+        if len(dims) == 3 and scheme == "int8-dynamic":
+            assert scale.shape == (dims[0], 1, dims[2]), (name, dims, scale.shape)
+        elif len(dims) == 3:
+            assert scale.size == 1, (name, scale.shape)
+            continue
+        else:
+            assert scale.shape == (dims[out_axis],), (name, dims, scale.shape)
+        assert np.unique(scale).size > 1, name  # real per-channel scales, not one value repeated
+    if variant == "moe":
+        assert any(len(dims) == 3 for _, dims, _, _ in weights)  # the experts are quantized too
+
+
+def test_per_tensor_weights_on_request(artifacts, tmp_path):
+    calibration = [s.tolist() for s in chain(8, 32, seed=999)]
+    ob.derive_scheme(artifacts["fp32"] / ob.MODEL_FILE, tmp_path / ob.MODEL_FILE, "int8-static", calibration,
+                     per_channel=False)
+    weights = _int8_weights(onnx.load(str(tmp_path / ob.MODEL_FILE)))
+    assert weights and all(scale.size == 1 for _, _, scale, _ in weights)
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-static"])
+def test_keep_fp32_layers_stay_float_matmuls(artifacts, model, variant, scheme, tmp_path):
+    """keep_fp32 takes the torch backend's names (a block prefix here); that block's weight MatMuls
+    (and the MoE router / experts) stay float MatMul/Gemm nodes reading float initializers, and the
+    artifact is closer to fp32 than... at least still within the scheme's tolerance."""
+    from deploykit.deploy.calibrate import kept_fp32
+
+    modules = ob.weight_modules(model)
+    keep = sorted(kept_fp32(list(modules), modules, ["model.layers.0"], where="test"))
+    calibration = [s.tolist() for s in chain(8, 32, seed=999)]
+    facts = ob.derive_scheme(artifacts["fp32"] / ob.MODEL_FILE, tmp_path / ob.MODEL_FILE, scheme, calibration,
+                             keep_fp32=keep)
+    kept = facts["kept_fp32"]["nodes"]
+    # dense block: q k v o gate up down; MoE block: q k v o, the router, the experts' w1 w3 w2
+    assert len(kept) == (7 if variant == "dense" else 8)
+    proto = onnx.load(str(tmp_path / ob.MODEL_FILE))
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = {n.name: n for n in proto.graph.node}
+    for name in kept:
+        # a quantized node is replaced (dynamic: NAME_quant) or fed by DequantizeLinear; quantize_dynamic
+        # rewrites every Gemm (the MoE router) as NAME_MatMul on a transposed float weight
+        node = nodes.get(name) or nodes[name + "_MatMul"]
+        assert node.op_type in ("MatMul", "Gemm"), (name, node.op_type)
+        assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT, name
+    every = _int8_weights(onnx.load(str(artifacts[scheme] / ob.MODEL_FILE)))
+    assert 0 < len(_int8_weights(proto)) < len(every)  # block 1 (and the lm_head) are still int8
+    with torch.no_grad():
+        ref = model(PROBE).numpy()
+    got = BACKEND.load(tmp_path, {}, threads=1).forward(PROBE.numpy())
+    assert within(BACKEND.scheme(scheme), parity(ref, got, PROBE.numpy()))
+
+
+def test_keep_fp32_refuses_a_name_that_is_no_layer(nano_checkpoint, tmp_path):
+    import deploykit
+
+    with pytest.raises(ConfigError, match="keep_fp32 'model.layers.99' names no quantized module"):
+        deploykit.convert(nano_checkpoint, "onnx", "int8-dynamic", tmp_path / "x", options={"keep_fp32": "model.layers.99"})
+    assert not (tmp_path / "x").exists()
+
+
+def test_trained_nano_int8_with_a_kept_block_passes_its_proof(nano_checkpoint, tmp_path):
+    import deploykit
+
+    r = deploykit.convert(nano_checkpoint, "onnx", "int8-dynamic", tmp_path / "a",
+                          options={"keep_fp32": "model.layers.0,lm_head"})
+    assert r.report.passed(), r.report.per_probe_lines()
+    kept = r.manifest["backend_info"]["kept_fp32"]
+    assert kept["modules"][0] == "lm_head" and len(kept["nodes"]) == 7 + 1
+    assert r.manifest["backend_info"]["weights"] == "per output channel"

@@ -21,19 +21,48 @@ Schemes, all derived from the one fp32 export:
 - ``fp16``: weights and compute in fp16 via onnxruntime's float16 converter, inputs and outputs
   stay fp32. The rotary-angle subgraph and the RMSNorm statistics stay fp32 (fp16 angles are off
   by ~0.1 rad at position 256; squares of activations overflow fp16 past 256).
-- ``int8-dynamic``: ``quantize_dynamic``, int8 per-tensor weights of every weight MatMul and the
-  embedding Gather; activations are quantized per call.
+- ``int8-dynamic``: ``quantize_dynamic``, int8 weights of every weight MatMul, one scale per output
+  channel, and the embedding Gather; activations are quantized per call (one scale per tensor).
 - ``int8-static``: QDQ int8 with MinMax ranges calibrated on ``ctx.calibration``. The calibration
   feeds run the merged graph both ways (prefill with empty past, decode steps with a real past
-  computed by the fp32 graph), so one set of ranges covers both uses. Only weight MatMuls and the
-  embedding are quantized: the attention products and the KV cache stay fp32, which keeps the
-  cache exact across steps.
+  computed by the fp32 graph), so one set of ranges covers both uses. Only the inputs of weight
+  MatMuls and the embedding are quantized: the MatMul *outputs* stay float
+  (``OpTypesToExcludeOutputQuantization``). QDQ's default also rounds every MatMul output to int8 -
+  the logits (one per-tensor int8 grid over the whole vocabulary: near-ties flip) and the k/v
+  projections entering the KV cache; that alone cost int8-static its top-1 (below). The attention
+  products and the KV cache stay fp32.
 
-The int8 schemes take ``--option smoothquant=true`` (deploykit.deploy.calibrate's SmoothQuant on the
-torch model before the export, α chosen on ``ctx.calibration``; off by default, see there why) and
-``quantize_lm_head=false`` (the MatMul producing ``logits`` stays fp32). Weights stay per tensor:
-ORT's per-channel MatMul was measured no better on the trained demo micro (FACTS.md: top-1 0.959 vs
-0.964 on held-out text); the axis question of NOTES.md was not re-examined in issue 12.
+Weights are per output channel by default (``--option per_channel=false``: one scale per tensor). A
+MatMul weight is (K, N), its output channels the last axis; see ``WEIGHT_CHANNEL_AXIS`` for ORT's
+axis handling and ``_per_expert_scales`` / ``_quantize_static`` for the stacked experts (E, K, N):
+per expert and channel in int8-dynamic, per tensor in int8-static.
+
+The int8 schemes take the shared int8 options (deploykit.deploy.calibrate): ``smoothquant=true``
+(SmoothQuant on the torch model before the export, α chosen on ``ctx.calibration``; off by default),
+``quantize_lm_head=false`` (the MatMul producing ``logits`` stays fp32) and ``keep_fp32=...`` (the
+torch backend's module names, prefixes or roles; a layer's stacked experts are its three batched
+MatMuls ``...experts.w1|w3|w2``): those MatMul nodes are left out of ``nodes_to_quantize``, found
+through the exporter's node metadata (``_kept_nodes``).
+
+Measured (issue 12) on held-out text (benchmarks/quantization_accuracy.py's 4 blocks of 256 tokens),
+against the fp32 torch model, KL / top-1 / Δppl:
+
+    model      scheme        before (per-tensor W;     per-channel W only      default now (per-channel W,    + keep_fp32=model.layers.0
+                             static: int8 outputs)                             float MatMul outputs)
+    demo       int8-static   6.0e-4 0.949 +0.14 %      5.9e-4 0.954 +0.20 %    4.2e-4 0.988 +0.12 %           9.2e-5 0.989 -0.03 %
+    micro      int8-static   1.2e-3 0.945 +0.18 %      9.2e-4 0.951 +0.34 %    5.8e-4 0.980 +0.20 %           2.1e-4 0.993 +0.12 %
+    micro-moe  int8-static   1.0e-3 0.924 -0.22 %      1.1e-3 0.927 +0.06 %    8.0e-4 0.981 -0.11 %           1.7e-4 0.985 -0.01 %
+    nano       int8-static   3.0e-4 0.984 +0.05 %      3.0e-4 0.986 +0.18 %    1.3e-4 0.992 +0.08 %           3.3e-5 0.996 -0.01 %
+    demo       int8-dynamic  3.4e-4 0.981 +0.10 %      3.4e-4 0.983 +0.10 %    (same)                         8.0e-5 0.986 -0.04 %
+    micro      int8-dynamic  7.4e-4 0.980 +0.28 %      7.1e-4 0.984 +0.16 %    (same)                         2.2e-4 0.990 +0.17 %
+    micro-moe  int8-dynamic  7.2e-4 0.976 +0.23 %      7.7e-4 0.981 +0.24 %    (same)                         9.9e-5 0.989 -0.02 %
+    nano       int8-dynamic  1.2e-4 0.994 -0.01 %      1.1e-4 0.995 +0.05 %    (same)                         3.1e-5 0.997 -0.01 %
+
+(nano: conftest's trained fixture, ppl 124; demo/micro/micro-moe: runs/, trained.) Per-channel weights
+alone move little: the old "per-channel 10x worse" was not reproduced with the output axis. The
+int8-static top-1 loss was the int8 logits. Block 0 is the sensitive layer (as layer_sensitivity
+found for torch): keeping it fp32 cuts KL 3-8x; not a default, every default row already meets
+Δppl <= 1 % and top-1 >= 98 % on held-out text.
 
 Before quantizing, two graph rewrites expose weights to ORT's quantizers (which only quantize a
 MatMul whose weight is an initializer): a Transpose of an initializer (the tied lm_head) is folded
@@ -56,7 +85,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme
-from deploykit.deploy.calibrate import SmoothQuantOptions, smooth_quant
+from deploykit.deploy.calibrate import SmoothQuantOptions, kept_fp32, smooth_quant
 from deploykit.deploy.runtime import check_threads
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.onnx_graph import (  # noqa: F401 - re-exported: the export is shared with tensorrt
@@ -71,6 +100,7 @@ from deploykit.deploy.onnx_graph import (  # noqa: F401 - re-exported: the expor
     stamp_metadata,
 )
 from deploykit.deploy.options import option
+from deploykit.deploy.roles import QUANTIZED, Role, linear_roles
 from deploykit.errors import ArtifactError, BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -88,11 +118,7 @@ class OnnxInt8Options(SmoothQuantOptions):
     and whether the lm_head MatMul is quantized."""
 
     quantize_lm_head: bool = option(True, "quantize the lm_head MatMul too (false keeps it fp32)")
-    keep_fp32: str = option("", "not yet honoured by the onnx backend; must stay empty")
-
-    def check(self) -> list[str]:
-        return super().check() + ([] if not self.keep_list() else
-                                  ["keep_fp32 is not supported by the onnx backend yet (torch honours it)"])
+    per_channel: bool = option(True, "int8 weights with one scale per output channel (false: one per tensor)")
 
 
 class OnnxBackend(Backend):
@@ -151,8 +177,12 @@ class OnnxBackend(Backend):
             if scheme.name != "fp32":
                 ctx.progress(f"converting to {scheme.name}")
                 t0 = time.perf_counter()
-                lm_head = not isinstance(opts, OnnxInt8Options) or opts.quantize_lm_head
-                facts.update(derive_scheme(src, out / MODEL_FILE, scheme.name, ctx.calibration, quantize_lm_head=lm_head))
+                int8 = isinstance(opts, OnnxInt8Options)
+                keep = sorted(kept_fp32(list(weight_modules(model)), weight_modules(model), opts.keep_list(),
+                                        where=f"onnx/{scheme.name}")) if int8 else []
+                facts.update(derive_scheme(src, out / MODEL_FILE, scheme.name, ctx.calibration,
+                                           quantize_lm_head=not int8 or opts.quantize_lm_head,
+                                           per_channel=not int8 or opts.per_channel, keep_fp32=keep))
                 facts["quantize_seconds"] = round(time.perf_counter() - t0, 2)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -172,7 +202,8 @@ def deploykit_backends() -> list[Backend]:
 
 # -- schemes derived from the fp32 graph ------------------------------------------------------------
 def derive_scheme(src: Path, dst: Path, scheme: str, calibration: Sequence[Sequence[int]] = (), *,
-                  quantize_lm_head: bool = True) -> dict[str, Any]:
+                  quantize_lm_head: bool = True, per_channel: bool = True,
+                  keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``scheme``'s graph at ``dst`` from the fp32 graph at ``src``; returns facts for the manifest."""
     import onnx
 
@@ -182,13 +213,16 @@ def derive_scheme(src: Path, dst: Path, scheme: str, calibration: Sequence[Seque
     if scheme == "fp16":
         facts = _to_fp16(proto, dst, external)
     elif scheme in ("int8-dynamic", "int8-static"):
+        kept = _kept_nodes(proto, keep_fp32)  # read before _expose_weights, whose new nodes carry no metadata
         proto, rewrites = _expose_weights(proto)
         facts = {"rewrites": rewrites}
-        nodes = _weight_nodes(proto, quantize_lm_head=quantize_lm_head)
+        nodes = [n for n in _weight_nodes(proto, quantize_lm_head=quantize_lm_head) if n not in kept]
+        if keep_fp32:
+            facts["kept_fp32"] = {"modules": list(keep_fp32), "nodes": sorted(kept)}
         if scheme == "int8-dynamic":
-            facts |= _quantize_dynamic(proto, dst, external, nodes)
+            facts |= _quantize_dynamic(proto, dst, external, nodes, per_channel=per_channel)
         else:
-            facts |= _quantize_static(proto, src, dst, external, calibration, config, nodes)
+            facts |= _quantize_static(proto, src, dst, external, calibration, config, nodes, per_channel=per_channel)
     else:
         raise BackendError(f"onnx backend has no scheme {scheme!r}",
                            hint=f"valid schemes: {', '.join(s.name for s in OnnxBackend.schemes)}")
@@ -316,12 +350,98 @@ def _weight_nodes(proto: Any, *, quantize_lm_head: bool = True) -> list[str]:
     return names
 
 
-def _quantize_dynamic(proto: Any, dst: Path, external: bool, nodes: list[str]) -> dict[str, Any]:
+# A MatMul weight is (K, N) (or (E, K, N) for the stacked experts): its output channels are the LAST
+# axis. ORT's dynamic MatMulInteger quantizes along axis -1 (its quantize_weight default); its QDQ
+# MatMul defaults to axis 1, which for the experts' (E, K, N) is the input axis K, so the static
+# scheme names -1 explicitly ("QDQOpTypePerChannelSupportToAxis", onnxruntime >= 1.14).
+WEIGHT_CHANNEL_AXIS = -1
+OUTPUT_FLOAT_OPS = ["MatMul", "Gemm"]
+
+
+def weight_modules(model: CausalLM) -> dict[str, Role]:
+    """The modules the onnx int8 schemes can keep fp32, by the names ``keep_fp32`` takes: the torch
+    backend's (deploykit.deploy.roles) with a layer's stacked experts as its three batched MatMuls
+    (``...block_sparse_moe.experts.w1`` / ``w3`` / ``w2``): one MatMul serves every expert, so a single
+    expert cannot be kept alone."""
+    out: dict[str, Role] = {}
+    for name, role in linear_roles(model).items():
+        if role is Role.EXPERTS:
+            out |= {f"{name}.w1": Role.EXPERT_GATE, f"{name}.w3": Role.EXPERT_UP, f"{name}.w2": Role.EXPERT_DOWN}
+        elif role in QUANTIZED | {Role.LM_HEAD, Role.ROUTER}:
+            out[name] = role
+    return out
+
+
+_FX_PARAM = re.compile(r"%p_lm_(\w+)")  # a parameter operand in the exporter's fx_node text: p_lm_<dotted name, _ for .>
+
+
+def _kept_nodes(proto: Any, modules: Sequence[str]) -> set[str]:
+    """Names of the export's weight nodes (MatMul/Gemm/Einsum) whose weight belongs to one of ``modules``.
+
+    The dynamo exporter's constant folding renames weight initializers (``val_61``), but every node
+    keeps the fx node it came from in its metadata (``pkg.torch.onnx.fx_node``), whose operands name
+    the torch parameters (``%p_lm_model_layers_0_self_attn_q_proj_weight``). The lm_head is also the
+    node producing ``logits`` (a tied lm_head reads the embedding's parameter)."""
+    if not modules:
+        return set()
+    mangled = {}
+    for m in modules:
+        for param in (f"{m}.weight", m):  # a Linear's weight, or a stacked expert tensor (experts.w1)
+            mangled[param.replace(".", "_")] = m
+    found: dict[str, set[str]] = {m: set() for m in modules}
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Einsum"):
+            continue
+        if "lm_head" in found and "logits" in node.output:
+            found["lm_head"].add(node.name)
+        fx = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
+        for arg in _FX_PARAM.findall(fx):
+            if arg in mangled:
+                found[mangled[arg]].add(node.name)
+    missing = [m for m, nodes in found.items() if not nodes]
+    if missing:
+        raise BackendError(f"onnx: keep_fp32 {', '.join(missing)}: no MatMul of the exported graph reads its weight",
+                           hint="the exporter's node metadata (pkg.torch.onnx.fx_node) is missing or renamed; "
+                                "report this with the torch version")
+    return set().union(*found.values())
+
+
+def _quantize_dynamic(proto: Any, dst: Path, external: bool, nodes: list[str], *, per_channel: bool) -> dict[str, Any]:
+    from onnx import numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    inits = {t.name: t for t in proto.graph.initializer}
+    experts = {n.input[1]: numpy_helper.to_array(inits[n.input[1]]) for n in proto.graph.node
+               if n.name in nodes and n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 3}
     quantize_dynamic(proto, str(dst), op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_quantize=nodes,
-                     per_channel=False, weight_type=QuantType.QInt8, use_external_data_format=external)
-    return {"quantized_nodes": len(nodes)}
+                     per_channel=per_channel, weight_type=QuantType.QInt8, use_external_data_format=external)
+    if per_channel and experts:
+        _per_expert_scales(dst, experts, external)
+    return {"quantized_nodes": len(nodes), "weights": "per output channel" if per_channel else "per tensor"}
+
+
+def _per_expert_scales(path: Path, weights: dict[str, np.ndarray], external: bool) -> None:
+    """Requantize the stacked experts' (E, K, N) weights with one scale per expert and output channel.
+
+    ORT's per-channel quantizer gives a batched MatMul weight one (N,) scale shared by every expert,
+    which its MatMulInteger kernel refuses ("b zero point is not valid": a batched B takes a scale and
+    zero point of shape (E, 1, N) or a scalar). (E, 1, N) is also the finer grid: experts differ in range.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    for name, w in weights.items():  # w (E, K, N) float32
+        scale = np.maximum(np.abs(w).max(axis=1, keepdims=True) / 127.0, np.finfo(np.float32).tiny)  # (E, 1, N)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)  # (E, K, N)
+        for suffix, value in (("_quantized", q), ("_scale", scale.astype(np.float32)),
+                              ("_zero_point", np.zeros(scale.shape, np.int8))):
+            if name + suffix not in inits:
+                raise BackendError(f"onnx int8-dynamic: ORT did not write {name + suffix!r} for the expert weight {name!r}",
+                                   hint="this onnxruntime names quantized weights differently; use per_channel=false")
+            inits[name + suffix].CopyFrom(numpy_helper.from_array(value, name + suffix))
+    _save(proto, path, external)
 
 
 class _CalibrationFeeds:
@@ -353,7 +473,8 @@ class _CalibrationFeeds:
 
 
 def _quantize_static(proto: Any, fp32_path: Path, dst: Path, external: bool,
-                     calibration: Sequence[Sequence[int]], config: dict[str, Any], nodes: list[str]) -> dict[str, Any]:
+                     calibration: Sequence[Sequence[int]], config: dict[str, Any], nodes: list[str], *,
+                     per_channel: bool, float_outputs: bool = True) -> dict[str, Any]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -366,13 +487,25 @@ def _quantize_static(proto: Any, fp32_path: Path, dst: Path, external: bool,
         raise ConfigError("int8-static needs calibration token sequences (ctx.calibration), got none of length >= 2",
                           hint="pass calibration data (deploykit convert draws it from the eval corpus) or use int8-dynamic")
     feeds = _CalibrationFeeds(fp32_path, calibration, config["max_seq_len"])
+    # The stacked experts' (E, K, N) weights stay per tensor: a QDQ per-axis scale is 1-D, and ORT fuses
+    # DequantizeLinear + MatMul (float output) into MatMulIntegerToFloat, which refuses an (N,) scale on a
+    # batched B ("b zero point is not valid"; it takes a scalar or (E, 1, N), which QDQ cannot express).
+    inits = {t.name: t for t in proto.graph.initializer}
+    experts = sorted({n.input[1] for n in proto.graph.node if n.name in nodes and n.op_type == "MatMul"
+                      and n.input[1] in inits and len(inits[n.input[1]].dims) == 3})
     reader = type("Reader", (CalibrationDataReader,), {"get_next": lambda s: feeds.get_next(), "rewind": lambda s: feeds.rewind()})()
     quantize_static(proto, str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm", "Gather"],
-                    nodes_to_quantize=nodes, per_channel=False, activation_type=QuantType.QInt8,
+                    nodes_to_quantize=nodes, per_channel=per_channel, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     use_external_data_format=external,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    return {"quantized_nodes": len(nodes), "calibration_sequences": len(feeds.sequences)}
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                   "QDQOpTypePerChannelSupportToAxis": {"MatMul": WEIGHT_CHANNEL_AXIS},
+                                   # QDQ would also round every MatMul's OUTPUT to int8, the logits and
+                                   # the values entering the KV cache included: see the module doc
+                                   "OpTypesToExcludeOutputQuantization": OUTPUT_FLOAT_OPS if float_outputs else [],
+                                   "TensorQuantOverrides": {w: [{"symmetric": True}] for w in experts}})
+    return {"quantized_nodes": len(nodes), "calibration_sequences": len(feeds.sequences),
+            "weights": "per output channel" if per_channel else "per tensor"}
 
 
 # -- runtime ---------------------------------------------------------------------------------------
