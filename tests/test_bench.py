@@ -86,9 +86,27 @@ class Wobbly(Backend):
         return ModelRunner(load_model(Path(artifact) / "model"), backend="wobbly", quant="fp32")
 
 
+class Macish(Backend):
+    """Converts and proves here, but its runtime only runs elsewhere (as Core ML's needs macOS)."""
+
+    name = "macish"
+    description = "converts anywhere, predicts on macOS only"
+    schemes = (Scheme("fp32", "plain", EXACT),)
+    artifact_files = ("model/*",)
+
+    def convert(self, model, scheme, out, ctx):
+        save_model(model, Path(out) / "model")
+        return {}
+
+    def load(self, artifact, manifest, **options):
+        if "files" not in manifest:  # convert's own proof runs before the manifest is sealed (as coreml's)
+            return ModelRunner(load_model(Path(artifact) / "model"), backend="macish", quant="fp32")
+        raise deploykit.BackendUnavailable("macish prediction needs macOS", hint="run it on a Mac")
+
+
 @deploykit.hookimpl
 def deploykit_backends():
-    return [Ghost(), Crashy(), Wobbly()]
+    return [Ghost(), Crashy(), Wobbly(), Macish()]
 
 
 @deploykit.hookimpl
@@ -160,9 +178,10 @@ def tiny_config(model: Path, out: Path, cache: Path, schemes: tuple[str, ...], *
 def bench(nano_checkpoint: Path, fake_plugin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("bench")
     second = _second_backend()
-    backends = ("torch", second.split(":")[0], "ghost", "crashy", "wobbly")
+    backends = ("torch", second.split(":")[0], "ghost", "crashy", "wobbly", "macish")
     cfg = tiny_config(nano_checkpoint, tmp / "out", tmp / "cache", ("torch:fp32", second, "ghost:fp32",
-                      "ghost:int4", "crashy:fp32", "wobbly:fp32"), backends=tuple(dict.fromkeys(backends)))
+                      "ghost:int4", "crashy:fp32", "wobbly:fp32", "macish:fp32"),
+                      backends=tuple(dict.fromkeys(backends)))
     results = run_bench(cfg)
     return {"results": results, "cfg": cfg, "second": second}
 
@@ -188,7 +207,7 @@ def test_results_json_schema_and_every_column(bench: dict[str, Any]) -> None:
     for row in on_disk["rows"]:
         missing = [c for c in COLUMN_NAMES if c not in row]
         assert not missing, f"{row['backend']}/{row['scheme']} lacks {missing}"
-    assert len(on_disk["rows"]) == len(results["rows"]) == 5  # fp32, second backend, ghost, crashy, wobbly
+    assert len(on_disk["rows"]) == len(results["rows"]) == 6  # fp32, second backend, ghost, crashy, wobbly, macish
 
 
 def test_measured_rows_have_numbers(bench: dict[str, Any]) -> None:
@@ -237,6 +256,13 @@ def test_ratios_are_consistent_with_the_medians(bench: dict[str, Any]) -> None:
         assert r["ppl_delta_pct"] == pytest.approx(100 * (r["perplexity"] / base["perplexity"] - 1))
         assert r["task_accuracy_delta"] == pytest.approx(100 * (r["task_accuracy"] - base["task_accuracy"]))
     assert base["decode_speedup"] == 1.0 and base["size_ratio"] == 1.0 and base["ppl_delta_pct"] == 0.0
+
+
+def test_a_runtime_that_cannot_run_here_is_unavailable_not_an_error(bench: dict[str, Any]) -> None:
+    mac = _row(bench["results"], "macish", "fp32")
+    assert mac["status"] == "unavailable" and "needs macOS" in mac["reason"]
+    assert mac["size_bytes"] and mac["convert_parity_ok"] is True  # converted and proven; only speed is elsewhere
+    assert mac["decode_tok_s"] is None
 
 
 def test_unavailable_backend_is_a_row_with_its_reason(bench: dict[str, Any]) -> None:

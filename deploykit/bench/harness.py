@@ -278,6 +278,11 @@ def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks:
             "inputs": str(ctx.work / "inputs.npz"), "tasks": str(ctx.work / "tasks.json")}
     result = run_worker(spec, ctx.work, f"{index:02d}-{planned.backend}-{planned.scheme}-measure",
                         ctx.cfg.timeout_s, ctx.cfg.threads)
+    if not result["ok"] and result.get("unavailable"):
+        # Converted and proven, but its runtime cannot run here (Core ML prediction needs macOS): the
+        # row keeps size and parity, its speed columns read the reason.
+        row.update(status="unavailable", reason=result["error"])
+        return row
     if not result["ok"]:
         row.update(status="error", reason=f"measure: {result['error']}", error_detail=result.get("traceback"))
         return row

@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure becomes the row's error, never a lost row
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         result = {"ok": False, "error": f"{type(e).__name__}: {message}", "traceback": traceback.format_exc()}
+        from deploykit.errors import BackendUnavailable
+
+        if isinstance(e, BackendUnavailable):  # e.g. a Core ML package off macOS: converted, not runnable here
+            result.update(unavailable=True, error=message)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out)  # the parent never reads a half-written result
