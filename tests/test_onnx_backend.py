@@ -441,8 +441,9 @@ def test_int8_weights_have_one_scale_per_output_channel(artifacts, variant, sche
         else:
             assert scale.shape == (dims[out_axis],), (name, dims, scale.shape)
         assert np.unique(scale).size > 1, name  # real per-channel scales, not one value repeated
-    if variant == "moe":
-        assert any(len(dims) == 3 for _, dims, _, _ in weights)  # the experts are quantized too
+    if variant == "moe":  # the experts are quantized too; int8-static keeps their down projections float
+        experts = sum(len(dims) == 3 for _, dims, _, _ in weights)
+        assert experts == (3 if scheme == "int8-dynamic" else 2) * 2  # (w1, w3[, w2]) x 2 layers
 
 
 def test_per_tensor_weights_on_request(artifacts, tmp_path):
