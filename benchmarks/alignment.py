@@ -69,7 +69,8 @@ def _run_stages(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     print(f"SFT ({args.sft_method}, {args.sft_steps} steps)", flush=True)
     s = sft(SftConfig(base=base, data="embedded-tasks", out=w / f"sft-{args.sft_method}", method=args.sft_method,
-                      steps=args.sft_steps, batch_size=32, lr=args.sft_lr, eval_per_task=args.eval_per_task,
+                      steps=args.sft_steps, batch_size=32, lr=args.sft_lr, train_per_task=2000,
+                      eval_per_task=args.eval_per_task,
                       force=True))
     out["sft"] = s.to_dict()
     policy = s.out
