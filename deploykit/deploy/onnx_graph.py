@@ -143,3 +143,24 @@ def config_from_metadata(meta: dict[str, str], path: Path) -> ModelConfig:
     doc = parse_json_object(meta[META_CONFIG], source=f"{path} (metadata {META_CONFIG})", error=ArtifactError,
                             what="model config", hint=hint)
     return ModelConfig.from_dict(doc)
+
+
+def toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (onnx.checker's
+    rule); rewrites that append nodes (fp16's input casts, inserted Q/DQ pairs) need it."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise BackendError(f"graph has a cycle or a missing input at node {rest[0].name!r}",
+                               hint="report this with the model config")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -100,6 +100,7 @@ from deploykit.deploy.onnx_graph import (  # noqa: F401 - re-exported: the expor
     io_names,
     shallow_copy,
     stamp_metadata,
+    toposort,
 )
 from deploykit.deploy.options import option
 from deploykit.deploy.roles import QUANTIZED, Role, linear_roles
@@ -275,32 +276,12 @@ def _to_fp16(proto: Any, dst: Path, external: bool) -> dict[str, Any]:
     blocked_nodes = _rotary_nodes(proto)
     proto = convert_float_to_float16(proto, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP16_BLOCKED_OPS,
                                      node_block_list=blocked_nodes)
-    _toposort(proto.graph)  # the converter appends its input casts at the end of the node list
+    toposort(proto.graph)  # the converter appends its input casts at the end of the node list
     # Some intermediate value_info entries keep their pre-conversion types, which full_check rejects;
     # they are only hints, and shape inference recomputes them.
     del proto.graph.value_info[:]
     _save(proto, dst, external)
     return {"fp32_nodes": len(blocked_nodes)}
-
-
-def _toposort(graph: Any) -> None:
-    """Reorder graph.node so every node comes after the producers of its inputs (onnx.checker's rule)."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise BackendError(f"graph has a cycle or a missing input at node {rest[0].name!r}",
-                               hint="report this with the model config")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def _expose_weights(proto: Any) -> tuple[Any, dict[str, int]]:

@@ -55,7 +55,7 @@ from deploykit.deploy.backend import (
     Scheme,
 )
 from deploykit.deploy.hookspecs import hookimpl
-from deploykit.deploy.onnx_graph import export_onnx, io_names
+from deploykit.deploy.onnx_graph import export_onnx, io_names, toposort
 from deploykit.deploy.runtime import check_threads
 from deploykit.errors import (
     ArtifactError,
@@ -308,32 +308,12 @@ def quantize_graph(src: Path, dst: Path, scheme: str, calibration: Sequence[Sequ
         node.input[1] = qdq(node.input[1], w_scale, axis=1)
         node.input[0] = qdq(node.input[0], x_scale, axis=None)
     proto.graph.node.extend(added)
-    _toposort(proto.graph)
+    toposort(proto.graph)
     for o in proto.opset_import:  # FLOAT8 Q/DQ (and per-axis int8 ones) need opset 19
         if o.domain in ("", "ai.onnx") and o.version < 19:
             o.version = 19
     onnx.save(proto, str(dst))
     return {"quantized_matmuls": len(nodes), "element_type": elem, "calibration_sequences": len(seqs)}
-
-
-def _toposort(graph: Any) -> None:
-    """Reorder nodes so each comes after its inputs' producers (the inserted Q/DQ pairs were appended)."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise BackendError(f"graph has a cycle or a missing input at node {rest[0].name!r}",
-                               hint="report this with the model config")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 # -- engine building ---------------------------------------------------------------------------------
