@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -413,3 +413,15 @@ class Backend(ABC):
         """Open a converted artifact folder as a Runner; ``threads`` (validated: None or >= 1) is the
         runtime's thread count (None: its default)."""
 
+
+def installed_versions(packages: Iterable[str]) -> dict[str, str]:
+    """``{distribution: version}`` of the given packages that are installed (for ``Backend.versions``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for pkg in packages:
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme
+from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme, installed_versions
 from deploykit.deploy.calibrate import SmoothQuantOptions, kept_fp32, smooth_quant
 from deploykit.deploy.runtime import check_threads
 from deploykit.deploy.hookspecs import hookimpl
@@ -144,15 +144,7 @@ class OnnxBackend(Backend):
         return [f"{pkg} is not installed: {INSTALL_HINT}" for pkg in _REQUIREMENTS if importlib.util.find_spec(pkg) is None]
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        found = {}
-        for pkg in _REQUIREMENTS:
-            try:
-                found[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-        return found
+        return installed_versions(_REQUIREMENTS)
 
     def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         out = Path(out)

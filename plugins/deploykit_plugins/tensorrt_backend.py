@@ -53,6 +53,7 @@ from deploykit.deploy.backend import (
     Runner,
     RunnerInfo,
     Scheme,
+    installed_versions,
 )
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.onnx_graph import export_onnx, io_names, toposort
@@ -108,15 +109,7 @@ class TensorRTBackend(Backend):
         return None
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        found = {}
-        for pkg in ("tensorrt", "onnx"):
-            try:
-                found[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-        return found
+        return installed_versions(("tensorrt", "onnx"))
 
     def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         out = Path(out)

@@ -108,6 +108,7 @@ from deploykit.deploy.backend import (
     Runner,
     RunnerInfo,
     Scheme,
+    installed_versions,
 )
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.runtime import check_threads
@@ -148,15 +149,7 @@ class TFLiteBackend(Backend):
         return []
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        found = {}
-        for pkg in ("tensorflow-cpu", "tensorflow", "ai-edge-litert"):
-            try:
-                found[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-        return found
+        return installed_versions(("tensorflow-cpu", "tensorflow", "ai-edge-litert"))
 
     def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         import json

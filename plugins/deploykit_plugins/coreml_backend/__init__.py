@@ -97,6 +97,7 @@ from deploykit.deploy.backend import (
     RunnerInfo,
     Scheme,
     Tolerance,
+    installed_versions,
 )
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import SchemeOptions, option
@@ -166,15 +167,7 @@ class CoreMLBackend(Backend):
         return []
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        found = {}
-        for pkg in ("coremltools", "scikit-learn"):
-            try:
-                found[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-        return found
+        return installed_versions(("coremltools", "scikit-learn"))
 
     def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
         out = Path(out)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.deploy.backend import Backend, ConvertContext, Runner, Scheme, Tolerance
+from deploykit.deploy.backend import Backend, ConvertContext, Runner, Scheme, Tolerance, installed_versions
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import SchemeOptions, option
 from deploykit.errors import BackendError, ConfigError, ParityError
@@ -161,15 +161,7 @@ class GgufBackend(Backend):
                 if importlib.util.find_spec(mod) is None]
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        found = {}
-        for pkg in _REQUIREMENTS.values():
-            try:
-                found[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-        return found
+        return installed_versions(_REQUIREMENTS.values())
 
     def unsupported(self, scheme: Scheme, config: ModelConfig) -> str | None:
         block = _BY_NAME[scheme.name].block
