@@ -352,7 +352,7 @@ def test_the_proof_uses_an_f32_cache_and_serving_the_option(checkpoints, tmp_pat
     r = deploykit.convert(checkpoints("nano"), "gguf", "q8_0", tmp_path / "a", threads=THREADS,
                           options={"kv_cache": "q8_0"})
     assert seen == ["f32", "q8_0", "f32"]  # held-out quality, its served-cache cost, then deploykit's proof
-    assert r.manifest["options"] == {"kv_cache": "q8_0", "flash_attn": False}
+    assert r.manifest["options"] == {"kv_cache": "q8_0", "flash_attn": False, "rounding": "llama"}
     served = r.manifest["backend_info"]["quality"]["served_kv_cache"]
     assert served["type"] == "q8_0" and 0 < served["max_abs_logit_vs_f32_cache"] < 1
     runner = deploykit.load(tmp_path / "a", threads=THREADS)
@@ -414,7 +414,7 @@ def test_backends_lists_gguf_with_every_scheme(capsys):
     rows = {b["name"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
     gguf = rows["gguf"]
     assert gguf["available"] and gguf["default_scheme"] == "f16" and [s["name"] for s in gguf["schemes"]] == SCHEMES
-    assert [o["name"] for o in gguf["schemes"][0]["options"]] == ["kv_cache", "flash_attn"]
+    assert [o["name"] for o in gguf["schemes"][0]["options"]] == ["kv_cache", "flash_attn", "rounding"]
 
 
 def test_bench_plans_a_row_per_gguf_scheme():
