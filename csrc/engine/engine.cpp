@@ -5,13 +5,15 @@
 //           re-packed), the rotary table, and the thread count. Read-only once built, so any
 //           number of sessions may run on it from any number of threads.
 // Session = one sequence: a KV cache preallocated for max_seq_len positions (fp32 by default, or the
-//           config's kv_cache "fp16" / "int8" (one scale per position and kv head); position-major
-//           (L, cap, kv_heads * head_dim): the k/v GEMMs write their rows straight into it) and
-//           scratch grown to the largest step seen. A decode step allocates nothing.
+//           config's kv_cache "fp16" / "int8" (one scale per position and kv head); keys transposed
+//           per tile of 64 positions, values position-major (csrc/engine/attention.h): the v GEMM
+//           writes its rows straight into an fp32 cache) and scratch grown to the largest step
+//           seen. A decode step allocates nothing.
 //
 // Step (T new tokens at positions len .. len+T-1), per layer:
 //   h = norm1(x); quantize h once; q/k/v int8 GEMMs in one parallel call (k, v into the cache);
-//   rotary on q, k; causal GQA attention per (row, head); o GEMM; x += .
+//   rotary on q, k; k (and v unless fp32) stored into the cache; causal GQA attention, blocked
+//   (attention.h: key tiles, online softmax, tasks = kv heads x query blocks); o GEMM; x += .
 //   h = norm2(x); SwiGLU (fused gate/up epilogue) | GELU MLP | fp32 router + moe_ffn_run; x += .
 // then the final norm and lm_head (int8 or fp32) on the rows whose logits are wanted.
 // int4 models (config weight_bits = 4) run the decoder linears on int4 packs (csrc/int4_kernels.h)
@@ -21,6 +23,7 @@
 // (same kernels, same quantization); the fp32 parts (norms, rotary, softmax) differ from torch's
 // only in summation order.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "array_check.h"
+#include "engine/attention.h"
 #include "engine/fp32_ops.h"
 #include "int4_kernels.h"
 #include "int8_kernels.h"
@@ -174,8 +178,6 @@ class Engine {
       c_.top_k = cfg_int(config, "top_k");
     }
     if (c_.H % c_.KV) throw py::value_error("native engine: n_kv_heads must divide n_heads");
-    if (c_.kv != KvCache::F32 && c_.hd > 512)
-      throw py::value_error("native engine: an fp16/int8 KV cache needs head_dim <= 512, got " + std::to_string(c_.hd));
     Arrays a(arrays);
     const int64_t D = c_.D, F = c_.F;
     const bool legacy = c_.variant == Variant::Legacy;
@@ -252,11 +254,21 @@ class Engine {
   std::vector<py::array> keep_;  // the artifact's tensors every pointer above points into
 };
 
+// Where a step's time goes, when a session is asked to measure it (EngineSession.set_profiling): wall
+// seconds per phase, summed over steps and layers. Off by default: a step then reads no clock.
+enum Phase { kEmbed, kNorm, kQuantize, kQkv, kRotary, kKvStore, kAttention, kOProj, kMlp, kHead, kPhases };
+const char* const kPhaseNames[kPhases] = {"embed", "norm", "quantize", "qkv_gemm", "rotary", "kv_store",
+                                          "attention", "o_gemm", "mlp", "lm_head"};
+
 // Buffers of one session, grown to the largest step (T rows) seen; never shrunk.
 struct Scratch {
   int64_t rows = 0;
-  std::vector<float> x, h, tmp, q, att, mid, router, scores, logits_row;
-  std::vector<float> knew, vnew;  // fp16/int8 caches: this step's k/v rows in fp32 before they are stored
+  std::vector<float> x, h, tmp, q, att, mid, router;
+  std::vector<float> knew;  // this step's k rows (T, kv_heads * hd) before rotary and the transposed store
+  std::vector<float> vnew;  // fp16/int8 caches: this step's v rows in fp32 before they are stored
+  std::vector<float> attn;  // attention_step's scratch
+  std::vector<uint16_t> k16;  // fp16 / int8 caches: this step's k rows converted, before the transposed store
+  std::vector<int8_t> k8;
   std::vector<int8_t> qa;
   std::vector<float> sa;
   std::vector<int32_t> asum;  // int4 packs: activation group sums (T, lda / 32)
@@ -269,18 +281,19 @@ class Session {
  public:
   explicit Session(std::shared_ptr<const Engine> e) : e_(std::move(e)) {
     const Config& c = e_->config();
-    const size_t n = static_cast<size_t>(c.L * c.cap * c.kvdim());
-    // Not value-initialised: pages are touched only as positions are written.
+    capp_ = engine::round_up_tile(c.cap);
+    const size_t nk = static_cast<size_t>(c.L * c.KV * capp_ * c.hd), nv = static_cast<size_t>(c.L * c.cap * c.kvdim());
+    // Not value-initialised: pages are touched only as positions are written (a key tile is one block).
     if (c.kv == KvCache::F32) {
-      k_.reset(new float[n]);
-      v_.reset(new float[n]);
+      k_.reset(new float[nk]);
+      v_.reset(new float[nv]);
     } else if (c.kv == KvCache::F16) {
-      k16_.reset(new uint16_t[n]);
-      v16_.reset(new uint16_t[n]);
+      k16_.reset(new uint16_t[nk]);
+      v16_.reset(new uint16_t[nv]);
     } else {
-      k8_.reset(new int8_t[n]);
-      v8_.reset(new int8_t[n]);
-      const size_t ns = static_cast<size_t>(c.L * c.cap * c.KV);  // one scale per (layer, position, kv head)
+      k8_.reset(new int8_t[nk]);
+      v8_.reset(new int8_t[nv]);
+      const size_t ns = static_cast<size_t>(c.L * c.KV * capp_);  // one scale per (layer, kv head, position)
       ks_.reset(new float[ns]);
       vs_.reset(new float[ns]);
     }
@@ -292,6 +305,17 @@ class Session {
   void reset() {
     std::lock_guard<std::mutex> lk(mu_);
     len_ = 0;
+  }
+  void set_profiling(bool on) {
+    std::lock_guard<std::mutex> lk(mu_);
+    profiling_ = on;
+    std::fill(times_, times_ + kPhases, 0.0);
+  }
+  py::dict timings() {
+    std::lock_guard<std::mutex> lk(mu_);
+    py::dict d;
+    for (int p = 0; p < kPhases; ++p) d[kPhaseNames[p]] = times_[p];
+    return d;
   }
 
   // Runs T tokens; writes logits of every row (all_rows) or of the last row into out.
@@ -307,10 +331,13 @@ class Session {
         throw py::value_error("native engine: token id " + std::to_string(ids[t]) + " is outside [0, " +
                               std::to_string(c.V) + ")");
     py::gil_scoped_release nogil;
+    if (profiling_) mark_ = std::chrono::steady_clock::now();
     ensure(T);
     embed(ids, T);
+    tick(kEmbed);
     for (int64_t l = 0; l < c.L; ++l) layer(l, T);
     head(T, all_rows, out);
+    tick(kHead);
     len_ += T;
   }
 
@@ -322,10 +349,13 @@ class Session {
     auto grow = [](auto& v, int64_t n) { v.resize(static_cast<size_t>(n)); };
     grow(s_.x, T * c.D); grow(s_.h, T * c.D); grow(s_.tmp, T * c.D);
     grow(s_.q, T * c.qdim()); grow(s_.att, T * c.qdim());
-    if (c.kv != KvCache::F32) { grow(s_.knew, T * c.kvdim()); grow(s_.vnew, T * c.kvdim()); }
+    grow(s_.knew, T * c.kvdim());
+    if (c.kv != KvCache::F32) grow(s_.vnew, T * c.kvdim());
+    if (c.kv == KvCache::F16) grow(s_.k16, T * c.kvdim());
+    if (c.kv == KvCache::I8) grow(s_.k8, T * c.kvdim());
+    grow(s_.attn, engine::attention_scratch_floats(T, c.H, c.KV, c.hd, nt));
     grow(s_.mid, T * c.F);
     grow(s_.router, T * std::max<int64_t>(1, c.E));
-    grow(s_.scores, 4LL * nt * c.cap);
     const int64_t kp = std::max({round_up32(c.D), round_up32(c.qdim()), round_up32(c.F)});
     grow(s_.qa, T * kp); grow(s_.sa, T); grow(s_.asum, T * kp / kGroup);
     s_.pieces.reserve(static_cast<size_t>(16 * nt + 8));
@@ -408,50 +438,81 @@ class Session {
     }
   }
 
-  // fp16/int8 caches: store this step's k/v rows (s_.knew / s_.vnew, rotary applied) at positions len_..
+  // Stores this step's k rows (s_.knew, rotary applied) transposed into the cache at positions len_..,
+  // and for fp16/int8 caches the v rows (s_.vnew); an fp32 cache already holds them (the v GEMM's output).
   void store_kv(int64_t l, int64_t T) {
     const Config& c = e_->config();
-    const int64_t kvd = c.kvdim(), off = (l * c.cap + len_) * kvd;
+    const int64_t hd = c.hd, kvd = c.kvdim(), kbase = l * c.KV * capp_ * hd, sbase = l * c.KV * capp_;
+    if (c.kv == KvCache::F32) {
+      scatter_keys(s_.knew.data(), k_.get() + kbase, T);
+      return;
+    }
+    const int64_t voff = (l * c.cap + len_) * kvd;
     if (c.kv == KvCache::F16) {
-      engine::to_f16(s_.knew.data(), k16_.get() + off, T * kvd);
-      engine::to_f16(s_.vnew.data(), v16_.get() + off, T * kvd);
+      engine::to_f16(s_.knew.data(), s_.k16.data(), T * kvd);
+      scatter_keys(s_.k16.data(), k16_.get() + kbase, T);
+      engine::to_f16(s_.vnew.data(), v16_.get() + voff, T * kvd);
       return;
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < c.KV; ++g) {
-        const int64_t src = t * kvd + g * c.hd, dst = off + src, si = (l * c.cap + len_ + t) * c.KV + g;
-        engine::to_i8(s_.knew.data() + src, k8_.get() + dst, ks_.get() + si, c.hd);
-        engine::to_i8(s_.vnew.data() + src, v8_.get() + dst, vs_.get() + si, c.hd);
+        const int64_t r = t * kvd + g * hd, si = sbase + g * capp_ + len_ + t;
+        engine::to_i8(s_.knew.data() + r, s_.k8.data() + r, ks_.get() + si, hd);
+        engine::to_i8(s_.vnew.data() + r, v8_.get() + voff + r, vs_.get() + si, hd);
       }
+    scatter_keys(s_.k8.data(), k8_.get() + kbase, T);
+  }
+
+  // rows (T, kv_heads * hd) -> the layer's transposed key tiles kt at positions len_..; one tile's
+  // positions at a time, so the writes run along a tile row and the reads stay in L1.
+  template <typename E>
+  void scatter_keys(const E* rows, E* kt, int64_t T) {
+    const Config& c = e_->config();
+    const int64_t hd = c.hd, kvd = c.kvdim();
+    for (int64_t t0 = 0; t0 < T;) {
+      const int64_t p0 = len_ + t0, t1 = std::min(T, t0 + engine::kKeyTile - p0 % engine::kKeyTile);
+      for (int64_t g = 0; g < c.KV; ++g) {
+        E* dst = kt + engine::kt_index(capp_, hd, g, p0, 0);  // dim i, position p0 + j at dst[i * kKeyTile + j]
+        const E* src = rows + g * hd;
+        for (int64_t i = 0; i < hd; ++i)
+          for (int64_t t = t0; t < t1; ++t) dst[i * engine::kKeyTile + (t - t0)] = src[t * kvd + i];
+      }
+      t0 = t1;
+    }
   }
 
   void attention(int64_t l, int64_t T) {
     const Config& c = e_->config();
-    const int64_t hd = c.hd, qd = c.qdim(), kvd = c.kvdim(), group = c.H / c.KV;
-    const int64_t base = l * c.cap * kvd, sbase = l * c.cap * c.KV;
-    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-    const int64_t tasks = T * c.H;
-    const double work = static_cast<double>(tasks) * (len_ + T) * hd;
-    const int nt = work < 32768.0 ? 1 : e_->nthreads();
-    const long long chunks = nt == 1 ? 1 : std::min<long long>(tasks, 4LL * nt);
-    parallel_chunks(nt, chunks, [&](long long ch) {
-      long long b, e;
-      split_range(tasks, ch, chunks, b, e);
-      float* sc = s_.scores.data() + ch * c.cap;
-      for (long long task = b; task < e; ++task) {
-        const int64_t t = task / c.H, h = task % c.H, g = h / group, pos = len_ + t;
-        const float* qr = s_.q.data() + t * qd + h * hd;
-        float* o = s_.att.data() + t * qd + h * hd;
-        const int64_t at = base + g * hd;
-        if (c.kv == KvCache::F32)
-          engine::attend_row(qr, k_.get() + at, v_.get() + at, kvd, pos + 1, hd, scale, sc, o);
-        else if (c.kv == KvCache::F16)
-          engine::attend_row_f16(qr, k16_.get() + at, v16_.get() + at, kvd, pos + 1, hd, scale, sc, o);
-        else
-          engine::attend_row_i8(qr, k8_.get() + at, v8_.get() + at, ks_.get() + sbase + g, vs_.get() + sbase + g, kvd,
-                                c.KV, pos + 1, hd, scale, sc, o);
-      }
-    });
+    engine::KvView kv;
+    kv.kv_heads = c.KV;
+    kv.hd = c.hd;
+    kv.capp = capp_;
+    const int64_t ko = l * c.KV * capp_ * c.hd, vo = l * c.cap * c.kvdim(), so = l * c.KV * capp_;
+    if (c.kv == KvCache::F32) {
+      kv.type = engine::KvType::F32;
+      kv.kt = k_.get() + ko;
+      kv.v = v_.get() + vo;
+    } else if (c.kv == KvCache::F16) {
+      kv.type = engine::KvType::F16;
+      kv.kt = k16_.get() + ko;
+      kv.v = v16_.get() + vo;
+    } else {
+      kv.type = engine::KvType::I8;
+      kv.kt = k8_.get() + ko;
+      kv.v = v8_.get() + vo;
+      kv.ks = ks_.get() + so;
+      kv.vs = vs_.get() + so;
+    }
+    const float scale = 1.f / std::sqrt(static_cast<float>(c.hd));
+    engine::attention_step(e_->isa(), kv, s_.q.data(), s_.att.data(), T, c.H, len_, scale, e_->nthreads(),
+                           s_.attn.data());
+  }
+
+  void tick(Phase p) {
+    if (!profiling_) return;
+    const auto now = std::chrono::steady_clock::now();
+    times_[p] += std::chrono::duration<double>(now - mark_).count();
+    mark_ = now;
   }
 
   void layer(int64_t l, int64_t T) {
@@ -459,13 +520,15 @@ class Session {
     const Layer& y = e_->layers_[l];
     const int64_t D = c.D, qd = c.qdim(), kvd = c.kvdim();
     float *x = s_.x.data(), *h = s_.h.data(), *tmp = s_.tmp.data();
-    // fp32 cache: the k/v GEMMs write straight into it; else into fp32 rows, stored after the rotary
+    // k rows go to scratch (rotary, then the transposed store); v rows straight into an fp32 cache
     const bool f32 = c.kv == KvCache::F32;
-    float* kc = f32 ? k_.get() + (l * c.cap + len_) * kvd : s_.knew.data();
+    float* kc = s_.knew.data();
     float* vc = f32 ? v_.get() + (l * c.cap + len_) * kvd : s_.vnew.data();
     // attention
     norm(y.ln1_w, y.ln1_b, x, h, T);
+    tick(kNorm);
     quantize(h, T, D);
+    tick(kQuantize);
     if (y.q.int4) {
       const Int4Args qkv[3] = {bind4(y.q, T, s_.q.data(), qd), bind4(y.k, T, kc, kvd), bind4(y.v, T, vc, kvd)};
       run_int4_group(qkv, 3, e_->isa(), e_->nthreads(), s_.pieces);
@@ -473,18 +536,25 @@ class Session {
       const GemmArgs qkv[3] = {bind(y.q, T, s_.q.data(), qd), bind(y.k, T, kc, kvd), bind(y.v, T, vc, kvd)};
       run_gemm_group(qkv, 3, e_->isa(), e_->nthreads(), s_.pieces);
     }
+    tick(kQkv);
     if (c.variant != Variant::Legacy)
       for (int64_t t = 0; t < T; ++t) {
         rotary(s_.q.data() + t * qd, c.H, len_ + t);
         rotary(kc + t * kvd, c.KV, len_ + t);
       }
-    if (!f32) store_kv(l, T);
+    tick(kRotary);
+    store_kv(l, T);
+    tick(kKvStore);
     attention(l, T);
+    tick(kAttention);
     quantize(s_.att.data(), T, qd);
+    tick(kQuantize);
     gemm(y.o, T, tmp, D);
     engine::add(tmp, x, T * D);
+    tick(kOProj);
     // MLP / MoE
     norm(y.ln2_w, y.ln2_b, x, h, T);
+    tick(kNorm);
     if (c.variant == Variant::Dense) {
       quantize(h, T, D);
       gemm(y.gate_up, T, s_.mid.data(), c.F);  // silu(gate) * up in the epilogue
@@ -501,6 +571,7 @@ class Session {
       moe_ffn_run(y.moe, h, s_.router.data(), T, c.top_k, false, tmp, s_.moe, e_->isa(), e_->nthreads());
     }
     engine::add(tmp, x, T * D);
+    tick(kMlp);
   }
 
   void head(int64_t T, bool all_rows, float* out) {
@@ -523,16 +594,72 @@ class Session {
   }
 
   std::shared_ptr<const Engine> e_;
-  std::unique_ptr<float[]> k_, v_;  // (L, cap, kv_heads * head_dim), the fp32 cache
-  std::unique_ptr<uint16_t[]> k16_, v16_;  // the fp16 cache (IEEE half bits), same layout
-  std::unique_ptr<int8_t[]> k8_, v8_;  // the int8 cache, same layout ...
-  std::unique_ptr<float[]> ks_, vs_;  // ... with one scale per (layer, position, kv head): (L, cap, kv_heads)
+  // keys (L, kv_heads, capp / 64, hd, 64), values (L, cap, kv_heads * hd): attention.h's layout
+  std::unique_ptr<float[]> k_, v_;         // the fp32 cache
+  std::unique_ptr<uint16_t[]> k16_, v16_;  // the fp16 cache (IEEE half bits)
+  std::unique_ptr<int8_t[]> k8_, v8_;      // the int8 cache ...
+  std::unique_ptr<float[]> ks_, vs_;       // ... with one scale per (layer, kv head, position): (L, kv_heads, capp)
+  int64_t capp_ = 0;                       // max_seq_len rounded up to the key tile
   int64_t len_ = 0;
+  bool profiling_ = false;
+  double times_[kPhases] = {};
+  std::chrono::steady_clock::time_point mark_;
   Scratch s_;
   std::mutex mu_;
 };
 
 }  // namespace
+
+// attention_step on caller-given K/V (n = pos0 + T positions, (n, kv_heads, hd) fp32), stored into a cache
+// of the given type first: the kernel tests compare it with attention_reference.
+py::array_t<float> attention_for_tests(py::array q, py::array k, py::array v, int64_t pos0, const std::string& isa,
+                                       const std::string& cache, int nthreads) {
+  const float* qp = check_array<float>(q, "engine_attention", "q", {-1, -1, -1});
+  const int64_t T = q.shape(0), H = q.shape(1), hd = q.shape(2), n = pos0 + T;
+  const float* kp = check_array<float>(k, "engine_attention", "k", {n, -1, hd});
+  const int64_t KV = k.shape(1);
+  const float* vp = check_array<float>(v, "engine_attention", "v", {n, KV, hd});
+  if (KV < 1 || H % KV) throw py::value_error("engine_attention: kv heads must divide the query heads");
+  engine::KvView kv;
+  kv.kv_heads = KV;
+  kv.hd = hd;
+  kv.capp = engine::round_up_tile(n);
+  const int64_t nk = KV * kv.capp * hd;
+  std::vector<float> kt(static_cast<size_t>(nk)), ks(static_cast<size_t>(KV * kv.capp)), vs(ks.size());
+  std::vector<uint16_t> kt16(kt.size()), v16(static_cast<size_t>(n * KV * hd));
+  std::vector<int8_t> kt8(kt.size()), v8(v16.size());
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t g = 0; g < KV; ++g) {
+      const float* src = kp + (p * KV + g) * hd;
+      const int64_t at = engine::kt_index(kv.capp, hd, g, p, 0), vo = (p * KV + g) * hd;
+      uint16_t h16[512];
+      int8_t h8[512];
+      if (hd > 512) throw py::value_error("engine_attention: head_dim must be <= 512");
+      engine::to_f16(src, h16, hd);
+      engine::to_i8(src, h8, &ks[g * kv.capp + p], hd);
+      for (int64_t i = 0; i < hd; ++i) {
+        kt[at + i * engine::kKeyTile] = src[i];
+        kt16[at + i * engine::kKeyTile] = h16[i];
+        kt8[at + i * engine::kKeyTile] = h8[i];
+      }
+      engine::to_f16(vp + vo, v16.data() + vo, hd);
+      engine::to_i8(vp + vo, v8.data() + vo, &vs[g * kv.capp + p], hd);
+    }
+  if (cache == "fp32") { kv.type = engine::KvType::F32; kv.kt = kt.data(); kv.v = vp; }
+  else if (cache == "fp16") { kv.type = engine::KvType::F16; kv.kt = kt16.data(); kv.v = v16.data(); }
+  else if (cache == "int8") {
+    kv.type = engine::KvType::I8; kv.kt = kt8.data(); kv.v = v8.data(); kv.ks = ks.data(); kv.vs = vs.data();
+  } else throw py::value_error("engine_attention: kv_cache must be fp32, fp16 or int8, got '" + cache + "'");
+  py::array_t<float> out({T, H, hd});
+  std::vector<float> scratch(static_cast<size_t>(engine::attention_scratch_floats(T, H, KV, hd, nthreads)));
+  const Isa variant = resolve_isa(isa);
+  {
+    py::gil_scoped_release nogil;
+    engine::attention_step(variant, kv, qp, out.mutable_data(), T, H, pos0, 1.f / std::sqrt(static_cast<float>(hd)),
+                           nthreads, scratch.data());
+  }
+  return out;
+}
 
 void register_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(
@@ -556,6 +683,10 @@ void register_engine(py::module_& m) {
       .def_property_readonly("length", &Session::length)
       .def_property_readonly("capacity", &Session::capacity)
       .def("reset", &Session::reset, "Forget every position (the cache is reused).")
+      .def("set_profiling", &Session::set_profiling, py::arg("on"),
+           "Measure where each step's time goes (wall seconds per phase), from zero; off by default.")
+      .def_property_readonly("timings", &Session::timings,
+                             "Seconds per phase summed over the steps since set_profiling(True).")
       .def(
           "step",
           [](Session& s, py::array ids, py::array out, bool all_rows) {
@@ -567,6 +698,26 @@ void register_engine(py::module_& m) {
           },
           py::arg("ids"), py::arg("out"), py::arg("all_rows"),
           "Append ids (T,) int64; out (T, V) float32 (all_rows) or (1, V) gets the logits.");
+
+  m.def("engine_attention", &attention_for_tests, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"),
+        py::arg("isa") = "", py::arg("kv_cache") = "fp32", py::arg("nthreads") = 1,
+        "The engine's blocked causal attention (for tests): q (T, H, hd) at positions pos0.., k, v "
+        "(pos0 + T, kv_heads, hd) fp32, stored into a kv_cache-type cache first; returns (T, H, hd).");
+  m.def(
+      "engine_attention_reference",
+      [](py::array q, py::array k, py::array v, int64_t pos0) {
+        const float* qp = check_array<float>(q, "engine_attention_reference", "q", {-1, -1, -1});
+        const int64_t T = q.shape(0), H = q.shape(1), hd = q.shape(2);
+        const float* kp = check_array<float>(k, "engine_attention_reference", "k", {pos0 + T, -1, hd});
+        const float* vp = check_array<float>(v, "engine_attention_reference", "v", {pos0 + T, k.shape(1), hd});
+        if (k.shape(1) < 1 || H % k.shape(1)) throw py::value_error("engine_attention_reference: kv heads must divide the query heads");
+        py::array_t<float> out({T, H, hd});
+        engine::attention_reference(qp, kp, vp, out.mutable_data(), T, H, k.shape(1), hd, pos0,
+                                    1.f / std::sqrt(static_cast<float>(hd)));
+        return out;
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"),
+      "The plain two-pass softmax attention in double precision that engine_attention is tested against.");
 }
 
 }  // namespace deploykit

@@ -28,84 +28,7 @@ inline __attribute__((always_inline)) float dot_inline(const float* a, const flo
   return acc[0];
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial with a
-// round-to-nearest range reduction, plain arithmetic so the loop below vectorizes (std::exp
-// does not without -ffast-math). ~2 ulp; exp(-87.3) and below flush to 0.
-inline __attribute__((always_inline)) float exp_neg(float x) {
-  x = x < -87.3365478515625f ? -87.3365478515625f : x;
-  const float fx = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));  // round
-  float r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float y = 1.9875691500E-4f;
-  y = y * r + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
-  y = y * (r * r) + (r + 1.f);
-  const int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, 4);
-  return y * scale;
-}
-
-// fp16 bits -> fp32, exact for normal and subnormal values: the half's exponent/mantissa bits moved
-// into a float's and rescaled by 2^(127 - 15) (the multiply also normalises subnormals).
-inline __attribute__((always_inline)) float f16_to_f32(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h & 0x7fff) << 13;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  f *= 0x1p112f;
-  uint32_t out;
-  std::memcpy(&out, &f, 4);
-  out |= static_cast<uint32_t>(h & 0x8000) << 16;
-  std::memcpy(&f, &out, 4);
-  return f;
-}
-
-// softmax of sc[0, n) in place (max subtracted); returns 1 / sum.
-inline __attribute__((always_inline)) float softmax_inplace(float* sc, int64_t n) {
-  float mx = -INFINITY;
-  for (int64_t p = 0; p < n; ++p) mx = sc[p] > mx ? sc[p] : mx;
-  float sum = 0.f;
-  for (int64_t p = 0; p < n; ++p) sc[p] = exp_neg(sc[p] - mx);
-  for (int64_t p = 0; p < n; ++p) sum += sc[p];
-  return 1.f / sum;
-}
-
 }  // namespace
-
-DK_CLONES void attend_row_f16(const float* q, const uint16_t* K, const uint16_t* V, int64_t ldk, int64_t n,
-                              int64_t hd, float scale, float* sc, float* out) {
-  float row[512];  // one converted row (head_dim <= 512, checked by the engine)
-  for (int64_t p = 0; p < n; ++p) {
-    for (int64_t i = 0; i < hd; ++i) row[i] = f16_to_f32(K[p * ldk + i]);
-    sc[p] = dot_inline(q, row, hd) * scale;
-  }
-  const float inv = softmax_inplace(sc, n);
-  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-  for (int64_t p = 0; p < n; ++p) {
-    const float w = sc[p];
-    for (int64_t i = 0; i < hd; ++i) out[i] += w * f16_to_f32(V[p * ldk + i]);
-  }
-  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
-}
-
-DK_CLONES void attend_row_i8(const float* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs,
-                             int64_t ldk, int64_t lds, int64_t n, int64_t hd, float scale, float* sc, float* out) {
-  float row[512];
-  for (int64_t p = 0; p < n; ++p) {
-    for (int64_t i = 0; i < hd; ++i) row[i] = static_cast<float>(K[p * ldk + i]);
-    sc[p] = dot_inline(q, row, hd) * (ks[p * lds] * scale);
-  }
-  const float inv = softmax_inplace(sc, n);
-  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-  for (int64_t p = 0; p < n; ++p) {
-    const float w = sc[p] * vs[p * lds];
-    for (int64_t i = 0; i < hd; ++i) out[i] += w * static_cast<float>(V[p * ldk + i]);
-  }
-  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
-}
 
 void to_f16(const float* x, uint16_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -139,26 +62,6 @@ void to_i8(const float* x, int8_t* y, float* s, int64_t n) {
 }
 
 DK_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_inline(a, b, n); }
-
-DK_CLONES void attend_row(const float* q, const float* K, const float* V, int64_t ldk, int64_t n,
-                          int64_t hd, float scale, float* sc, float* out) {
-  float mx = -INFINITY;
-  for (int64_t p = 0; p < n; ++p) {
-    sc[p] = dot_inline(q, K + p * ldk, hd) * scale;
-    mx = sc[p] > mx ? sc[p] : mx;
-  }
-  float sum = 0.f;
-  for (int64_t p = 0; p < n; ++p) sc[p] = exp_neg(sc[p] - mx);
-  for (int64_t p = 0; p < n; ++p) sum += sc[p];
-  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-  for (int64_t p = 0; p < n; ++p) {
-    const float w = sc[p];
-    const float* v = V + p * ldk;
-    for (int64_t i = 0; i < hd; ++i) out[i] += w * v[i];
-  }
-  const float inv = 1.f / sum;
-  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
-}
 
 DK_CLONES void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];

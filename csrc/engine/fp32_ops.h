@@ -1,4 +1,4 @@
-// fp32 helpers of the decode engine (norms, rotary, attention, fp32 linears).
+// fp32 helpers of the decode engine (norms, fp32 linears, KV-cache rounding); attention is attention.h.
 //
 // Each hot loop is one plain C++ source compiled three times by GCC/Clang function
 // multi-versioning (target_clones: AVX-512F, AVX2+FMA, baseline), the best clone picked once by
@@ -23,18 +23,6 @@ void linear_f32(const float* x, int64_t T, int64_t K, const float* w, const floa
 void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y);
 // y = (x - mean) * rsqrt(var + eps) * w + b   (torch.nn.LayerNorm, biased variance)
 void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t n, float* y);
-// One causal attention row: scores[p] = scale * dot(q, K[p]) for p < n (K row stride ldk), softmax,
-// out = sum_p softmax[p] * V[p]. `scores` holds n floats of scratch. The dot products sum in the
-// same order as dot(), whatever the step, so a decode step equals the same row of a prefill.
-void attend_row(const float* q, const float* K, const float* V, int64_t ldk, int64_t n, int64_t hd,
-                float scale, float* scores, float* out);
-// The same row over a half-precision cache: K and V hold IEEE fp16 bits (converted exactly to fp32).
-void attend_row_f16(const float* q, const uint16_t* K, const uint16_t* V, int64_t ldk, int64_t n, int64_t hd,
-                    float scale, float* scores, float* out);
-// ... and over an int8 cache: row p of a head is K[p] * ks[p] (symmetric, one scale per position and
-// head, scale row stride lds), likewise V.
-void attend_row_i8(const float* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs, int64_t ldk,
-                   int64_t lds, int64_t n, int64_t hd, float scale, float* scores, float* out);
 // fp32 -> fp16 bits, round to nearest even (finite inputs; beyond fp16's range: inf).
 void to_f16(const float* x, uint16_t* y, int64_t n);
 // One head row to int8: s = max|x| / 127, y = round_half_even(x / s) (s = 0, y = 0 for a zero row).
