@@ -126,3 +126,14 @@ class EngineSession:
 
     def reset(self) -> None:
         self._s.reset()
+
+    def set_profiling(self, on: bool = True) -> None:
+        """Measure where each step's time goes from now on (wall seconds per phase, from zero); off by default,
+        when a step reads no clock."""
+        self._s.set_profiling(on)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase (embed, norm, quantize, qkv_gemm, rotary, kv_store, attention, o_gemm, mlp,
+        lm_head), summed over the steps and layers since ``set_profiling(True)``."""
+        return dict(self._s.timings)

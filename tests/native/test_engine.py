@@ -168,6 +168,23 @@ def test_kv_cache_decode_equals_full_recompute(model):
     np.testing.assert_array_equal(s2.prefill(ids), full)
 
 
+def test_step_timings_account_for_the_step(model):
+    import time
+
+    s = engine_for(model).new_session()
+    s.set_profiling(True)
+    t0 = time.perf_counter()
+    s.feed(probe(model.config.vocab_size, B=1, T=64)[0])
+    wall = time.perf_counter() - t0
+    t = s.timings
+    assert {"attention", "qkv_gemm", "mlp", "lm_head"} <= set(t) and t["attention"] > 0 and t["mlp"] > 0
+    assert 0 < sum(t.values()) <= wall
+    s.set_profiling(False)
+    assert sum(s.timings.values()) == 0  # restarted from zero, and no clock read while off
+    s.feed([3])
+    assert sum(s.timings.values()) == 0
+
+
 def test_sessions_on_8_threads_equal_serial_runs(model):
     eng = engine_for(model)
     prompts = [probe(model.config.vocab_size, B=1, T=6 + i, seed=i)[0] for i in range(8)]
