@@ -30,6 +30,7 @@ ctx.calibration, activations="per-token")``.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,8 @@ ACTIVATIONS = ("per-tensor", "per-token", "static")
 
 @dataclass(frozen=True)
 class SmoothQuantOptions(Int8Options):
-    """Int8 options of a backend that runs :func:`smooth_quant` before quantizing."""
+    """Int8 options of a backend that runs :func:`smooth_quant` before quantizing and honours
+    ``keep_fp32`` (explicit names, and ``auto`` / ``auto:N``: see :func:`resolve_keep_fp32`)."""
 
     # Off by default: every int8 scheme already passes its proof on the trained models without it, it
     # costs a calibration search at convert time, and its gain is mixed (see ALPHAS above and
@@ -61,19 +63,39 @@ class SmoothQuantOptions(Int8Options):
     smoothquant: bool = option(False, "SmoothQuant: move activation outliers into the weights before int8")
     smoothquant_alpha: float = option(-1.0, "migration strength in [0, 1]; -1: chosen on the calibration set")
     keep_fp32: str = option("", "comma list of module names or prefixes kept fp32 (model.layers.0, lm_head, "
-                                "model.layers.3.mlp.down_proj); a role name (attn_o, mlp_down...) keeps every such layer")
+                                "model.layers.3.mlp.down_proj); a role name (attn_o, mlp_down...) keeps every such layer; "
+                                "auto[:N]: the N layer groups (default 1) whose int8 costs most, measured on the "
+                                "calibration set")
 
     def check(self) -> list[str]:
         a, out = self.smoothquant_alpha, []
         if not (a == -1.0 or 0.0 <= a <= 1.0):
             out.append(f"smoothquant_alpha={a} must be in [0, 1] or -1 (auto)")
+        items = [x.strip() for x in self.keep_fp32.split(",") if x.strip()]
+        autos = [x for x in items if x.startswith("auto")]
+        for item in autos:
+            if not _AUTO.fullmatch(item):
+                out.append(f"keep_fp32: {item!r} must be auto or auto:N with N >= 1 layer groups")
+        if len(autos) > 1:
+            out.append(f"keep_fp32: name auto at most once (got {', '.join(autos)})")
         for item in self.keep_list():
             if not item.replace(".", "").replace("_", "").isalnum():
                 out.append(f"keep_fp32: {item!r} is not a module name, prefix or role")
         return out
 
     def keep_list(self) -> list[str]:
-        return [x.strip() for x in self.keep_fp32.split(",") if x.strip()]
+        """The explicit names, prefixes and roles of keep_fp32 (without its auto entry)."""
+        return [x.strip() for x in self.keep_fp32.split(",") if x.strip() and not x.strip().startswith("auto")]
+
+    def auto_groups(self) -> int:
+        """How many layer groups keep_fp32's auto entry keeps (0: no auto entry)."""
+        for x in self.keep_fp32.split(","):
+            if (m := _AUTO.fullmatch(x.strip())):
+                return int(m.group(1) or 1)
+        return 0
+
+
+_AUTO = re.compile(r"auto(?::([1-9][0-9]*))?")
 
 
 def kept_fp32(names: Sequence[str], roles: dict[str, Any], keep: Sequence[str], *, where: str) -> set[str]:
@@ -146,6 +168,8 @@ def input_absmax(model: CausalLM, names: Sequence[str], calibration: Sequence[Se
 
     def hook(name: str):
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if args[0].numel() == 0:  # an expert the router sent no token to in this call
+                return
             x = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)  # (D,)
             stats[name] = torch.maximum(stats[name], x) if name in stats else x
         return fn
@@ -190,6 +214,17 @@ def apply_smoothing(model: CausalLM, act_max: dict[str, torch.Tensor], alpha: fl
 # ---------------------------------------------------------------------------------------------
 # choosing α: simulated int8 on the calibration set
 # ---------------------------------------------------------------------------------------------
+def _flat_copy(model: CausalLM) -> CausalLM:
+    """A copy with every MoE layer's experts as one Linear per weight (a backend may have unstacked
+    them already: its copy stays as it is)."""
+    from .torchgraph import unstack_experts
+
+    work = copy.deepcopy(model)
+    if any(isinstance(moe.experts, Experts) for moe in work.moe_layers()):
+        unstack_experts(work)
+    return work
+
+
 def _fake_int8_weight(w: torch.Tensor) -> torch.Tensor:
     scale = (w.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-12)  # per output channel
     return torch.clamp(torch.round(w / scale), -127, 127) * scale
@@ -206,32 +241,60 @@ def _fake_int8_act(x: torch.Tensor, activations: str, static: torch.Tensor | Non
     return torch.clamp(torch.round(x / s), -127, 127) * s
 
 
+class Int8Simulation:
+    """A flat fp32 copy of a model in which every quantizable linear runs with int8-rounded weights (per
+    output channel) and int8-simulated activations (``activations``: per tensor, per token, or static
+    scales from ``batch``'s max |x|), except those named kept fp32 in each :meth:`kl` call.
+
+    One copy and one set of rounded weights serve every call, so measuring a few dozen keep-sets costs
+    a few dozen forwards (not a deep copy each). Use it as a context manager: it removes its hooks."""
+
+    def __init__(self, model: CausalLM, batch: torch.Tensor, *, activations: str, quantize_lm_head: bool = True) -> None:
+        from .roles import QUANTIZED, Role, select
+
+        if activations not in ACTIVATIONS:
+            raise ConfigError(f"int8 simulation: activations={activations!r} must be one of {', '.join(ACTIVATIONS)}")
+        self.work, self.batch, self.activations = _flat_copy(model).eval(), batch, activations
+        self.linears = dict(select(self.work, QUANTIZED | ({Role.LM_HEAD} if quantize_lm_head else set())))
+        self.static: dict[str, torch.Tensor] = {}
+        if activations == "static":  # fp32 input ranges, as a backend's calibration measures them
+            self.static = {n: v.max() / 127.0 for n, v in input_absmax(self.work, list(self.linears), batch.tolist()).items()}
+        self.fp32 = {n: lin.weight.detach().clone() for n, lin in self.linears.items()}
+        self.int8 = {n: _fake_int8_weight(lin.weight.detach()) for n, lin in self.linears.items()}
+        self.kept: frozenset[str] = frozenset()
+        self.handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in self.linears.items()]
+
+    def _hook(self, name: str):
+        def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor] | None:
+            if name in self.kept:
+                return None
+            return (_fake_int8_act(args[0], self.activations, self.static.get(name)),)
+        return fn
+
+    @torch.no_grad()
+    def kl(self, reference: torch.Tensor, keep_fp32: Sequence[str] = ()) -> float:
+        """Mean KL(p_ref ‖ p_int8) over ``batch`` with the modules ``keep_fp32`` left fp32."""
+        self.kept = frozenset(keep_fp32)
+        for n, lin in self.linears.items():
+            lin.weight.copy_(self.fp32[n] if n in self.kept else self.int8[n])
+        logits = self.work(self.batch).float()  # (B, T, V)
+        lp, lq = F.log_softmax(reference, -1), F.log_softmax(logits, -1)
+        return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+    def __enter__(self) -> Int8Simulation:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
 def simulated_kl(model: CausalLM, reference: torch.Tensor, batch: torch.Tensor, *, activations: str,
                  keep_fp32: Sequence[str] = (), quantize_lm_head: bool = True) -> float:
     """Mean KL(p_ref ‖ p_int8) on ``batch`` (B, T) of ``model`` with int8-simulated linears."""
-    from .roles import QUANTIZED, Role, select
-    from .torchgraph import unstack_experts
-
-    work = copy.deepcopy(model).eval()
-    unstack_experts(work)
-    roles = QUANTIZED | ({Role.LM_HEAD} if quantize_lm_head else set())
-    linears = {n: m for n, m in select(work, roles).items() if n not in keep_fp32}
-    static: dict[str, torch.Tensor] = {}
-    if activations == "static":
-        static = {n: v.max() / 127.0 for n, v in input_absmax(work, list(linears), batch.tolist()).items()}
-    handles = []
-    for name, lin in linears.items():
-        lin.weight.copy_(_fake_int8_weight(lin.weight))
-        handles.append(lin.register_forward_pre_hook(
-            lambda mod, args, n=name: (_fake_int8_act(args[0], activations, static.get(n)),)))
-    try:
-        logits = work(batch).float()
-    finally:
-        for h in handles:
-            h.remove()
-    lp, lq = F.log_softmax(reference, -1), F.log_softmax(logits, -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    with Int8Simulation(model, batch, activations=activations, quantize_lm_head=quantize_lm_head) as sim:
+        return sim.kl(reference, keep_fp32)
 
 
 def _batch(calibration: Sequence[Sequence[int]], rows: int = 4) -> torch.Tensor:
@@ -290,3 +353,79 @@ def layer_sensitivity(model: CausalLM, calibration: Sequence[Sequence[int]], *, 
         out[g] = simulated_kl(model, reference, batch, activations=activations, keep_fp32=keep,
                               quantize_lm_head=quantize_lm_head)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# keep_fp32=auto: the layer groups whose int8 costs most, measured on the calibration set
+# ---------------------------------------------------------------------------------------------
+# A group is one block's projections of one kind, or the lm_head: fine enough to keep only what
+# costs (micro-moe int8-static: block 0's expert down projections alone carry ~90 % of the proof's
+# KL, the rest of block 0 almost nothing), coarse enough that the search is a few dozen simulated
+# forwards (4 groups per block + 1).
+def _families() -> dict[str, frozenset[Any]]:
+    from .roles import Role
+
+    return {"attn_qkv": frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V}), "attn_o": frozenset({Role.ATTN_O}),
+            "mlp_in": frozenset({Role.MLP_GATE, Role.MLP_UP, Role.EXPERT_GATE, Role.EXPERT_UP}),
+            "mlp_down": frozenset({Role.MLP_DOWN, Role.EXPERT_DOWN}), "lm_head": frozenset({Role.LM_HEAD})}
+
+
+def layer_group(name: str, role: Any) -> str | None:
+    """The group of a quantizable module: ``model.layers.N.<attn_qkv|attn_o|mlp_in|mlp_down>`` or
+    ``lm_head`` (None: not a module int8 quantizes, e.g. a router). Every backend's names map the same
+    way (the onnx backend's stacked ``...experts.w2`` is its layer's mlp_down like torch's
+    ``...experts.E.w2``)."""
+    family = next((f for f, roles in _families().items() if role in roles), None)
+    if family is None or family == "lm_head":
+        return family
+    parts = name.split(".")
+    if len(parts) < 3 or parts[:2] != ["model", "layers"]:
+        return None
+    return f"model.layers.{parts[2]}.{family}"
+
+
+@torch.no_grad()
+def group_costs(model: CausalLM, calibration: Sequence[Sequence[int]], *, activations: str,
+                quantize_lm_head: bool = True, rows: int = 8) -> tuple[float, dict[str, float]]:
+    """Simulated int8 on the calibration set: (KL with every group int8, {group: its cost}), where a
+    group's cost is how much the KL drops when that group alone stays fp32 (larger: costs more)."""
+    from .roles import linear_roles
+
+    batch = _batch(calibration, rows)
+    model.eval()
+    reference = model(batch).float()  # (B, T, V)
+    with Int8Simulation(model, batch, activations=activations, quantize_lm_head=quantize_lm_head) as sim:
+        roles = linear_roles(sim.work)  # group members by the per-expert names the simulation quantizes
+        members: dict[str, list[str]] = {}
+        for name in sim.linears:
+            if (g := layer_group(name, roles[name])) is not None:
+                members.setdefault(g, []).append(name)
+        base = sim.kl(reference)
+        return base, {g: base - sim.kl(reference, names) for g, names in members.items()}
+
+
+def resolve_keep_fp32(model: CausalLM, names: Sequence[str], roles: dict[str, Any], opts: SmoothQuantOptions,
+                      calibration: Sequence[Sequence[int]], *, activations: str, where: str,
+                      ) -> tuple[set[str], dict[str, Any]]:
+    """The names among ``names`` (a backend's quantizable modules, ``roles`` their Role) kept fp32 by
+    ``opts.keep_fp32``, and the facts for the manifest.
+
+    Explicit entries resolve through :func:`kept_fp32`. ``auto:N`` measures every layer group's cost
+    (:func:`group_costs`, simulated with the backend's ``activations``) on ``calibration`` and keeps
+    the N costliest (only groups whose fp32 copy lowers the KL). Run it after any SmoothQuant rewrite,
+    so the costs are those of the model actually quantized."""
+    keep = kept_fp32(names, roles, opts.keep_list(), where=where)
+    n = opts.auto_groups()
+    if n == 0:
+        return keep, {}
+    if not calibration:
+        raise ConfigError(f"{where}: keep_fp32=auto measures layer costs on calibration sequences, got none",
+                          hint="deploykit convert draws them from the calibration text; or name the layers")
+    base, costs = group_costs(model, calibration, activations=activations, quantize_lm_head=opts.quantize_lm_head)
+    ranked = sorted(costs, key=costs.__getitem__, reverse=True)
+    chosen = [g for g in ranked[:n] if costs[g] > 0]
+    picked = {m for m in names if layer_group(m, roles.get(m)) in chosen}
+    facts = {"mode": f"auto:{n}", "activations": activations, "simulated_kl_all_int8": base,
+             "kept_groups": {g: costs[g] for g in chosen}, "modules": sorted(picked),
+             "costliest": {g: costs[g] for g in ranked[:8]}}
+    return keep | picked, facts

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploykit.deploy.backend import EXACT, HALF, INT8, LOSSY, Backend, ConvertContext, Runner, Scheme
-from deploykit.deploy.calibrate import SmoothQuantOptions, kept_fp32, smooth_quant
+from deploykit.deploy.calibrate import SmoothQuantOptions, resolve_keep_fp32, smooth_quant
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import SchemeOptions, option
 from deploykit.deploy.roles import EXPERT, MLP, QUANTIZED, Role, by_parent, linear_roles, select
@@ -60,7 +60,7 @@ class QatOptions(SmoothQuantOptions):
     qat_lr: float = option(1e-5, "AdamW learning rate of those steps")
 
     def check(self) -> list[str]:
-        return [m for ok, m in ((self.qat_steps >= 0, f"qat_steps={self.qat_steps} must be >= 0"),
+        return super().check() + [m for ok, m in ((self.qat_steps >= 0, f"qat_steps={self.qat_steps} must be >= 0"),
                                 (self.qat_lr > 0, f"qat_lr={self.qat_lr} must be > 0")) if not ok]
 
 
@@ -358,10 +358,16 @@ class TorchBackend(Backend):
             info["smoothquant"] = "skipped: no calibration sequences"
         unstack_experts(model)  # MoE experts become Linear modules like the rest (no-op for dense models)
         linears = select(model, QUANTIZED | ({Role.LM_HEAD} if opts.quantize_lm_head else set()))
-        keep = kept_fp32(list(linears), linear_roles(model), opts.keep_list(), where=f"torch/{kind}")
+        if opts.auto_groups():
+            ctx.progress("measuring each layer group's int8 cost on the calibration set (keep_fp32=auto)")
+        keep, auto = resolve_keep_fp32(model, list(linears), linear_roles(model), opts, ctx.calibration,
+                                       activations="per-token" if kind == "int8-dynamic" else "static",
+                                       where=f"torch/{kind}")
         linears = {n: m for n, m in linears.items() if n not in keep}
         if keep:
             info["kept_fp32"] = sorted(keep)
+        if auto:
+            info["keep_fp32_auto"] = auto
         scales: dict[str, float] = {}
         if kind == "int8-static":
             ctx.progress("calibrating activation scales")
