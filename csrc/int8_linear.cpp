@@ -22,6 +22,17 @@ void gemm_block(Isa isa, const GemmArgs& a, int64_t m0, int64_t m1, int64_t u0, 
   }
 }
 
+// Chunk c of `parts` over [0, n) units, with boundaries on multiples of 12 units (or 4) where
+// that still leaves every part work: the vector tiles cover 2, 3 or 4 panels, so such chunks
+// split into whole tiles instead of leaving a narrow tail tile in every chunk.
+static void split_units(int64_t n, int64_t c, int64_t parts, int64_t& b, int64_t& e) {
+  const int64_t grain = n >= 12 * parts ? 12 : n >= 4 * parts ? 4 : 1;
+  long long gb, ge;
+  split_range((n + grain - 1) / grain, c, parts, gb, ge);
+  b = std::min<int64_t>(n, gb * grain);
+  e = std::min<int64_t>(n, ge * grain);
+}
+
 void run_gemm(const GemmArgs& a, Isa isa, int nthreads) {
   const int64_t units = n_units(a);
   if (a.M == 0 || units == 0) return;
@@ -36,13 +47,15 @@ void run_gemm(const GemmArgs& a, Isa isa, int nthreads) {
   const long long n = split_n ? units : a.M;
   const long long chunks = nthreads == 1 ? 1 : std::min<long long>(n, 4LL * nthreads);
   parallel_chunks(nthreads, chunks, [&](long long c) {
-    long long b, e;
-    split_range(n, c, chunks, b, e);
-    if (b >= e) return;
-    if (split_n)
-      gemm_block(isa, a, 0, a.M, b, e);
-    else
-      gemm_block(isa, a, b, e, 0, units);
+    int64_t b, e;
+    if (split_n) {
+      split_units(n, c, chunks, b, e);
+      if (b < e) gemm_block(isa, a, 0, a.M, b, e);
+    } else {
+      long long rb, re;
+      split_range(n, c, chunks, rb, re);
+      if (rb < re) gemm_block(isa, a, rb, re, 0, units);
+    }
   });
 }
 
@@ -67,9 +80,9 @@ void run_gemm_group(const GemmArgs* args, int64_t n, Isa isa, int nthreads,
     const int64_t parts = nthreads == 1 ? 1 : std::min<int64_t>(
         units, std::max<int64_t>(1, static_cast<int64_t>(cost / target + 0.5)));
     for (int64_t j = 0; j < parts; ++j) {
-      long long b, e;
-      split_range(units, j, parts, b, e);
-      pieces.push_back({i, b, e});
+      int64_t b, e;
+      split_units(units, j, parts, b, e);
+      if (b < e) pieces.push_back({i, b, e});
     }
   }
   parallel_chunks(nthreads, static_cast<long long>(pieces.size()), [&](long long c) {

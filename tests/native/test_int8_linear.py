@@ -37,13 +37,51 @@ def test_raw_accumulators_bit_exact(isa, M, K, N, threads):
     np.testing.assert_array_equal(out.numpy(), ref_acc(qa, qw))
 
 
+# Shapes for the cache-blocked paths of the vector variants: row tails of the 6- and 8-row tiles
+# (M = 9, 23, 61), panel counts that are not multiples of the 3- and 4-panel tiles, N % 16 != 0,
+# K % 4 != 0, K past one K slice (> 4096) with more than one row tile, several row blocks (M * K
+# over the L2 share), decode rows (M <= 8) against many panels, and enough panels (> 96 units)
+# for the threaded driver's 12-unit chunk boundaries.
+BLOCKED_SHAPES = [(9, 64, 16), (23, 100, 50), (61, 257, 200), (20, 4101, 40), (12, 8200, 24),
+                  (200, 2100, 80), (3, 1000, 1600), (8, 300, 1570), (5, 77, 45), (130, 64, 1600)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,K,N", BLOCKED_SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_paths_bit_exact(isa, M, K, N, threads):
+    rng = np.random.default_rng(M * 7 + K * 3 + N)
+    qa, qw = rand_q((M, K), rng), rand_q((N, K), rng)
+    p = native.pack_int8_weight(qweight=qw, scales=torch.rand(N))
+    out = native.int8_gemm_s32(qa, p, isa=isa, threads=threads)
+    np.testing.assert_array_equal(out.numpy(), ref_acc(qa, qw))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,K,F", [(20, 130, 70), (64, 100, 200), (7, 300, 33)])
+def test_blocked_swiglu_raw_and_epilogue(isa, M, K, F):
+    rng = np.random.default_rng(M + K + F)
+    qa, qg, qu = rand_q((M, K), rng), rand_q((F, K), rng), rand_q((F, K), rng)
+    packed, sw, cs = native._pack(torch.cat([qg, qu]), torch.ones(2 * F), True)
+    p = native.PackedInt8Weight(packed, sw, cs, F, K, True)
+    out = native.int8_gemm_s32(qa, p, isa=isa, threads=2)
+    np.testing.assert_array_equal(out.numpy(), np.concatenate([ref_acc(qa, qg), ref_acc(qa, qu)], 1))
+    torch.manual_seed(M)
+    x, wg, wu = torch.randn(M, K), torch.randn(F, K), torch.randn(F, K)
+    ps = native.pack_int8_swiglu(wg, wu)
+    torch.testing.assert_close(native.int8_linear(x, ps, isa=isa, threads=2),
+                               native.int8_linear(x, ps, isa="scalar", threads=1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_raw_extremes_no_saturation(isa):
     # all +-127: the worst case for vpmaddubsw pairs (2 * 127 * 127) and a large K
-    K, N, M = 4099, 40, 5
+    # M = 13: the cache-blocked path too, whose K is sliced (4099 > one 4096 slice)
+    K, N, M = 4099, 40, 13
     qa = torch.full((M, K), 127, dtype=torch.int8)
     qa[1] = -127
     qa[2, ::2] = -127
+    qa[9] = -127
     qw = torch.full((N, K), -127, dtype=torch.int8)
     qw[3] = 127
     qw[4, 1::2] = 127
