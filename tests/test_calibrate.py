@@ -10,7 +10,7 @@ import torch
 import deploykit
 from deploykit.deploy.calibrate import SmoothQuantOptions, apply_smoothing, input_absmax, kept_fp32, smooth_quant
 from deploykit.deploy.parity import calibration_sequences
-from deploykit.deploy.roles import QUANTIZED, linear_roles, select
+from deploykit.deploy.roles import QUANTIZED, Role, linear_roles, select
 from deploykit.errors import ConfigError
 from deploykit.model import CausalLM, preset
 
@@ -98,3 +98,71 @@ def test_torch_honours_keep_fp32_and_smoothquant(nano_checkpoint, tmp_path):
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert isinstance(model.model.layers[1].self_attn.q_proj, PerTokenInt8Linear)
     assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+# -- keep_fp32=auto: measured sensitivity ------------------------------------------------------------
+def _costly(name: str, layer: int) -> CausalLM:
+    """A model where block ``layer``'s MLP down projection reads one outlier channel 60x its peers: an
+    exact fp32 rewrite (up's row c times 60, down's column c divided by 60), so only int8 sees it."""
+    model = _model(name)
+    with torch.no_grad():
+        block = model.model.layers[layer]
+        if hasattr(block, "block_sparse_moe"):
+            ex = block.block_sparse_moe.experts
+            ex.w3[:, 5].mul_(60.0)  # (E, F, D): row 5 of every expert's up
+            ex.w2[:, :, 5].div_(60.0)  # (E, D, F): the column that reads it
+        else:
+            block.mlp.up_proj.weight[5].mul_(60.0)
+            block.mlp.down_proj.weight[:, 5].div_(60.0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["nano", "nano-moe"])
+def test_auto_keep_fp32_keeps_the_layer_made_costly(name):
+    from deploykit.deploy.calibrate import group_costs, resolve_keep_fp32
+
+    model = _costly(name, layer=2)
+    cal = calibration_sequences(model.config, None, n=8, length=32)
+    base, costs = group_costs(model, cal, activations="static")
+    assert max(costs, key=costs.__getitem__) == "model.layers.2.mlp_down" and base > 0
+    assert costs["model.layers.2.mlp_down"] > 1.5 * max(v for g, v in costs.items() if g != "model.layers.2.mlp_down")
+    from deploykit.deploy.torchgraph import unstack_experts
+
+    flat = copy.deepcopy(model)
+    unstack_experts(flat)
+    roles = linear_roles(flat)
+    names = list(select(flat, QUANTIZED | {Role.LM_HEAD}))
+    opts = SmoothQuantOptions.parse({"keep_fp32": "auto, lm_head"}, where="t/int8")
+    keep, facts = resolve_keep_fp32(flat, names, roles, opts, cal, activations="static", where="t/int8")
+    downs = {n for n in names if n.startswith("model.layers.2.") and roles[n].value in ("mlp_down", "expert_down")}
+    assert keep == downs | {"lm_head"} and facts["modules"] == sorted(downs)  # lm_head: named, not measured
+    assert list(facts["kept_groups"]) == ["model.layers.2.mlp_down"] and facts["mode"] == "auto:1"
+    # auto:2 adds the next costliest group; nothing without calibration
+    opts2 = SmoothQuantOptions.parse({"keep_fp32": "auto:2"}, where="t/int8")
+    keep2, facts2 = resolve_keep_fp32(flat, names, roles, opts2, cal, activations="static", where="t/int8")
+    assert len(facts2["kept_groups"]) == 2 and "model.layers.2.mlp_down" in facts2["kept_groups"] and keep2 > downs
+    with pytest.raises(ConfigError, match="calibration sequences"):
+        resolve_keep_fp32(flat, names, roles, opts, [], activations="static", where="t/int8")
+
+
+def test_auto_keep_fp32_option_is_validated():
+    assert SmoothQuantOptions.parse({"keep_fp32": "auto:3,lm_head"}, where="t").auto_groups() == 3
+    assert SmoothQuantOptions.parse({"keep_fp32": "auto"}, where="t").keep_list() == []
+    for bad in ("auto:0", "auto:x", "auto,auto:2"):
+        with pytest.raises(ConfigError, match="keep_fp32"):
+            SmoothQuantOptions.parse({"keep_fp32": bad}, where="t")
+
+
+def test_torch_int8_static_keeps_its_costliest_group_by_default(nano_checkpoint, tmp_path):
+    result = deploykit.convert(nano_checkpoint, "torch", "int8-static", tmp_path / "s")
+    assert result.report.passed(), result.report.violations()
+    info = result.manifest["backend_info"]
+    auto = info["keep_fp32_auto"]
+    (group, cost), = auto["kept_groups"].items()
+    assert cost == max(auto["costliest"].values()) and set(auto["modules"]) <= set(info["kept_fp32"])
+    model = deploykit.load(result.path).model
+    for name in auto["modules"]:
+        assert type(model.get_submodule(name)) is torch.nn.Linear, name
+    none = deploykit.convert(nano_checkpoint, "torch", "int8-static", tmp_path / "n", verify=False,
+                             options={"keep_fp32": ""})
+    assert "keep_fp32_auto" not in none.manifest["backend_info"] and "kept_fp32" not in none.manifest["backend_info"]
