@@ -158,7 +158,7 @@ def test_torch_int8_static_keeps_its_costliest_group_by_default(nano_checkpoint,
     assert result.report.passed(), result.report.violations()
     info = result.manifest["backend_info"]
     auto = info["keep_fp32_auto"]
-    (group, cost), = auto["kept_groups"].items()
+    ((_group, cost),) = auto["kept_groups"].items()
     assert cost == max(auto["costliest"].values()) and set(auto["modules"]) <= set(info["kept_fp32"])
     model = deploykit.load(result.path).model
     for name in auto["modules"]:
