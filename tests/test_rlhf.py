@@ -169,3 +169,44 @@ def test_rlhf_config_is_validated(tmp_path):
         _cfg(tmp_path, batch_size=2, minibatch_size=4)
     with pytest.raises(ConfigError, match="target_kl"):
         _cfg(tmp_path, target_kl=0.0)
+
+
+
+class _Captured(Exception):
+    """Raised by a stubbed stage with the config the CLI built for it."""
+
+
+def _capture(cfg, *args, **kwargs):
+    raise _Captured(cfg)
+
+
+@pytest.mark.parametrize("template", ["seed", "qa"])
+def test_template_lays_out_reward_dpo_and_rlhf_prompts_as_sft_did(template, monkeypatch):
+    # A model tuned in one layout must be scored, preferred and rolled out in that layout: --template
+    # reaches every stage's embedded prompts, and they are the very prompts sft trains on.
+    from deploykit.cli.main import build_parser
+    from deploykit.train import preference, rlhf
+    from deploykit.train.sft import TEMPLATES, embedded_examples
+
+    tpl = TEMPLATES[template]
+    for name in ("train_reward", "train_dpo"):
+        monkeypatch.setattr(preference, name, _capture)
+    monkeypatch.setattr(rlhf, "rlhf", _capture)
+    parser = build_parser()
+    configs = {}
+    for argv in (["reward", "b", "--data", "embedded-tasks", "--out", "o"],
+                 ["dpo", "b", "--data", "embedded-tasks", "--out", "o"],
+                 ["rlhf", "b", "--reward", "r", "--out", "o"]):
+        args = parser.parse_args(argv + ["--template", template])
+        with pytest.raises(_Captured) as got:
+            args.func(args)
+        configs[argv[0]] = got.value.args[0]
+    assert {k: cfg.template for k, cfg in configs.items()} == {"reward": tpl, "dpo": tpl, "rlhf": tpl}
+
+    sft_prompts = [tpl.prompt(e.instruction, e.input) for e in embedded_examples(2, split="train", seed=0)]
+    pairs, _ = preference.load_pairs(configs["reward"])
+    prompts, _ = rlhf.load_prompts(configs["rlhf"], configs["rlhf"].template)
+    assert [p.prompt for p in pairs[:len(sft_prompts)]] == sft_prompts
+    assert [p.text for p in prompts[:len(sft_prompts)]] == sft_prompts
+    if template == "qa":
+        assert sft_prompts[0].startswith("Q: ") and sft_prompts[0].endswith(" A: ")

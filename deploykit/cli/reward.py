@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .sft import add_template_argument
+
 EXAMPLES = """\
 examples:
   deploykit reward runs/micro-sft --data embedded-tasks --steps 100 --out runs/micro-rm
@@ -25,6 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs-per-task", type=int, default=200, help="embedded-tasks: train pairs per task")
     p.add_argument("--eval-per-task", type=int, default=20, help="held-out pairs per task")
     p.add_argument("--seed", type=int, default=0)
+    add_template_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace --out if this command wrote it")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -49,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, **extra):
     from ..train.preference import PreferenceConfig
+    from ..train.sft import TEMPLATES
 
-    return PreferenceConfig(base=args.base, data=args.data, out=args.out, steps=args.steps,
+    return PreferenceConfig(template=TEMPLATES[args.template], base=args.base, data=args.data, out=args.out, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, pairs_per_task=args.pairs_per_task,
                             eval_per_task=args.eval_per_task, seed=args.seed, force=args.force, **extra)
 

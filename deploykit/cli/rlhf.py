@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from .sft import add_template_argument
+
 EXAMPLES = """\
 examples:
   deploykit sft runs/micro --data embedded-tasks --method full --out runs/micro-sft
@@ -50,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--eval-per-task", type=int, default=20, help="held-out prompts per task for exact-match")
     p.add_argument("--seed", type=int, default=0)
+    add_template_argument(p)
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it is an rlhf run")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -58,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.rlhf import RlhfConfig, rlhf
+    from ..train.sft import TEMPLATES
 
-    cfg = RlhfConfig(policy=args.policy, reward=args.reward, out=args.out, data=args.data, steps=args.steps,
+    cfg = RlhfConfig(template=TEMPLATES[args.template], policy=args.policy, reward=args.reward, out=args.out, data=args.data, steps=args.steps,
                      batch_size=args.batch_size, minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
                      lr=args.lr, kl_coef=args.kl_coef, target_kl=args.target_kl, temperature=args.temperature,
                      max_new_tokens=args.max_new_tokens, eval_per_task=args.eval_per_task, seed=args.seed,

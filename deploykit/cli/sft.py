@@ -18,6 +18,14 @@ or embedded-tasks (the verifiable tasks: add, sub, mul, reverse, sort, recall). 
 task on the held-out examples is reported before and after."""
 
 
+def add_template_argument(p: argparse.ArgumentParser) -> None:
+    """``--template`` for sft, reward, dpo and rlhf: the stages of one pipeline must share a layout."""
+    p.add_argument("--template", default="seed", choices=("seed", "qa"),
+                   help='prompt layout: seed ("### Instruction / ### Input / ### Response", default) or qa (the '
+                   'embedded tasks\' own "Q: ... A: answer", which the bench asks in). reward, dpo and rlhf lay '
+                   'out embedded-tasks with it (their JSONL prompts come templated): pass what sft used')
+
+
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning (full, lora, prompt)",
                        description="Fine-tune a checkpoint on instruction data; loss on the response tokens only.",
@@ -29,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default 3e-3 for lora/prompt, 3e-4 for full")
     p.add_argument("--temperature", type=float, default=1.0, help="task mixing temperature (default 1)")
-    p.add_argument("--train-per-task", type=int, default=400, help="embedded-tasks: train examples per task")
+    p.add_argument("--train-per-task", type=int, default=5000,
+                   help="embedded-tasks: train examples per task (default 5000; with 400 the model memorised "
+                   "them and learnt little of the tasks)")
     p.add_argument("--eval-per-task", type=int, default=20, help="held-out examples per task (default 20)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
@@ -37,9 +47,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="comma-separated module names")
     p.add_argument("--prompt-tokens", type=int, default=8, help="virtual tokens for --method prompt")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per eval answer")
-    p.add_argument("--template", default="seed", choices=("seed", "qa"),
-                   help='prompt layout: seed ("### Instruction / ### Input / ### Response", default) or qa '
-                   '(the embedded tasks\' own "Q: ... A: answer", which the bench asks in)')
+    add_template_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it is an sft run")

@@ -14,7 +14,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,7 @@ class PreferenceConfig:
     max_len: int = 128
     max_new_tokens: int = 16  # DPO's exact-match eval
     seed: int = 0
+    template: Template = field(default_factory=Template)  # embedded pairs' layout: the one SFT used
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -197,8 +198,8 @@ class PreferenceConfig:
 
 def load_pairs(cfg: PreferenceConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
     if cfg.data == EMBEDDED:
-        return (embedded_pairs(cfg.pairs_per_task, split="train", seed=cfg.seed),
-                embedded_pairs(cfg.eval_per_task, split="eval", seed=cfg.seed + 1))
+        return (embedded_pairs(cfg.pairs_per_task, split="train", seed=cfg.seed, template=cfg.template),
+                embedded_pairs(cfg.eval_per_task, split="eval", seed=cfg.seed + 1, template=cfg.template))
     pairs = read_pairs(Path(cfg.data))
     random.Random(cfg.seed).shuffle(pairs)
     k = max(1, min(len(pairs) // 5, cfg.eval_per_task * 6))

@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class RlhfConfig:
     prompts_per_task: int = 200
     eval_per_task: int = 20
     seed: int = 0
+    template: Template = field(default_factory=Template)  # embedded prompts' layout: the one SFT used
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -278,7 +279,7 @@ def rlhf(cfg: RlhfConfig, *, on_iteration: Any = None) -> dict[str, Any]:
     policy = load_model(cfg.policy)
     ref = load_model(cfg.policy).eval().requires_grad_(False)
     rm = load_reward_model(cfg.reward)
-    template = Template()
+    template = cfg.template
     prompts, held = load_prompts(cfg, template)
     _check_pair(cfg, policy, tokenizer, prompts)
     pv = PolicyWithValue(policy)
