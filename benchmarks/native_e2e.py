@@ -7,22 +7,32 @@ shapes (d_model 576, 30 layers, 9 heads, 3 kv heads, ffn 1536, vocab 49152, tied
 
 - Contenders (``--contenders``): torch fp32, torch int8-dynamic, onnx int8-dynamic, native int8
   (the engine), native int8 through its torch modules (the reference path the engine replaced), native
-  int4 (the engine, GPTQ-rounded 4-bit weights; dense and legacy models only), and llama.cpp Q8_0 / Q4_0
-  (and Q4_0 holding deploykit's GPTQ rounding, ``--option rounding=gptq``) through deploykit's GGUF backend (``deploykit.convert(..., "gguf", "q8_0")``;
-  rows skipped with the reason when that backend is not importable or does not run the model). Each is
-  converted through ``deploykit.convert`` so its parity proof runs; the verdict is shown beside it.
+  int4 (the engine, GPTQ-rounded 4-bit weights; dense and legacy models only), and llama.cpp Q8_0 / Q4_0,
+  each also with llama.cpp's flash attention (``--option flash_attn=true``; the issue's decode goal is
+  against Q8_0 + flash attention), and Q4_0 holding deploykit's GPTQ rounding (``--option rounding=gptq``),
+  through deploykit's GGUF backend (``deploykit.convert(..., "gguf", "q8_0")``; rows skipped with the reason
+  when that backend is not importable or does not run the model). Each is converted through
+  ``deploykit.convert`` so its parity proof runs; the verdict is shown beside it.
 - decode: a fresh session is fed a 16-token prompt (untimed), then 128 fixed tokens one at a time
   through the KV cache (batch 1), timed. Prefill: a fresh session fed 128 and 512 tokens at once
   (capped at max_seq_len). Load: seconds of ``deploykit.load`` (manifest hashes skipped).
   Contenders are timed round-robin after warm-up, so load changes on a shared machine hit all alike;
   median (min–max) of ``--repeat`` (>= 20 into benchmarks/results/) repeats.
+- Peak RSS: after the timing, each contender is loaded again in its own fresh worker process (this script
+  with ``--rss-worker``: ``import deploykit``, which brings torch, then ``deploykit.load``, the 16-token
+  prompt and one decode token), because in one process the contenders' memory cannot be told apart. Two
+  numbers: the worker's peak resident memory (VmHWM, what the process costs), and that peak over the
+  worker's memory just before the load (the peak is reset there, ``/proc/self/clear_refs``): what the
+  contender's load and first steps add (weights, KV cache, runtime buffers, the runtime it imports, code
+  pages it touches). The worker also times that first load in a fresh process.
+- Goals (issue 11) are ratio rows with their verdict: decode native int8 >= 1.2x llama.cpp Q8_0 + flash
+  attention, native int4 >= 1.2x Q4_0, prefill >= 1.3x llama.cpp, peak RSS <= llama.cpp's + 10 %, load <= 0.1 s.
 
 All contenders run in this one process with the same thread count (2) and allocator settings (the
 script re-executes itself with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set; FACTS.md).
 
     python benchmarks/native_e2e.py [--models micro,micro-moe,smollm2-135m] [--repeat 25] [--threads 2]
-    python benchmarks/native_e2e.py --models micro --random-weights --repeat 2 --decode-tokens 8 \
-        --prefill 32 --allow-busy --out /tmp/e2e          # a smoke run
+    python benchmarks/native_e2e.py --quick      # proves the script works in about a minute (numbers mean nothing)
 
 Into benchmarks/results/ only from a quiet machine (deploykit.bench.quiet): refused before training or
 measuring when the 1-minute load average is over 0.75 per CPU; a run that turned busy writes to a
@@ -60,10 +70,19 @@ CONTENDERS = {  # label -> (backend, scheme or None = the model's native scheme)
     "torch fp32": ("torch", "fp32"), "torch int8-dynamic": ("torch", "int8-dynamic"),
     "onnx int8-dynamic": ("onnx", "int8-dynamic"), "native int8": ("native", None),
     "native int8 (torch modules)": ("native", None), "native int4": ("native", "int4"),
-    "llama.cpp Q8_0": ("gguf", "q8_0"), "llama.cpp Q4_0": ("gguf", "q4_0"),
+    "llama.cpp Q8_0": ("gguf", "q8_0"), "llama.cpp Q8_0 + flash attention": ("gguf", "q8_0"),
+    "llama.cpp Q4_0": ("gguf", "q4_0"), "llama.cpp Q4_0 + flash attention": ("gguf", "q4_0"),
     "llama.cpp Q4_0 (deploykit GPTQ)": ("gguf", "q4_0"),
 }
-OPTIONS = {"native int4": {"rounding": "gptq"}, "llama.cpp Q4_0 (deploykit GPTQ)": {"rounding": "gptq"}}
+OPTIONS = {"native int4": {"rounding": "gptq"}, "llama.cpp Q4_0 (deploykit GPTQ)": {"rounding": "gptq"},
+           "llama.cpp Q8_0 + flash attention": {"flash_attn": True},
+           "llama.cpp Q4_0 + flash attention": {"flash_attn": True}}
+# --quick: random-weight nano, unproved, a few tokens: shows the script runs, measures nothing. Its contenders
+# cover every code path of this script (the engine, its torch modules, llama.cpp with and without flash
+# attention, the peak-RSS workers, the goal rows); the other conversions take minutes on a busy machine.
+QUICK = {"models": "nano", "repeat": 2, "decode_tokens": 8, "prefill": "32,64"}
+QUICK_CONTENDERS = ("torch fp32", "native int8", "native int8 (torch modules)", "llama.cpp Q8_0",
+                    "llama.cpp Q8_0 + flash attention", "llama.cpp Q4_0 + flash attention")
 
 
 def random_checkpoint(model: str, work: Path) -> Path:
@@ -112,15 +131,15 @@ def contenders(model: str, ckpt: Path, work: Path, args) -> tuple[dict, dict]:
         label = label.replace("native int8", f"native {native_scheme}")
         if label.endswith("(torch modules)") and native_runner is not None:
             c = dict(out[f"native {native_scheme}"])
-            out[label] = {**c, "runner": native_runner.reference()}
+            out[label] = {**c, "runner": native_runner.reference(), "reference": True}
             continue
         t0 = time.perf_counter()
         try:
             # allow_mismatch: a contender past its parity tolerance still has a speed worth knowing; the
             # verdict is recorded and shown next to it.
-            folder = work / f"{model}-{backend}-{scheme}{'-' + options['rounding'] if options else ''}"
+            folder = work / "-".join([model, backend, scheme, *(f"{k}={v}" for k, v in (options or {}).items())])
             r = deploykit.convert(ckpt, backend, scheme, folder, threads=args.threads, allow_mismatch=True,
-                                  options=options)
+                                  options=options, verify=not args.quick)
         except Exception as e:  # noqa: BLE001  (an absent backend or runtime: the row says why)
             if backend in ("gguf", "onnx") or scheme == "int4":  # int4: MoE models are refused, with the reason
                 skipped[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
@@ -133,19 +152,55 @@ def contenders(model: str, ckpt: Path, work: Path, args) -> tuple[dict, dict]:
         load_s = time.perf_counter() - t0
         if backend == "native" and scheme != "int4":
             native_runner = runner
-        s = r.report.to_dict()["summary"]
-        out[label] = {"runner": runner, "convert_s": convert_s, "load_s": load_s,
-                      "parity": {k: s[k] for k in ("max_abs_logit", "mean_kl", "top1", "greedy_match")},
-                      "parity_passed": r.report.passed(), "bytes": r.manifest["total_bytes"]}
+        s = r.report.to_dict()["summary"] if r.report else None  # --quick: not proved
+        out[label] = {"runner": runner, "convert_s": convert_s, "load_s": load_s, "path": str(r.path),
+                      "parity": {k: s[k] for k in ("max_abs_logit", "mean_kl", "top1", "greedy_match")} if s else None,
+                      "parity_passed": r.report.passed() if r.report else None, "bytes": r.manifest["total_bytes"]}
         print(f"  {label}: converted in {convert_s:.1f}s, loaded in {load_s:.3f}s, parity {out[label]['parity']}",
               flush=True)
     return out, skipped
 
 
+def _status_kb(field: str) -> int:
+    """A VmRSS / VmHWM line of /proc/self/status, in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def rss_worker(spec: dict) -> dict:
+    """In this fresh process (deploykit and torch imported, nothing loaded): reset the peak, load the contender,
+    feed the prompt and one decode token; peak resident memory (MB) in all and over the baseline, load seconds."""
+    torch.set_num_threads(spec["threads"])
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        reset = True
+    except OSError:
+        reset = False
+    base = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    runner = deploykit.load(spec["path"], threads=spec["threads"], verify_files=False)
+    load_s = time.perf_counter() - t0
+    if spec.get("reference"):
+        runner = runner.reference()
+    session = runner.new_session()
+    session.feed(spec["prompt"])
+    session.feed([spec["token"]])
+    peak = _status_kb("VmHWM")
+    return {"base_mb": base / 1024, "process_peak_mb": peak / 1024, "peak_mb": (peak - base) / 1024,
+            "rss_mb": (_status_kb("VmRSS") - base) / 1024, "load_s": load_s, "peak_reset": reset}
 
 
+def peak_rss(contender: dict, prompt: list[int], token: int, threads: int) -> dict:
+    """rss_worker's numbers for one contender, from a worker process (same interpreter and allocator settings)."""
+    spec = {"path": contender["path"], "reference": bool(contender.get("reference")), "prompt": prompt,
+            "token": token, "threads": threads}
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-worker", json.dumps(spec)],
+                       check=False, capture_output=True, text=True, timeout=900, env=os.environ)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["worker failed"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def bench_model(model: str, args, work: Path) -> dict:
@@ -166,11 +221,15 @@ def bench_model(model: str, args, work: Path) -> dict:
         prefill[n] = rates_interleaved({k: (lambda r=r, ids=ids: prefill_once(r, ids)) for k, r in runners.items()},
                                  args.repeat)
     load_after = os.getloadavg()
+    memory = {}  # after the timing: the workers' loads must not disturb it
+    for k, c in cs.items():
+        memory[k] = peak_rss(c, prompt, tokens[0], args.threads)
+        print(f"  {k}: peak RSS {memory[k]}", flush=True)
     rows = {}
     for k, c in cs.items():
         rows[k] = {"decode_tok_s": decode[k], **{f"prefill{n}_tok_s": prefill[n][k] for n in lengths},
                    "load_s": c["load_s"], "parity": c["parity"], "parity_passed": c["parity_passed"],
-                   "artifact_bytes": c["bytes"]}
+                   "artifact_bytes": c["bytes"], "memory": memory[k]}
     ratios = {}
     for nat in (k for k in runners if k.startswith("native") and "torch modules" not in k):
         for base in runners:
@@ -179,12 +238,61 @@ def bench_model(model: str, args, work: Path) -> dict:
             ratios[f"decode {nat} / {base}"] = decode[nat]["median"] / decode[base]["median"]
             for n in lengths:
                 ratios[f"prefill{n} {nat} / {base}"] = prefill[n][nat]["median"] / prefill[n][base]["median"]
+    ratios |= resource_ratios(rows)
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}x", flush=True)
     label = str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else "random weights"
     return {"model": model, "checkpoint": label, "config": cfg.to_dict(), "parameters": cfg.num_params(),
             "rows": rows, "skipped": skipped, "ratios": ratios, "prefill_lengths": lengths,
             "loadavg_before": load_before, "loadavg_after": load_after}
+
+
+LOAD_GOAL_S = 0.1
+
+
+def resource_ratios(rows: dict) -> dict[str, float]:
+    """Peak RSS of each native contender over each llama.cpp one (the process, and what the load adds), and
+    each native load (in this process, and the first in a fresh one) over the 0.1 s goal."""
+    out = {}
+    for nat, row in rows.items():
+        if not nat.startswith("native") or "torch modules" in nat:
+            continue
+        mem = row["memory"]
+        out[f"load {nat} / {LOAD_GOAL_S:g} s"] = row["load_s"] / LOAD_GOAL_S
+        if "load_s" in mem:
+            out[f"load in a fresh process {nat} / {LOAD_GOAL_S:g} s"] = mem["load_s"] / LOAD_GOAL_S
+        for base, b in rows.items():
+            if base.startswith("llama.cpp") and "peak_mb" in mem and "peak_mb" in b["memory"]:
+                out[f"peak RSS (process) {nat} / {base}"] = mem["process_peak_mb"] / b["memory"]["process_peak_mb"]
+                out[f"peak RSS (added by the load) {nat} / {base}"] = mem["peak_mb"] / b["memory"]["peak_mb"]
+    return out
+
+
+def goal(key: str) -> tuple[str, float] | None:
+    """Issue 11's goal for a ratio row, as (">=" | "<=", bound), or None."""
+    if key.startswith("load "):
+        return "<=", 1.0
+    if key.startswith("peak RSS ") and "GPTQ" not in key:
+        return "<=", 1.10
+    if " / llama.cpp " not in key or "GPTQ" in key:
+        return None
+    nat, base = key.split(" / ")
+    if key.startswith("prefill"):
+        return ">=", 1.3
+    if nat == "decode native int8" and base == "llama.cpp Q8_0 + flash attention":
+        return ">=", 1.2
+    if nat == "decode native int4" and base.startswith("llama.cpp Q4_0"):
+        return ">=", 1.2
+    return None
+
+
+def goal_cell(key: str, value: float) -> str:
+    g = goal(key)
+    if g is None:
+        return ""
+    op, bound = g
+    met = value >= bound if op == ">=" else value <= bound
+    return f"{'≥' if op == '>=' else '≤'} {bound:.2f}x: {'met' if met else '**missed**'}"
 
 
 def markdown(res: dict) -> str:
@@ -198,24 +306,34 @@ def markdown(res: dict) -> str:
              f"Decode: {res['decode_tokens']} tokens after a {PROMPT}-token prompt, KV cache, batch 1; prefill: one "
              f"call with the whole prompt; load: deploykit.load without hashing; median of {res['repeat']} after "
              "3 warm-up rounds (min–max in brackets). `native ... (torch modules)` is the same artifact run "
-             "through its torch modules (the path the C++ engine replaced).", ""]
+             "through its torch modules (the path the C++ engine replaced). Peak RSS: each contender in its own "
+             "fresh worker process (`import deploykit`, which brings torch, then load, the prompt and one decode "
+             "token): the process's peak resident memory, and that peak over the memory just before the load "
+             "(what the load and first steps add). Load s: in the benchmark's process (runtimes imported); "
+             "fresh process: the worker's first load.", ""]
     for r in res["models"]:
         lengths = r["prefill_lengths"]
         lines += [f"## {r['model']} ({r['parameters'] / 1e6:.1f} M parameters, {r['checkpoint']})", "",
                   "| contender | decode tok/s | " + " | ".join(f"prefill@{n} tok/s" for n in lengths)
-                  + " | load s | artifact MB | max abs dlogit | KL | top-1 | parity proof |",
-                  "|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|---:|---:|---|"]
+                  + " | load s | load s (fresh process) | peak RSS MB (process) | peak RSS MB (added by the load) "
+                  "| artifact MB | max abs dlogit | KL | top-1 | parity proof |",
+                  "|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for k, row in r["rows"].items():
             d, q = row["decode_tok_s"], row["parity"]
             pre = " | ".join(f"{row[f'prefill{n}_tok_s']['median']:.0f} [{row[f'prefill{n}_tok_s']['min']:.0f}–"
                              f"{row[f'prefill{n}_tok_s']['max']:.0f}]" for n in lengths)
+            mem = row.get("memory") or {}
+            rss = (f"{mem['load_s']:.3f} | {mem['process_peak_mb']:.1f} | {mem['peak_mb']:.1f}" if "peak_mb" in mem
+                   else f"error: {mem.get('error', 'not measured')} | |")
+            proof = ("not proved (--quick)" if row.get("parity_passed") is None
+                     else "passed" if row["parity_passed"] else "**failed**")
+            par = (f"{q['max_abs_logit']:.3f} | {q['mean_kl']:.1e} | {q['top1']:.3f}" if q else "– | – | –")
             lines.append(f"| {k} | {d['median']:.0f} [{d['min']:.0f}–{d['max']:.0f}] | {pre} | {row['load_s']:.3f} "
-                         f"| {row['artifact_bytes'] / 1e6:.2f} | {q['max_abs_logit']:.3f} | {q['mean_kl']:.1e} "
-                         f"| {q['top1']:.3f} | {'passed' if row.get('parity_passed', True) else '**failed**'} |")
+                         f"| {rss} | {row['artifact_bytes'] / 1e6:.2f} | {par} | {proof} |")
         for k, why in r["skipped"].items():
-            lines.append(f"| {k} | skipped: {why} |" + " |" * (len(lengths) + 6))
-        lines += ["", "| ratio (medians) | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f}x |" for k, v in r["ratios"].items()]
+            lines.append(f"| {k} | skipped: {why} |" + " |" * (len(lengths) + 9))
+        lines += ["", "| ratio (medians) | value | goal (issue 11) |", "|---|---:|---|"]
+        lines += [f"| {k} | {v:.2f}x | {goal_cell(k, v)} |" for k, v in r["ratios"].items()]
         lines += [""]
     return "\n".join(lines) + "\n"
 
@@ -223,16 +341,31 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="micro,micro-moe,smollm2-135m")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS),
-                    help=f"comma-separated, from: {', '.join(CONTENDERS)}")
+    ap.add_argument("--contenders", default=None,
+                    help=f"comma-separated, from: {', '.join(CONTENDERS)} (default: all)")
     ap.add_argument("--random-weights", action="store_true", help="random-weight checkpoints (no training)")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--prefill", default="128,512", help="prefill lengths (capped at max_seq_len)")
     ap.add_argument("--repeat", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    ap.add_argument("--quick", action="store_true",
+                    help="prove the script works in about a minute: random-weight nano, six contenders unproved, "
+                         "a few tokens, into a temporary folder (numbers mean nothing)")
+    ap.add_argument("--rss-worker", help=argparse.SUPPRESS)  # internal: one contender's peak RSS (JSON spec)
     add_allow_busy_flag(ap)
     args = ap.parse_args(argv)
+    if args.rss_worker:
+        print(json.dumps(rss_worker(json.loads(args.rss_worker))))
+        return 0
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+        args.random_weights = args.allow_busy = True
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="native_e2e-quick-"))
+        args.contenders = args.contenders or ",".join(QUICK_CONTENDERS)
+    args.contenders = args.contenders or ",".join(CONTENDERS)
+    args.out = args.out or ROOT / "benchmarks" / "results"
     unknown = [c for c in args.contenders.split(",") if c not in CONTENDERS]
     if unknown:
         ap.error(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
