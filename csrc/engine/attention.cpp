@@ -14,87 +14,7 @@ namespace deploykit {
 namespace engine {
 namespace {
 
-// GCC/Clang generic vectors: one source, lowered to zmm, ymm pairs or xmm quads by the target of the
-// function it is inlined into (the three entry points at the bottom). 16 lanes = one AVX-512 register.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef int8_t vb __attribute__((vector_size(16)));
-constexpr int kW = 16;
-constexpr int kNV = static_cast<int>(kKeyTile / kW);  // vectors per key tile
-
 #define DK_INLINE inline __attribute__((always_inline))
-
-DK_INLINE vf load(const float* p) {
-  vf x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-DK_INLINE void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
-DK_INLINE vf splat(float x) { return vf{} + x; }
-DK_INLINE vi splat_i(int32_t x) { return vi{} + x; }
-DK_INLINE vi iota() { return vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
-
-// exp(x) for x <= 0 (softmax after the max): Cephes' expf polynomial as in simd_math.h, ~2 ulp; below
-// -87.3: exp(-87.3).
-DK_INLINE vf exp_v(vf x) {
-  x = x < splat(-87.3365478515625f) ? splat(-87.3365478515625f) : x;
-  const vf fx = x * 1.44269504088896341f + 0.5f;
-  vf fl = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // trunc ...
-  fl = fl > fx ? fl - 1.f : fl;                                          // ... to floor
-  x = x - fl * 0.693359375f;
-  x = x - fl * -2.12194440e-4f;
-  vf y = splat(1.9875691500E-4f);
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * (x * x) + (x + 1.f);
-  const vi e = (__builtin_convertvector(fl, vi) + 127) << 23;
-  return y * (vf)e;  // the bits as floats (a vector cast reinterprets)
-}
-
-// Horizontal max / sum by a fixed butterfly (the same order for every row).
-DK_INLINE float hmax(vf v) {
-  v = v > __builtin_shuffle(v, iota() ^ 8) ? v : __builtin_shuffle(v, iota() ^ 8);
-  v = v > __builtin_shuffle(v, iota() ^ 4) ? v : __builtin_shuffle(v, iota() ^ 4);
-  v = v > __builtin_shuffle(v, iota() ^ 2) ? v : __builtin_shuffle(v, iota() ^ 2);
-  v = v > __builtin_shuffle(v, iota() ^ 1) ? v : __builtin_shuffle(v, iota() ^ 1);
-  return v[0];
-}
-DK_INLINE float hsum(vf v) {
-  v += __builtin_shuffle(v, iota() ^ 8);
-  v += __builtin_shuffle(v, iota() ^ 4);
-  v += __builtin_shuffle(v, iota() ^ 2);
-  v += __builtin_shuffle(v, iota() ^ 1);
-  return v[0];
-}
-
-// fp16 bits -> fp32, exact for normal and subnormal halves (as fp32_ops.cpp's scalar one).
-DK_INLINE vf f16_to_f32(const uint16_t* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  const vi w = __builtin_convertvector(h, vi);
-  const vf f = (vf)((w & 0x7fff) << 13) * 0x1p112f;
-  return (vf)((vi)f | ((w & 0x8000) << 16));
-}
-DK_INLINE float f16_to_f32_1(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h & 0x7fff) << 13;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  f *= 0x1p112f;
-  uint32_t out;
-  std::memcpy(&out, &f, 4);
-  out |= static_cast<uint32_t>(h & 0x8000) << 16;
-  std::memcpy(&f, &out, 4);
-  return f;
-}
-DK_INLINE vf i8_to_f32(const int8_t* p) {
-  vb b;
-  std::memcpy(&b, p, sizeof b);
-  return __builtin_convertvector(b, vf);
-}
 
 // One key tile as the kernel reads it: fp32 keys kt[i * ldkt + p] (p < kKeyTile) and values v[p * ldv + i].
 struct Tile {
@@ -116,134 +36,6 @@ struct Block {
 
 constexpr int kMaxQb = 4;
 
-// acc_j(NV vectors at c0) += sum_{p < n} w[m][p] * V[p] for NQ queries from j0.
-template <int NQ, int NV>
-DK_INLINE void pv(const Tile& t, const Block& b, int64_t j0, int64_t n, int64_t c0) {
-  vf a[NQ][NV];
-  for (int m = 0; m < NQ; ++m)
-    for (int v = 0; v < NV; ++v) a[m][v] = load(b.acc + (j0 + m) * b.hd + c0 + v * kW);
-  for (int64_t p = 0; p < n; ++p) {
-    const float* vr = t.v + p * t.ldv + c0;
-    vf x[NV];
-    for (int v = 0; v < NV; ++v) x[v] = load(vr + v * kW);
-    for (int m = 0; m < NQ; ++m) {
-      const vf w = splat(b.p[m * kKeyTile + p]);
-      for (int v = 0; v < NV; ++v) a[m][v] += w * x[v];
-    }
-  }
-  for (int m = 0; m < NQ; ++m)
-    for (int v = 0; v < NV; ++v) store(b.acc + (j0 + m) * b.hd + c0 + v * kW, a[m][v]);
-}
-
-// Scores, online-softmax update and P.V of NQ consecutive queries (j0..) against one tile.
-template <int NQ>
-DK_INLINE void micro(const Tile& t, const Block& b, int64_t j0) {
-  const int64_t hd = b.hd;
-  const float* qp[NQ];
-  int64_t pos[NQ];
-  for (int m = 0; m < NQ; ++m) {
-    const int64_t r = (j0 + m) / b.heads, h = (j0 + m) % b.heads;
-    qp[m] = b.q + r * b.ldq + h * hd;
-    pos[m] = b.pos0 + r;
-  }
-  vf s[NQ][kNV];
-  for (int m = 0; m < NQ; ++m)
-    for (int c = 0; c < kNV; ++c) s[m][c] = vf{};
-  for (int64_t i = 0; i < hd; ++i) {  // s[m][p] = q_m . k_p, one FMA chain over i per (m, p)
-    const float* kr = t.kt + i * t.ldkt;
-    vf k[kNV];
-    for (int c = 0; c < kNV; ++c) k[c] = load(kr + c * kW);
-    for (int m = 0; m < NQ; ++m) {
-      const vf qb = splat(qp[m][i]);
-      for (int c = 0; c < kNV; ++c) s[m][c] += qb * k[c];
-    }
-  }
-  int64_t nmax = 0;
-  for (int m = 0; m < NQ; ++m) {
-    const int64_t n = std::min<int64_t>(kKeyTile, pos[m] + 1 - t.k0), j = j0 + m;  // n >= 1: keys this query sees
-    nmax = std::max(nmax, n);
-    const vi nv = splat_i(static_cast<int32_t>(n));
-    vf x[kNV], mx = splat(-INFINITY);
-    for (int c = 0; c < kNV; ++c) {
-      x[c] = iota() + c * kW < nv ? s[m][c] * b.scale : splat(-INFINITY);  // later keys (or unwritten ones) masked
-      mx = mx > x[c] ? mx : x[c];
-    }
-    const float mold = b.m[j], mnew = std::max(mold, hmax(mx));
-    const float corr = mold == -INFINITY ? 0.f : std::exp(mold - mnew);
-    vf sum = vf{};
-    float* w = b.p + m * kKeyTile;
-    for (int c = 0; c < kNV; ++c) {
-      vf e = exp_v(x[c] - mnew);
-      e = iota() + c * kW < nv ? e : vf{};
-      store(w + c * kW, e);
-      sum += e;
-    }
-    b.l[j] = b.l[j] * corr + hsum(sum);
-    b.m[j] = mnew;
-    if (corr != 1.f) {
-      float* a = b.acc + j * hd;
-      for (int64_t i = 0; i < hd; ++i) a[i] *= corr;
-    }
-  }
-  // Weights of keys a query does not see are 0 and its V rows are written (rows of this step or earlier):
-  // adding 0 * V changes no bit, so the queries of the block share one pass up to the furthest-seeing one.
-  const int64_t hv = hd / kW * kW;
-  for (int64_t c0 = 0; c0 < hv; c0 += 4 * kW) {
-    const int64_t nvec = std::min<int64_t>(4, (hv - c0) / kW);
-    if (nvec == 4) pv<NQ, 4>(t, b, j0, nmax, c0);
-    else if (nvec == 3) pv<NQ, 3>(t, b, j0, nmax, c0);
-    else if (nvec == 2) pv<NQ, 2>(t, b, j0, nmax, c0);
-    else pv<NQ, 1>(t, b, j0, nmax, c0);
-  }
-  for (int64_t i = hv; i < hd; ++i)
-    for (int m = 0; m < NQ; ++m) {
-      float a = b.acc[(j0 + m) * hd + i];
-      for (int64_t p = 0; p < nmax; ++p) a += b.p[m * kKeyTile + p] * t.v[p * t.ldv + i];
-      b.acc[(j0 + m) * hd + i] = a;
-    }
-}
-
-template <int N>
-DK_INLINE void micro_n(int64_t n, const Tile& t, const Block& b, int64_t j0) {
-  if (n == N) micro<N>(t, b, j0);
-  else if constexpr (N > 1) micro_n<N - 1>(n, t, b, j0);
-}
-
-// Tile k0 of kv head g in fp32: read in place (fp32 cache) or converted into kbuf (hd, kKeyTile) and
-// vbuf (kKeyTile, hd); nv: value rows needed (the rows the block's queries see).
-DK_INLINE Tile load_tile(const KvView& kv, int64_t g, int64_t k0, int64_t nv, float* kbuf, float* vbuf) {
-  const int64_t hd = kv.hd, capp = kv.capp, ldv = kv.kv_heads * hd, vo = k0 * ldv + g * hd;
-  const int64_t ko = (g * (capp / kKeyTile) + k0 / kKeyTile) * hd * kKeyTile;  // the tile's (hd, kKeyTile) block
-  if (kv.type == KvType::F32)
-    return Tile{static_cast<const float*>(kv.kt) + ko, kKeyTile, static_cast<const float*>(kv.v) + vo, ldv, k0};
-  const int64_t hv = hd / kW * kW;
-  if (kv.type == KvType::F16) {
-    const uint16_t* kt = static_cast<const uint16_t*>(kv.kt) + ko;
-    const uint16_t* v = static_cast<const uint16_t*>(kv.v) + vo;
-    for (int64_t i = 0; i < hd; ++i)
-      for (int c = 0; c < kNV; ++c) store(kbuf + i * kKeyTile + c * kW, f16_to_f32(kt + i * kKeyTile + c * kW));
-    for (int64_t p = 0; p < nv; ++p) {
-      int64_t i = 0;
-      for (; i < hv; i += kW) store(vbuf + p * hd + i, f16_to_f32(v + p * ldv + i));
-      for (; i < hd; ++i) vbuf[p * hd + i] = f16_to_f32_1(v[p * ldv + i]);
-    }
-  } else {  // int8: value * its position's scale
-    const int8_t* kt = static_cast<const int8_t*>(kv.kt) + ko;
-    const int8_t* v = static_cast<const int8_t*>(kv.v) + vo;
-    const float* ks = kv.ks + g * capp + k0;
-    const float* vs = kv.vs + g * capp + k0;
-    vf sc[kNV];
-    for (int c = 0; c < kNV; ++c) sc[c] = load(ks + c * kW);
-    for (int64_t i = 0; i < hd; ++i)
-      for (int c = 0; c < kNV; ++c) store(kbuf + i * kKeyTile + c * kW, i8_to_f32(kt + i * kKeyTile + c * kW) * sc[c]);
-    for (int64_t p = 0; p < nv; ++p) {
-      int64_t i = 0;
-      for (; i < hv; i += kW) store(vbuf + p * hd + i, i8_to_f32(v + p * ldv + i) * vs[p]);
-      for (; i < hd; ++i) vbuf[p * hd + i] = static_cast<float>(v[p * ldv + i]) * vs[p];
-    }
-  }
-  return Tile{kbuf, kKeyTile, vbuf, hd, k0};
-}
 
 struct Step {  // one attention_step call, shared by its chunks
   const KvView* kv;
@@ -263,57 +55,288 @@ int64_t chunk_floats(int64_t group, int64_t hd) {
   return nq * hd + 2 * nq + kMaxQb * kKeyTile + 2 * kKeyTile * hd;
 }
 
-// One task: rows [r0, r1) of the step against kv head g, every tile from 0 to the last row's position.
-template <int QB>
-DK_INLINE void run_task(const Step& s, int64_t g, int64_t r0, int64_t r1, float* scr) {
-  const KvView& kv = *s.kv;
-  const int64_t hd = kv.hd, qd = s.H * hd, heads = s.group, nq = (r1 - r0) * heads;
-  Block b{s.q + r0 * qd + g * heads * hd, s.out + r0 * qd + g * heads * hd, qd, heads, r1 - r0, s.pos0 + r0, hd,
-          s.scale, scr, nullptr, nullptr, nullptr};
-  b.m = b.acc + nq * hd;
-  b.l = b.m + nq;
-  b.p = b.l + nq;
-  float* kbuf = b.p + kMaxQb * kKeyTile;
-  float* vbuf = kbuf + kKeyTile * hd;
-  std::fill(b.acc, b.acc + nq * hd, 0.f);
-  std::fill(b.m, b.m + nq, -INFINITY);
-  std::fill(b.l, b.l + nq, 0.f);
-  const int64_t last = b.pos0 + b.rows - 1;
-  for (int64_t k0 = 0; k0 <= last; k0 += kKeyTile) {
-    const Tile t = load_tile(kv, g, k0, std::min(kKeyTile, last + 1 - k0), kbuf, vbuf);
-    for (int64_t j = std::max<int64_t>(0, k0 - b.pos0) * heads; j < nq; j += QB)  // queries that see this tile
-      micro_n<QB>(std::min<int64_t>(QB, nq - j), t, b, j);
-  }
-  for (int64_t j = 0; j < nq; ++j) {
-    const float inv = 1.f / b.l[j];
-    const float* a = b.acc + j * hd;
-    float* o = b.out + (j / heads) * qd + (j % heads) * hd;
-    for (int64_t i = 0; i < hd; ++i) o[i] = a[i] * inv;
-  }
-}
+// W-lane vectors of floats, int32, fp16 bits and int8 (a vector_size cannot depend on a template argument).
+template <int W>
+struct Vec;
+#define DK_VEC(W)                                                    \
+  template <>                                                        \
+  struct Vec<W> {                                                    \
+    typedef float f __attribute__((vector_size(4 * W)));             \
+    typedef int32_t i __attribute__((vector_size(4 * W)));           \
+    typedef uint16_t h __attribute__((vector_size(2 * W)));          \
+    typedef int8_t b __attribute__((vector_size(W)));                \
+  };
+DK_VEC(16)
+DK_VEC(8)
+DK_VEC(4)
+#undef DK_VEC
 
-// Chunk ch runs tasks ch, ch + chunks, ...: tasks go from the last (longest) block to the first, so
-// every chunk gets a like share of the causal triangle.
-template <int QB>
-DK_INLINE void run_chunk(const Step& s, long long ch) {
-  float* scr = s.scratch + ch * s.per_chunk;
-  for (int64_t task = ch; task < s.tasks; task += s.chunks) {
-    const int64_t blk = s.n_blocks - 1 - task / s.kv->kv_heads, g = task % s.kv->kv_heads;
-    const int64_t r0 = blk * s.rows_per_block, r1 = std::min(s.T, r0 + s.rows_per_block);
-    run_task<QB>(s, g, r0, r1, scr);
+// One source for every variant: GCC/Clang generic vectors of W lanes (16: one AVX-512 register, 8: one
+// AVX2 register, 4: SSE2), lowered by the target of the entry point it is inlined into (at the bottom).
+template <int W>
+struct Kern {
+  using vf = typename Vec<W>::f;
+  using vi = typename Vec<W>::i;
+  using vh = typename Vec<W>::h;
+  using vb = typename Vec<W>::b;
+  static constexpr int kW = W;
+  static constexpr int kNV = static_cast<int>(kKeyTile / W);  // vectors per key tile
+
+  DK_INLINE static vf load(const float* p) {
+    vf x;
+    std::memcpy(&x, p, sizeof x);
+    return x;
   }
-}
+  DK_INLINE static void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+  DK_INLINE static vf splat(float x) { return vf{} + x; }
+  DK_INLINE static vi splat_i(int32_t x) { return vi{} + x; }
+  DK_INLINE static vi iota() {
+    vi r;
+    for (int j = 0; j < W; ++j) r[j] = j;
+    return r;
+  }
+
+  // exp(x) for x <= 0 (softmax after the max): Cephes' expf polynomial as in simd_math.h, ~2 ulp; below
+  // -87.3: exp(-87.3).
+  DK_INLINE static vf exp_v(vf x) {
+    x = x < splat(-87.3365478515625f) ? splat(-87.3365478515625f) : x;
+    const vf fx = x * 1.44269504088896341f + 0.5f;
+    vf fl = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // trunc ...
+    fl = fl > fx ? fl - 1.f : fl;                                          // ... to floor
+    x = x - fl * 0.693359375f;
+    x = x - fl * -2.12194440e-4f;
+    vf y = splat(1.9875691500E-4f);
+    y = y * x + 1.3981999507E-3f;
+    y = y * x + 8.3334519073E-3f;
+    y = y * x + 4.1665795894E-2f;
+    y = y * x + 1.6666665459E-1f;
+    y = y * x + 5.0000001201E-1f;
+    y = y * (x * x) + (x + 1.f);
+    const vi e = (__builtin_convertvector(fl, vi) + 127) << 23;
+    return y * (vf)e;  // the bits as floats (a vector cast reinterprets)
+  }
+
+  // Horizontal max / sum by a fixed butterfly (the same order for every row).
+  DK_INLINE static float hmax(vf v) {
+    for (int w = W / 2; w > 0; w /= 2) {
+      const vf u = __builtin_shuffle(v, iota() ^ w);
+      v = v > u ? v : u;
+    }
+    return v[0];
+  }
+  DK_INLINE static float hsum(vf v) {
+    for (int w = W / 2; w > 0; w /= 2) v += __builtin_shuffle(v, iota() ^ w);
+    return v[0];
+  }
+
+  // fp16 bits -> fp32, exact for normal and subnormal halves (as fp32_ops.cpp's scalar one).
+  DK_INLINE static vf f16_to_f32(const uint16_t* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    const vi w = __builtin_convertvector(h, vi);
+    const vf f = (vf)((w & 0x7fff) << 13) * 0x1p112f;
+    return (vf)((vi)f | ((w & 0x8000) << 16));
+  }
+  DK_INLINE static float f16_to_f32_1(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h & 0x7fff) << 13;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    f *= 0x1p112f;
+    uint32_t out;
+    std::memcpy(&out, &f, 4);
+    out |= static_cast<uint32_t>(h & 0x8000) << 16;
+    std::memcpy(&f, &out, 4);
+    return f;
+  }
+  DK_INLINE static vf i8_to_f32(const int8_t* p) {
+    vb b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vf);
+  }
+
+
+  // acc_j(NV vectors at c0) += sum_{p < n} w[m][p] * V[p] for NQ queries from j0.
+  template <int NQ, int NV>
+  DK_INLINE static void pv(const Tile& t, const Block& b, int64_t j0, int64_t n, int64_t c0) {
+    vf a[NQ][NV];
+    for (int m = 0; m < NQ; ++m)
+      for (int v = 0; v < NV; ++v) a[m][v] = load(b.acc + (j0 + m) * b.hd + c0 + v * kW);
+    for (int64_t p = 0; p < n; ++p) {
+      const float* vr = t.v + p * t.ldv + c0;
+      vf x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = load(vr + v * kW);
+      for (int m = 0; m < NQ; ++m) {
+        const vf w = splat(b.p[m * kKeyTile + p]);
+        for (int v = 0; v < NV; ++v) a[m][v] += w * x[v];
+      }
+    }
+    for (int m = 0; m < NQ; ++m)
+      for (int v = 0; v < NV; ++v) store(b.acc + (j0 + m) * b.hd + c0 + v * kW, a[m][v]);
+  }
+
+  // Scores, online-softmax update and P.V of NQ consecutive queries (j0..) against one tile.
+  template <int NQ>
+  DK_INLINE static void micro(const Tile& t, const Block& b, int64_t j0) {
+    const int64_t hd = b.hd;
+    const float* qp[NQ];
+    int64_t pos[NQ];
+    for (int m = 0; m < NQ; ++m) {
+      const int64_t r = (j0 + m) / b.heads, h = (j0 + m) % b.heads;
+      qp[m] = b.q + r * b.ldq + h * hd;
+      pos[m] = b.pos0 + r;
+    }
+    vf s[NQ][kNV];
+    for (int m = 0; m < NQ; ++m)
+      for (int c = 0; c < kNV; ++c) s[m][c] = vf{};
+    for (int64_t i = 0; i < hd; ++i) {  // s[m][p] = q_m . k_p, one FMA chain over i per (m, p)
+      const float* kr = t.kt + i * t.ldkt;
+      vf k[kNV];
+      for (int c = 0; c < kNV; ++c) k[c] = load(kr + c * kW);
+      for (int m = 0; m < NQ; ++m) {
+        const vf qb = splat(qp[m][i]);
+        for (int c = 0; c < kNV; ++c) s[m][c] += qb * k[c];
+      }
+    }
+    int64_t nmax = 0;
+    for (int m = 0; m < NQ; ++m) {
+      const int64_t n = std::min<int64_t>(kKeyTile, pos[m] + 1 - t.k0), j = j0 + m;  // n >= 1: keys this query sees
+      nmax = std::max(nmax, n);
+      const vi nv = splat_i(static_cast<int32_t>(n));
+      vf x[kNV], mx = splat(-INFINITY);
+      for (int c = 0; c < kNV; ++c) {
+        x[c] = iota() + c * kW < nv ? s[m][c] * b.scale : splat(-INFINITY);  // later keys (or unwritten ones) masked
+        mx = mx > x[c] ? mx : x[c];
+      }
+      const float mold = b.m[j], mnew = std::max(mold, hmax(mx));
+      const float corr = mold == -INFINITY ? 0.f : std::exp(mold - mnew);
+      vf sum = vf{};
+      float* w = b.p + m * kKeyTile;
+      for (int c = 0; c < kNV; ++c) {
+        vf e = exp_v(x[c] - mnew);
+        e = iota() + c * kW < nv ? e : vf{};
+        store(w + c * kW, e);
+        sum += e;
+      }
+      b.l[j] = b.l[j] * corr + hsum(sum);
+      b.m[j] = mnew;
+      if (corr != 1.f) {
+        float* a = b.acc + j * hd;
+        for (int64_t i = 0; i < hd; ++i) a[i] *= corr;
+      }
+    }
+    // Weights of keys a query does not see are 0 and its V rows are written (rows of this step or earlier):
+    // adding 0 * V changes no bit, so the queries of the block share one pass up to the furthest-seeing one.
+    const int64_t hv = hd / kW * kW;
+    for (int64_t c0 = 0; c0 < hv; c0 += 4 * kW) {
+      const int64_t nvec = std::min<int64_t>(4, (hv - c0) / kW);
+      if (nvec == 4) pv<NQ, 4>(t, b, j0, nmax, c0);
+      else if (nvec == 3) pv<NQ, 3>(t, b, j0, nmax, c0);
+      else if (nvec == 2) pv<NQ, 2>(t, b, j0, nmax, c0);
+      else pv<NQ, 1>(t, b, j0, nmax, c0);
+    }
+    for (int64_t i = hv; i < hd; ++i)
+      for (int m = 0; m < NQ; ++m) {
+        float a = b.acc[(j0 + m) * hd + i];
+        for (int64_t p = 0; p < nmax; ++p) a += b.p[m * kKeyTile + p] * t.v[p * t.ldv + i];
+        b.acc[(j0 + m) * hd + i] = a;
+      }
+  }
+
+  template <int N>
+  DK_INLINE static void micro_n(int64_t n, const Tile& t, const Block& b, int64_t j0) {
+    if (n == N) micro<N>(t, b, j0);
+    else if constexpr (N > 1) micro_n<N - 1>(n, t, b, j0);
+  }
+
+  // Tile k0 of kv head g in fp32: read in place (fp32 cache) or converted into kbuf (hd, kKeyTile) and
+  // vbuf (kKeyTile, hd); nv: value rows needed (the rows the block's queries see).
+  DK_INLINE static Tile load_tile(const KvView& kv, int64_t g, int64_t k0, int64_t nv, float* kbuf, float* vbuf) {
+    const int64_t hd = kv.hd, capp = kv.capp, ldv = kv.kv_heads * hd, vo = k0 * ldv + g * hd;
+    const int64_t ko = (g * (capp / kKeyTile) + k0 / kKeyTile) * hd * kKeyTile;  // the tile's (hd, kKeyTile) block
+    if (kv.type == KvType::F32)
+      return Tile{static_cast<const float*>(kv.kt) + ko, kKeyTile, static_cast<const float*>(kv.v) + vo, ldv, k0};
+    const int64_t hv = hd / kW * kW;
+    if (kv.type == KvType::F16) {
+      const uint16_t* kt = static_cast<const uint16_t*>(kv.kt) + ko;
+      const uint16_t* v = static_cast<const uint16_t*>(kv.v) + vo;
+      for (int64_t i = 0; i < hd; ++i)
+        for (int c = 0; c < kNV; ++c) store(kbuf + i * kKeyTile + c * kW, f16_to_f32(kt + i * kKeyTile + c * kW));
+      for (int64_t p = 0; p < nv; ++p) {
+        int64_t i = 0;
+        for (; i < hv; i += kW) store(vbuf + p * hd + i, f16_to_f32(v + p * ldv + i));
+        for (; i < hd; ++i) vbuf[p * hd + i] = f16_to_f32_1(v[p * ldv + i]);
+      }
+    } else {  // int8: value * its position's scale
+      const int8_t* kt = static_cast<const int8_t*>(kv.kt) + ko;
+      const int8_t* v = static_cast<const int8_t*>(kv.v) + vo;
+      const float* ks = kv.ks + g * capp + k0;
+      const float* vs = kv.vs + g * capp + k0;
+      vf sc[kNV];
+      for (int c = 0; c < kNV; ++c) sc[c] = load(ks + c * kW);
+      for (int64_t i = 0; i < hd; ++i)
+        for (int c = 0; c < kNV; ++c) store(kbuf + i * kKeyTile + c * kW, i8_to_f32(kt + i * kKeyTile + c * kW) * sc[c]);
+      for (int64_t p = 0; p < nv; ++p) {
+        int64_t i = 0;
+        for (; i < hv; i += kW) store(vbuf + p * hd + i, i8_to_f32(v + p * ldv + i) * vs[p]);
+        for (; i < hd; ++i) vbuf[p * hd + i] = static_cast<float>(v[p * ldv + i]) * vs[p];
+      }
+    }
+    return Tile{kbuf, kKeyTile, vbuf, hd, k0};
+  }
+
+
+  // One task: rows [r0, r1) of the step against kv head g, every tile from 0 to the last row's position.
+  template <int QB>
+  DK_INLINE static void run_task(const Step& s, int64_t g, int64_t r0, int64_t r1, float* scr) {
+    const KvView& kv = *s.kv;
+    const int64_t hd = kv.hd, qd = s.H * hd, heads = s.group, nq = (r1 - r0) * heads;
+    Block b{s.q + r0 * qd + g * heads * hd, s.out + r0 * qd + g * heads * hd, qd, heads, r1 - r0, s.pos0 + r0, hd,
+            s.scale, scr, nullptr, nullptr, nullptr};
+    b.m = b.acc + nq * hd;
+    b.l = b.m + nq;
+    b.p = b.l + nq;
+    float* kbuf = b.p + kMaxQb * kKeyTile;
+    float* vbuf = kbuf + kKeyTile * hd;
+    std::fill(b.acc, b.acc + nq * hd, 0.f);
+    std::fill(b.m, b.m + nq, -INFINITY);
+    std::fill(b.l, b.l + nq, 0.f);
+    const int64_t last = b.pos0 + b.rows - 1;
+    for (int64_t k0 = 0; k0 <= last; k0 += kKeyTile) {
+      const Tile t = load_tile(kv, g, k0, std::min(kKeyTile, last + 1 - k0), kbuf, vbuf);
+      for (int64_t j = std::max<int64_t>(0, k0 - b.pos0) * heads; j < nq; j += QB)  // queries that see this tile
+        micro_n<QB>(std::min<int64_t>(QB, nq - j), t, b, j);
+    }
+    for (int64_t j = 0; j < nq; ++j) {
+      const float inv = 1.f / b.l[j];
+      const float* a = b.acc + j * hd;
+      float* o = b.out + (j / heads) * qd + (j % heads) * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] = a[i] * inv;
+    }
+  }
+
+  // Chunk ch runs tasks ch, ch + chunks, ...: tasks go from the last (longest) block to the first, so
+  // every chunk gets a like share of the causal triangle.
+  template <int QB>
+  DK_INLINE static void run_chunk(const Step& s, long long ch) {
+    float* scr = s.scratch + ch * s.per_chunk;
+    for (int64_t task = ch; task < s.tasks; task += s.chunks) {
+      const int64_t blk = s.n_blocks - 1 - task / s.kv->kv_heads, g = task % s.kv->kv_heads;
+      const int64_t r0 = blk * s.rows_per_block, r1 = std::min(s.T, r0 + s.rows_per_block);
+      run_task<QB>(s, g, r0, r1, scr);
+    }
+  }
+};
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void chunk_avx512(const void* s, long long ch) {
-  run_chunk<4>(*static_cast<const Step*>(s), ch);
+  Kern<16>::run_chunk<4>(*static_cast<const Step*>(s), ch);
 }
 __attribute__((target("avx2,fma"))) void chunk_avx2(const void* s, long long ch) {
-  run_chunk<1>(*static_cast<const Step*>(s), ch);
+  Kern<8>::run_chunk<1>(*static_cast<const Step*>(s), ch);
 }
 #define DK_ATTN_X86 1
 #endif
-void chunk_baseline(const void* s, long long ch) { run_chunk<1>(*static_cast<const Step*>(s), ch); }
+void chunk_baseline(const void* s, long long ch) { Kern<4>::run_chunk<1>(*static_cast<const Step*>(s), ch); }
 
 }  // namespace
 
