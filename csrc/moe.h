@@ -24,9 +24,9 @@ struct MoeWeights {
 
 // Scratch of one moe_ffn_run caller; grows to the largest T seen and is then reused.
 struct MoeWorkspace {
-  std::vector<int32_t> ids, counts, offsets, perm, inv, cursor;
+  std::vector<int32_t> ids, counts, offsets, perm, inv, cursor;  // cursor: the sort's 4 x E counters
   std::vector<int8_t> qx, qxs, qh;
-  std::vector<float> wts, sx, sxs, h, sh, ys;
+  std::vector<float> wts, sx, sxs, h, sh, ys, ex;
   std::vector<GemmArgs> a1, a2;
   std::vector<GemmPiece> pieces;
   void ensure(const MoeWeights& w, int64_t T, int64_t k);

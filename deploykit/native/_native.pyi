@@ -41,6 +41,9 @@ def moe_route(logits: npt.NDArray[np.float32], k: int, softmax_all: bool,
               ids: npt.NDArray[np.int32], weights: npt.NDArray[np.float32],
               counts: npt.NDArray[np.int32], offsets: npt.NDArray[np.int32],
               perm: npt.NDArray[np.int32], inv: npt.NDArray[np.int32]) -> None: ...
+def moe_route_arrays(logits: npt.NDArray[np.float32], k: int, softmax_all: bool) -> tuple[
+        npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.int32],
+        npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 def moe_gather(x: npt.NDArray[np.float32], perm: npt.NDArray[np.int32], k: int,
                out: npt.NDArray[np.float32], nthreads: int = 1) -> None: ...
 def moe_scatter(ys: npt.NDArray[np.float32], inv: npt.NDArray[np.int32],

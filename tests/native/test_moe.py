@@ -2,12 +2,16 @@
 expert index wins), k=1, k=E, experts with no tokens, T=1, T=0."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+
 import pytest
 import torch
+from native_helpers import isa_params, requires_native
 
 from deploykit import native
-
-from native_helpers import isa_params, requires_native
 
 pytestmark = requires_native
 
@@ -28,8 +32,10 @@ def naive_route(logits: torch.Tensor, k: int, softmax: str):
     return ids, w, counts, torch.tensor(perm, dtype=torch.int32)
 
 
-CASES = [  # (T, E, k)
+CASES = [  # (T, E, k); T % 16 != 0 and E = 8 vs other E: the 16-token blocks, their masked tail,
+    # the transposed-load (E = 8) and gathered (other E) paths of the AVX-512 routing
     (1, 8, 2), (16, 8, 2), (33, 8, 1), (7, 4, 4), (5, 1, 1), (64, 16, 3), (0, 8, 2),
+    (37, 8, 2), (300, 6, 2), (19, 2, 2), (50, 5, 1), (77, 16, 2), (1030, 8, 2),
 ]
 
 
@@ -48,6 +54,34 @@ def test_route_matches_naive(T, E, k, softmax):
     assert r.offsets.tolist() == [0, *torch.cumsum(counts, 0).tolist()]
     assert torch.equal(r.perm, perm)
     assert torch.equal(r.inv[r.perm.long()], torch.arange(T * k, dtype=torch.int32))
+
+
+def test_route_same_on_every_variant():
+    """The routing the scalar variant picks (DEPLOYKIT_NATIVE_ISA=scalar, in a fresh process: the
+    choice is made once per process) equals this process's: ids/perm/inv exactly, weights to 2 ulp
+    of the vector exp; ties, -inf and a 16-token tail included."""
+    torch.manual_seed(11)
+    logits = torch.randn(45, 8)
+    logits[3] = 1.0  # all tied
+    logits[4, 2] = logits[4, 6] = 7.0
+    logits[5, :7] = float("-inf")
+    logits[44, 1] = float("-inf")
+    cases = [(2, "topk"), (1, "topk"), (2, "all"), (3, "topk")]
+    code = ("import sys, torch; from deploykit import native; lg = torch.load(sys.argv[1]); "
+            f"torch.save([tuple(native.moe_route(lg, k, sm)) for k, sm in {cases!r}], sys.argv[2])")
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "lg.pt"), os.path.join(d, "out.pt")
+        torch.save(logits, src)
+        env = {**os.environ, "DEPLOYKIT_NATIVE_ISA": "scalar"}
+        subprocess.run([sys.executable, "-c", code, src, dst], env=env, check=True, timeout=120)
+        scalar = torch.load(dst)
+    for (k, sm), ref in zip(cases, scalar):
+        r = native.moe_route(logits, k, sm)
+        for name, a, b in zip(native.MoERouting._fields, r, ref):
+            if name == "weights":
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-30)
+            else:
+                assert torch.equal(a, b), (k, sm, name)
 
 
 def test_route_ties_lowest_index_wins():
