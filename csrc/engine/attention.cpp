@@ -208,7 +208,8 @@ struct Kern {
         mx = mx > x[c] ? mx : x[c];
       }
       const float mold = b.m[j], mnew = std::max(mold, hmax(mx));
-      const float corr = mold == -INFINITY ? 0.f : std::exp(mold - mnew);
+      // exp_v, not std::exp: a call would spill every live vector register (the other queries' scores)
+      const float corr = mold == -INFINITY ? 0.f : exp_v(splat(mold - mnew))[0];
       vf sum = vf{};
       float* w = b.p + m * kKeyTile;
       for (int c = 0; c < kNV; ++c) {
