@@ -505,7 +505,9 @@ void register_moe(py::module_& m) {
         py::gil_scoped_release nogil;
         if (T == 0) return;
         MoeWeights mw{W13, S13, C13, W2, S2, C2, E, D, F};
-        MoeWorkspace ws;
+        // Per-thread scratch kept across calls: a fresh one allocated (and page-faulted) every
+        // buffer of the layer on every call.
+        thread_local MoeWorkspace ws;
         moe_ffn_run(mw, xp, lp, T, k, softmax_all, o, ws, isa, nthreads);
       },
       py::arg("x"), py::arg("logits"), py::arg("k"), py::arg("softmax_all"), py::arg("w13"),
