@@ -454,6 +454,9 @@ class Session {
       engine::to_f16(s_.vnew.data(), v16_.get() + voff, T * kvd);
       return;
     }
+    for (int64_t p = (len_ + engine::kKeyTile - 1) / engine::kKeyTile * engine::kKeyTile; p < len_ + T; p += engine::kKeyTile)
+      for (int64_t g = 0; g < c.KV; ++g)  // a tile's first position: its key scales start at 0 (see scatter_keys)
+        std::fill(ks_.get() + sbase + g * capp_ + p, ks_.get() + sbase + g * capp_ + p + engine::kKeyTile, 0.f);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < c.KV; ++g) {
         const int64_t r = t * kvd + g * hd, si = sbase + g * capp_ + len_ + t;
@@ -464,7 +467,10 @@ class Session {
   }
 
   // rows (T, kv_heads * hd) -> the layer's transposed key tiles kt at positions len_..; one tile's
-  // positions at a time, so the writes run along a tile row and the reads stay in L1.
+  // positions at a time, so the writes run along a tile row and the reads stay in L1. A tile is zeroed
+  // when its first position is written: the kernel computes scores over whole tiles and masks the
+  // positions not yet written, which then hold zeros, not whatever the allocation held (no NaN or
+  // denormal garbage reaches an FMA).
   template <typename E>
   void scatter_keys(const E* rows, E* kt, int64_t T) {
     const Config& c = e_->config();
@@ -473,6 +479,7 @@ class Session {
       const int64_t p0 = len_ + t0, t1 = std::min(T, t0 + engine::kKeyTile - p0 % engine::kKeyTile);
       for (int64_t g = 0; g < c.KV; ++g) {
         E* dst = kt + engine::kt_index(capp_, hd, g, p0, 0);  // dim i, position p0 + j at dst[i * kKeyTile + j]
+        if (p0 % engine::kKeyTile == 0) std::fill(dst, dst + hd * engine::kKeyTile, E(0));
         const E* src = rows + g * hd;
         for (int64_t i = 0; i < hd; ++i)
           for (int64_t t = t0; t < t1; ++t) dst[i * engine::kKeyTile + (t - t0)] = src[t * kvd + i];
