@@ -36,9 +36,11 @@ static void split_units(int64_t n, int64_t c, int64_t parts, int64_t& b, int64_t
 void run_gemm(const GemmArgs& a, Isa isa, int nthreads) {
   const int64_t units = n_units(a);
   if (a.M == 0 || units == 0) return;
-  // Below ~64K MACs a thread hand-off costs more than it saves.
+  // Below ~1M MACs (a few microseconds on one core with AVX-512 VNNI) a second thread saves at
+  // most a microsecond or two, and on a shared machine a worker descheduled inside its chunk
+  // can cost a whole time slice.
   const double macs = static_cast<double>(a.M) * a.Kp * units * kPanel;
-  if (macs < 65536.0) nthreads = 1;
+  if (macs < 1048576.0) nthreads = 1;
   nthreads = std::max(1, nthreads);
   // Split output tiles: over channel units when there are enough (each thread then streams
   // only its own weights), else over rows.
