@@ -4,7 +4,9 @@ index_add). d=512, ffn=1408, E=8, k=2, T in {1, 16, 256, 2048}; 2 threads; media
 after warm-up; same allocator settings for all (the script re-executes itself with
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set, see FACTS.md on page faults).
 
-    python benchmarks/kernels_moe.py [--repeat 25] [--out benchmarks/results] [--allow-busy]
+    python benchmarks/kernels_moe.py [--quick] [--repeat 25] [--out benchmarks/results] [--allow-busy]
+
+--quick: T in {1, 16} only (a smoke run that proves the script works; kernels_moe_quick.*).
 
 Into benchmarks/results/ only from a quiet machine (deploykit.bench.quiet): refused before measuring
 when the 1-minute load average is over 0.75 per CPU; a run that turned busy writes to a temporary
@@ -38,6 +40,11 @@ from deploykit.bench.quiet import (  # noqa: E402
 
 D, FF, E, K = 512, 1408, 8, 2
 TS = [1, 16, 256, 2048]
+TS_QUICK = [1, 16]
+# Issue 11's goals: (row key, T predicate, minimum ratio, description)
+GOALS = [("route_x_vec", lambda T: T >= 256, 5.0, "routing >= 5x vectorized torch at T >= 256"),
+         ("layer_x_vec", lambda T: T >= 256, 3.0, "int8 MoE layer >= 3x torch fp32 at T >= 256"),
+         ("layer_x_vec", lambda T: T == 16, 2.0, "int8 MoE layer >= 2x torch fp32 at T = 16")]
 THREADS = 2
 
 
@@ -97,6 +104,7 @@ def moe_vectorized(x, logits, w1, w3, w2, k):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=25)
+    ap.add_argument("--quick", action="store_true", help="T in {1, 16} only (smoke run)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="threads for every contender (issue 5 asks for 2; 1 is a check that is "
@@ -128,7 +136,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     rows = []
     print(f"{'T':>5} | {'route us: native':>16} {'naive':>8} {'vector':>8} {'x naive':>8} {'x vec':>6} |"
           f" {'layer us: native':>16} {'naive':>9} {'vector':>9} {'x naive':>8} {'x vec':>6}")
-    for T in TS:
+    for T in TS_QUICK if args.quick else TS:
         x = torch.randn(T, D)
         logits = F.linear(x, router)
         with torch.inference_mode():
@@ -165,7 +173,9 @@ def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[di
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     out = verdict.write_to
     out.mkdir(parents=True, exist_ok=True)
-    stem = "kernels_moe" if args.threads == THREADS else f"kernels_moe_{args.threads}t"
+    stem = "kernels_moe_quick" if args.quick else "kernels_moe"
+    if args.threads != THREADS:
+        stem += f"_{args.threads}t"
     (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     with open(out / f"{stem}.md", "w") as f:
         f.write(f"# MoE: deploykit.native vs naive per-expert loop vs vectorized torch\n\n"
@@ -182,7 +192,23 @@ def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[di
                     f"{r['route_vec_us']:.1f} | {r['route_x_naive']:.1f} | {r['route_x_vec']:.1f} | "
                     f"{r['layer_native_us']:.1f} | {r['layer_naive_us']:.1f} | {r['layer_vec_us']:.1f} | "
                     f"{r['layer_x_naive']:.2f} | {r['layer_x_vec']:.2f} | {r['layer_rel_err_vs_fp32']:.4f} |\n")
+        f.write("\n## Goals (issue 11)\n\n")
+        f.writelines(f"- {line}\n" for line in goal_lines(rows))
         f.write(f"\ncpu_features: `{json.dumps(feats)}`\n")
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """One line per goal: the measured ratios at the T it covers, met or missed (or not measured)."""
+    out = []
+    for key, covers, need, what in GOALS:
+        got = [(r["T"], r[key]) for r in rows if covers(r["T"])]
+        if not got:
+            out.append(f"{what}: not measured in this run")
+            continue
+        ok = all(v >= need for _, v in got)
+        vals = ", ".join(f"T={t}: {v:.1f}x" for t, v in got)
+        out.append(f"{what}: {vals} -> {'met' if ok else 'missed'}")
+    return out
 
 
 if __name__ == "__main__":
