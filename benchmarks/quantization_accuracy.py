@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/quantization_accuracy.py runs/demo runs/micro runs/micro-moe
     .venv/bin/python benchmarks/quantization_accuracy.py runs/micro --backends native,gguf --append
+    .venv/bin/python benchmarks/quantization_accuracy.py runs/demo --backends torch --schemes int8-static --append
+
+``--append`` keeps the rows of the ``--out`` json that this run does not measure and replaces those it
+does (same model, backend, scheme and method), and keeps the json's ``notes`` (prose written under the
+table of the md).
 
 For every (backend, scheme, method) it converts the checkpoint (``allow_mismatch=True``, so a failed
 proof still leaves an artifact to measure), loads the artifact through its own runner and compares it,
@@ -35,12 +40,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "lm_head fp32": {"quantize_lm_head": False},
     "smoothquant": {"smoothquant": True},
     "block 0 fp32": {"keep_fp32": "model.layers.0"},
+    # every layer int8: what the schemes whose default is keep_fp32=auto (torch int8-static / qat,
+    # tflite int8) do without it. Skipped where it is the default (it would repeat "default").
+    "all int8": {"keep_fp32": ""},
     "rtn": {"rounding": "rtn"},
     "gptq": {"rounding": "gptq"},
 }
 SCHEMES = {"torch": ("int8-dynamic", "int8-static", "int8-qat"), "onnx": ("int8-dynamic", "int8-static"),
-           "native": ("int8", "int8-moe", "int4"), "gguf": ("q8_0", "q4_0")}
-HALF_SCHEMES = {"torch": ("bf16",), "onnx": ("fp16",), "native": (), "gguf": ()}
+           "native": ("int8", "int8-moe", "int4"), "gguf": ("q8_0", "q4_0"), "tflite": ("int8-dynamic", "int8")}
+HALF_SCHEMES = {"torch": ("bf16",), "onnx": ("fp16",), "native": (), "gguf": (), "tflite": ("fp16",)}
 
 
 def held_out(tokenizer: Any, n_blocks: int, block: int) -> np.ndarray:
@@ -82,6 +90,8 @@ def measure(source: Path, backend: str, scheme: str, options: dict[str, Any], id
     from deploykit.errors import BackendError, ConfigError
 
     out = work / f"{backend}-{scheme}"
+    if options and _same_as_default(backend, scheme, options):
+        return {"skipped": "the scheme's default already (the 'default' row)"}
     t0 = time.perf_counter()
     try:
         res = deploykit.convert(source, backend, scheme, out, force=True, allow_mismatch=True, options=options)
@@ -99,6 +109,21 @@ def measure(source: Path, backend: str, scheme: str, options: dict[str, Any], id
             "violations": rep.violations(), "options": res.manifest.get("options"),
             "proof": {k: v for k, v in rep.to_dict()["summary"].items()}}
     return row
+
+
+def _same_as_default(backend: str, scheme: str, options: dict[str, Any]) -> bool:
+    from deploykit.deploy.registry import registry
+    from deploykit.errors import ConfigError
+
+    sch = registry().get_backend(backend).scheme(scheme)
+    try:
+        return sch.parse_options(options, backend=backend) == sch.parse_options({}, backend=backend)
+    except ConfigError:  # an option the scheme does not take: measure() reports the skip
+        return False
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    return row["model"], row["backend"], row["scheme"], row["method"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     rows: list[dict[str, Any]] = []
+    notes = ""
     if args.append and args.out.with_suffix(".json").is_file():
-        rows = json.loads(args.out.with_suffix(".json").read_text())["rows"]
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        rows, notes = previous["rows"], previous.get("notes", "")
     with tempfile.TemporaryDirectory() as tmp:
         for src in args.checkpoints:
             tok = Tokenizer.load(src)
@@ -137,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     row = {"model": src.name, "backend": backend, "scheme": scheme, "method": method}
                     row |= measure(src, backend, scheme, METHODS[method], ids, ref, Path(tmp))
-                    rows.append(row)
+                    rows = [r for r in rows if _key(r) != _key(row)] + [row]
                     print(json.dumps({k: v for k, v in row.items() if k not in ("proof", "options")}), flush=True)
     flags = machine_info(2)["cpu_flags"]
     isa = ", ".join(f for f, on in flags.items() if on) or "no flag of deploykit's list"
     report = {"machine": {"cpu": cpu_model(), "isa": isa, "torch": torch.__version__},
-              "held_out": {"blocks": args.blocks, "block": args.block}, "rows": rows}
+              "held_out": {"blocks": args.blocks, "block": args.block}, "rows": rows, "notes": notes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     args.out.with_suffix(".md").write_text(render(report))
@@ -174,6 +201,8 @@ def render(report: dict[str, Any]) -> str:
                      f"{r['max_rel_logit']:.3f} | {r['mean_kl']:.2g} | {r['top1']:.3f} | {r['delta_ppl_pct']:+.2f} | "
                      f"{dp} | {format(q['mean_kl'], '.2g') if 'mean_kl' in q else '-'} | "
                      f"{format(q['top1'], '.3f') if 'top1' in q else '-'} | {proof} |")
+    if report.get("notes"):
+        lines += ["", report["notes"].rstrip()]
     return "\n".join(lines) + "\n"
 
 

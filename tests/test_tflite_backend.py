@@ -167,3 +167,43 @@ def test_sequence_past_the_cache_capacity_is_refused(fp32_runner):
     session.feed([1] * 250)
     with pytest.raises(ConfigError, match="max_length=256"):
         session.feed([1] * 7)
+
+
+# -- int8's float fallbacks: lm_head and the costliest layer group (keep_fp32=auto) ---------------------
+def _tensor_types(path) -> dict[str, set[str]]:
+    """{name scope of a FullyConnected's module: dtypes of the tensors under it} of a flatbuffer."""
+    import tensorflow as tf
+
+    out: dict[str, set[str]] = {}
+    for d in tf.lite.Interpreter(model_path=str(path / tb.MODEL_FILE)).get_tensor_details():
+        for part in d["name"].split(";"):
+            scope = part.split("/")[0]
+            if scope.startswith(("model.layers.", "lm_head")):
+                out.setdefault(scope, set()).add(np.dtype(d["dtype"]).name)
+    return out
+
+
+def test_int8_keeps_lm_head_and_the_costliest_group_float(nano_checkpoint, tmp_path):
+    result = deploykit.convert(nano_checkpoint, "tflite", "int8", out=tmp_path / "a", threads=1)
+    assert result.report.passed(), result.report.violations()
+    info = result.manifest["backend_info"]
+    auto = info["keep_fp32_auto"]
+    assert len(auto["kept_groups"]) == 1 and auto["modules"]
+    assert set(info["kept_fp32"]) == {"lm_head", *auto["modules"]}
+    types = _tensor_types(result.path)
+    for name in info["kept_fp32"]:
+        assert "int8" not in types[name], (name, types[name])
+    quantized = [n for n in types if n not in info["kept_fp32"] and n.startswith("model.layers.")]
+    assert quantized and all("int8" in types[n] for n in quantized), {n: types[n] for n in quantized}
+
+
+def test_int8_keep_fp32_names_and_smoothquant(nano_checkpoint, tmp_path):
+    result = deploykit.convert(nano_checkpoint, "tflite", "int8", out=tmp_path / "a", threads=1, verify=False,
+                               options={"keep_fp32": "model.layers.1.self_attn.o_proj", "quantize_lm_head": "true",
+                                        "smoothquant": "true", "smoothquant_alpha": "0.5"})
+    info = result.manifest["backend_info"]
+    assert info["kept_fp32"] == ["model.layers.1.self_attn.o_proj"] and info["smoothquant"]["alpha"] == 0.5
+    types = _tensor_types(result.path)
+    assert "int8" not in types["model.layers.1.self_attn.o_proj"] and "int8" in types["lm_head"]
+    with pytest.raises(ConfigError, match="keep_fp32 'model.layers.9' names no quantized module"):
+        deploykit.convert(nano_checkpoint, "tflite", "int8", out=tmp_path / "b", options={"keep_fp32": "model.layers.9"})

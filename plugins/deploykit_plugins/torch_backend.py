@@ -15,7 +15,9 @@ What runs, per scheme (stated in the manifest too):
   outlier token then crushes every other token's resolution (demo micro, held-out text: top-1 0.968,
   Δppl +0.22 % per tensor; per token see benchmarks/results/quantization_accuracy.md).
 - ``int8-static``: int8 weights and an int8 activation scale per layer fixed from calibration text;
-  ``torch._int_mm`` (int8×int8→int32 GEMM) with the result rescaled to fp32.
+  ``torch._int_mm`` (int8×int8→int32 GEMM) with the result rescaled to fp32. By default the one layer
+  group whose int8 costs most on the calibration set stays fp32 (``keep_fp32=auto``, see
+  ``StaticOptions``): on demo, micro and micro-moe it is block 0's MLP (or experts') down projection.
 - ``int8-qat``: ``int8-static``'s format and kernels, after a few steps of fake-quantised fine-tuning
   that distils the fp32 model (KL to its logits) so the weights adapt to int8 rounding.
 - ``prune-l1``: unstructured magnitude pruning, made permanent; pruned tensors stored as a bitmask +
