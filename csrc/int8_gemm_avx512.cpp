@@ -159,16 +159,17 @@ DK_AVX512 void blocked_rows(const GemmArgs& a, int64_t m0, int64_t m1, int64_t p
   const int64_t max_rows = std::max<int64_t>(MR, kL2A / std::max<int64_t>(a.Kp, 1));
   const int64_t n_blocks = (M + max_rows - 1) / max_rows;
   const int64_t mc_rows = ((M + n_blocks - 1) / n_blocks + MR - 1) / MR * MR;
-  const int64_t n_slices = (kg + kKC / 4 - 1) / (kKC / 4);  // near-equal K slices
-  const int64_t kc_groups = (kg + n_slices - 1) / n_slices;
+  // Near-equal K slices; K = 0 is one empty slice (its epilogue still writes bias / zeros).
+  const int64_t n_slices = std::max<int64_t>(1, (kg + kKC / 4 - 1) / (kKC / 4));
+  const int64_t kc_groups = std::max<int64_t>(1, (kg + n_slices - 1) / n_slices);
   int32_t* cbuf = tile_buffer(std::min(mc_rows, M + MR) * ldc);
   for (int64_t mc = m0; mc < m1; mc += mc_rows) {
     const int64_t mc_end = std::min(m1, mc + mc_rows);
     for (int64_t p = p0; p < p1; p += NP) {
       const int np = static_cast<int>(std::min<int64_t>(NP, p1 - p));
       const int8_t* wp = a.w + p * pstride;
-      for (int64_t g0 = 0; g0 < kg; g0 += kc_groups) {
-        const int64_t ng = std::min(kc_groups, kg - g0);
+      for (int64_t g0 = 0; g0 < std::max<int64_t>(kg, 1); g0 += kc_groups) {
+        const int64_t ng = std::min(kc_groups, kg - g0);  // 0 only when K = 0
         const bool last = g0 + ng == kg;
         const int32_t* cs = last ? a.colsum + p * kPanel : nullptr;
         for (int64_t m = mc; m < mc_end; m += MR) {

@@ -41,9 +41,10 @@ def test_raw_accumulators_bit_exact(isa, M, K, N, threads):
 # (M = 9, 23, 61), panel counts that are not multiples of the 3- and 4-panel tiles, N % 16 != 0,
 # K % 4 != 0, K past one K slice (> 4096) with more than one row tile, several row blocks (M * K
 # over the L2 share), decode rows (M <= 8) against many panels, and enough panels (> 96 units)
-# for the threaded driver's 12-unit chunk boundaries.
+# for the threaded driver's 12-unit chunk boundaries; K = 0.
 BLOCKED_SHAPES = [(9, 64, 16), (23, 100, 50), (61, 257, 200), (20, 4101, 40), (12, 8200, 24),
-                  (200, 2100, 80), (3, 1000, 1600), (8, 300, 1570), (5, 77, 45), (130, 64, 1600)]
+                  (200, 2100, 80), (3, 1000, 1600), (8, 300, 1570), (5, 77, 45), (130, 64, 1600),
+                  (12, 0, 20), (3, 0, 20)]  # K = 0: one empty K slice, all-zero accumulators
 
 
 @pytest.mark.parametrize("isa", ISAS)
