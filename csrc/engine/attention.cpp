@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "thread_pool.h"
@@ -34,8 +35,7 @@ struct Block {
   float *acc, *m, *l, *p;  // scratch: acc (nq, hd), running max / sum (nq), weights (kMaxQb, kKeyTile)
 };
 
-constexpr int kMaxQb = 4;
-
+constexpr int kMaxQb = 4;  // queries one micro-kernel call takes (the AVX-512 variant's)
 
 struct Step {  // one attention_step call, shared by its chunks
   const KvView* kv;
@@ -116,17 +116,24 @@ struct Kern {
     return y * (vf)e;  // the bits as floats (a vector cast reinterprets)
   }
 
-  // Horizontal max / sum by a fixed butterfly (the same order for every row).
-  DK_INLINE static float hmax(vf v) {
-    for (int w = W / 2; w > 0; w /= 2) {
-      const vf u = __builtin_shuffle(v, iota() ^ w);
-      v = v > u ? v : u;
-    }
-    return v[0];
+  // Lane j of the result is lane j ^ S of v (__builtin_shufflevector: GCC >= 12 and Clang).
+  template <int S, size_t... J>
+  DK_INLINE static vf swap_lanes(vf v, std::index_sequence<J...>) {
+    return __builtin_shufflevector(v, v, (static_cast<int>(J) ^ S)...);
   }
+  // Horizontal max / sum by a fixed butterfly (the same order for every row).
+  template <int S = W / 2>
+  DK_INLINE static float hmax(vf v) {
+    const vf u = swap_lanes<S>(v, std::make_index_sequence<W>{});
+    v = v > u ? v : u;
+    if constexpr (S > 1) return hmax<S / 2>(v);
+    else return v[0];
+  }
+  template <int S = W / 2>
   DK_INLINE static float hsum(vf v) {
-    for (int w = W / 2; w > 0; w /= 2) v += __builtin_shuffle(v, iota() ^ w);
-    return v[0];
+    v += swap_lanes<S>(v, std::make_index_sequence<W>{});
+    if constexpr (S > 1) return hsum<S / 2>(v);
+    else return v[0];
   }
 
   // fp16 bits -> fp32, exact for normal and subnormal halves (as fp32_ops.cpp's scalar one).
