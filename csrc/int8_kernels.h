@@ -8,8 +8,8 @@
 //   y[r, n]    = float(acc) * (sa[r] * sw[n]) + bias[n]
 //   swiglu:      y = silu(g) * u with g, u the two dequantized outputs of a gate/up pair.
 // -127..127 (not -128) on both sides is what keeps the AVX2 path exact: with the sign trick
-// (|a| as u8 times sign-adjusted w) vpmaddubsw pairs are at most 2*127*127 = 32258 < 32767, so
-// its int16 saturation never triggers. AVX-512 VNNI adds 128 to the activations (u8) and
+// (|w| as u8 times a * sign(w), or |a| times w * sign(a)) vpmaddubsw pairs are at most
+// 2*127*127 = 32258 < 32767, so its int16 saturation never triggers. AVX-512 VNNI adds 128 to the activations (u8) and
 // subtracts 128 * sum_k qw[n,k] (precomputed colsum) afterwards, also exact.
 //
 // Packed weight layout ("panels"): output channels in groups of 16 (kPanel), K padded with
