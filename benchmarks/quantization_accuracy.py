@@ -129,7 +129,6 @@ def _key(row: dict[str, Any]) -> tuple[str, str, str, str]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from deploykit.bench.machine import cpu_model, machine_info
     from deploykit.model.checkpoint import load_model
     from deploykit.model.tokenizer import Tokenizer
 
@@ -164,8 +163,19 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     row = {"model": src.name, "backend": backend, "scheme": scheme, "method": method}
                     row |= measure(src, backend, scheme, METHODS[method], ids, ref, Path(tmp))
-                    rows = [r for r in rows if _key(r) != _key(row)] + [row]
+                    at = next((i for i, r in enumerate(rows) if _key(r) == _key(row)), None)
+                    rows = rows + [row] if at is None else rows[:at] + [row] + rows[at + 1:]  # in its old place
                     print(json.dumps({k: v for k, v in row.items() if k not in ("proof", "options")}), flush=True)
+                    _write(args, rows, notes)  # after every row: a long run stopped midway keeps its rows
+    _write(args, rows, notes)
+    return 0
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], notes: str) -> None:
+    import torch
+
+    from deploykit.bench.machine import cpu_model, machine_info
+
     flags = machine_info(2)["cpu_flags"]
     isa = ", ".join(f for f, on in flags.items() if on) or "no flag of deploykit's list"
     report = {"machine": {"cpu": cpu_model(), "isa": isa, "torch": torch.__version__},
@@ -173,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     args.out.with_suffix(".md").write_text(render(report))
-    return 0
 
 
 def render(report: dict[str, Any]) -> str:

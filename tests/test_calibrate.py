@@ -147,7 +147,11 @@ def test_auto_keep_fp32_keeps_the_layer_made_costly(name):
 
 def test_auto_keep_fp32_option_is_validated():
     assert SmoothQuantOptions.parse({"keep_fp32": "auto:3,lm_head"}, where="t").auto_groups() == 3
-    assert SmoothQuantOptions.parse({"keep_fp32": "auto"}, where="t").keep_list() == []
+    opts = SmoothQuantOptions.parse({"keep_fp32": "auto"}, where="t")
+    model = _model("nano")
+    names, roles = list(select(model, QUANTIZED)), linear_roles(model)
+    with pytest.raises(ConfigError, match="keep_fp32=auto .* not supported by this backend"):
+        kept_fp32(names, roles, opts.keep_list(), where="t")  # a backend that does not measure refuses it
     for bad in ("auto:0", "auto:x", "auto,auto:2"):
         with pytest.raises(ConfigError, match="keep_fp32"):
             SmoothQuantOptions.parse({"keep_fp32": bad}, where="t")

@@ -79,13 +79,14 @@ class SmoothQuantOptions(Int8Options):
         if len(autos) > 1:
             out.append(f"keep_fp32: name auto at most once (got {', '.join(autos)})")
         for item in self.keep_list():
-            if not item.replace(".", "").replace("_", "").isalnum():
+            if not item.startswith("auto") and not item.replace(".", "").replace("_", "").isalnum():
                 out.append(f"keep_fp32: {item!r} is not a module name, prefix or role")
         return out
 
     def keep_list(self) -> list[str]:
-        """The explicit names, prefixes and roles of keep_fp32 (without its auto entry)."""
-        return [x.strip() for x in self.keep_fp32.split(",") if x.strip() and not x.strip().startswith("auto")]
+        """The entries of keep_fp32. An ``auto`` entry among them is resolved by :func:`resolve_keep_fp32`;
+        :func:`kept_fp32` alone refuses it (a backend that does not measure must not ignore it)."""
+        return [x.strip() for x in self.keep_fp32.split(",") if x.strip()]
 
     def auto_groups(self) -> int:
         """How many layer groups keep_fp32's auto entry keeps (0: no auto entry)."""
@@ -105,6 +106,9 @@ def kept_fp32(names: Sequence[str], roles: dict[str, Any], keep: Sequence[str], 
     silently quantize the layer the user meant to keep."""
     out: set[str] = set()
     bad = []
+    if auto := [x for x in keep if _AUTO.fullmatch(x)]:
+        raise ConfigError(f"{where}: keep_fp32={auto[0]} (measured sensitivity) is not supported by this backend",
+                          hint="name the layers to keep (module names, prefixes or roles)")
     for item in keep:
         hit = {n for n in names if n == item or n.startswith(item + ".") or getattr(roles.get(n), "value", None) == item}
         if not hit:
@@ -414,7 +418,7 @@ def resolve_keep_fp32(model: CausalLM, names: Sequence[str], roles: dict[str, An
     (:func:`group_costs`, simulated with the backend's ``activations``) on ``calibration`` and keeps
     the N costliest (only groups whose fp32 copy lowers the KL). Run it after any SmoothQuant rewrite,
     so the costs are those of the model actually quantized."""
-    keep = kept_fp32(names, roles, opts.keep_list(), where=where)
+    keep = kept_fp32(names, roles, [x for x in opts.keep_list() if not _AUTO.fullmatch(x)], where=where)
     n = opts.auto_groups()
     if n == 0:
         return keep, {}
