@@ -208,6 +208,39 @@ def _linear_impl(x: Tensor, p: PackedInt8Weight, bias: Tensor | None, threads: i
     return out.reshape(*lead, p.out_features)
 
 
+class _BufferViews:
+    """numpy views of a module's packed buffers, made once and remade only when a buffer is replaced.
+
+    A decode step calls a few dozen linears on one row each; there the Python around the kernel
+    (module attribute lookups, a PackedInt8Weight per call, a ``.numpy()`` per buffer) cost about
+    four times the 1x512x512 kernel itself. The views are keyed by the buffer tensors' identity and
+    storage address, so ``module.to(...)``, a reassigned buffer or ``set_()`` remakes them, while
+    ``load_state_dict`` (an in-place copy) keeps them valid.
+    """
+
+    __slots__ = ("names", "key", "views")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names, self.key, self.views = names, None, ()
+
+    def get(self, buffers: dict[str, Tensor | None]) -> tuple[Any, ...]:
+        ts = [buffers[n] for n in self.names]
+        key = tuple((id(t), t.data_ptr()) if t is not None else None for t in ts)
+        if key != self.key:
+            self.views = tuple(None if t is None else t.detach().numpy() for t in ts)
+            self.key = key
+        return self.views
+
+
+def _fast_input(x: Tensor, k: int) -> Tensor | None:
+    """``x`` as a contiguous float32 (M, K) when the direct kernel call may take it, else None."""
+    if type(x) is not Tensor or x.dtype is not torch.float32 or x.device.type != "cpu" or x.shape[-1] != k \
+            or x.requires_grad or torch.compiler.is_compiling():
+        return None
+    x2 = x.reshape(-1, k)
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
 def _eager(*ts: Tensor | None) -> bool:
     """True when the fast direct path may run (plain CPU tensors, not under compile/export)."""
     if torch.compiler.is_compiling():
@@ -258,6 +291,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", packed.scales)
         self.register_buffer("colsum", packed.colsum)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self._views = _BufferViews(("packed", "scales", "colsum", "bias"))
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -269,7 +303,14 @@ class Int8Linear(nn.Module):
                                 self.in_features, False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_linear(x, self.weight_packed, self.bias)
+        x2 = _fast_input(x, self.in_features)
+        if x2 is None or _C is None:  # autograd, compile/export, other dtypes: the checked path
+            return int8_linear(x, self.weight_packed, self.bias)
+        packed, scales, colsum, bias = self._views.get(self._buffers)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        _C.int8_linear(x2.numpy(), packed, scales, colsum, self.out_features, False, bias, out.numpy(),
+                       torch.get_num_threads(), "")
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -290,6 +331,7 @@ class Int8SwiGLU(nn.Module):
             self.register_buffer(f"{name}_packed", p.packed)
             self.register_buffer(f"{name}_scales", p.scales)
             self.register_buffer(f"{name}_colsum", p.colsum)
+        self._views = _BufferViews(tuple(f"{n}_{b}" for n in ("gate_up", "down") for b in ("packed", "scales", "colsum")))
 
     @classmethod
     def from_float(cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> Int8SwiGLU:
@@ -300,6 +342,15 @@ class Int8SwiGLU(nn.Module):
         return cls(pack_int8_swiglu(gate.weight, up.weight), pack_int8_weight(down.weight))
 
     def forward(self, x: Tensor) -> Tensor:
+        x2 = _fast_input(x, self.d_model)
+        if x2 is not None and _C is not None:
+            gp, gs, gc, dp, ds, dc = self._views.get(self._buffers)
+            threads = torch.get_num_threads()
+            h = torch.empty(x2.shape[0], self.d_ff, dtype=torch.float32)  # silu(gate) * up
+            _C.int8_linear(x2.numpy(), gp, gs, gc, self.d_ff, True, None, h.numpy(), threads, "")
+            out = torch.empty(x2.shape[0], self.d_model, dtype=torch.float32)
+            _C.int8_linear(h.numpy(), dp, ds, dc, self.d_model, False, None, out.numpy(), threads, "")
+            return out.view(*x.shape[:-1], self.d_model)
         gu = PackedInt8Weight(self.gate_up_packed, self.gate_up_scales, self.gate_up_colsum,
                               self.d_ff, self.d_model, True)
         dn = PackedInt8Weight(self.down_packed, self.down_scales, self.down_colsum,

@@ -261,3 +261,38 @@ def test_modules_state_dict_roundtrip():
     assert {"packed", "scales", "colsum", "bias"} <= set(lin.state_dict())
     with pytest.raises(ValueError, match="bias"):
         native.Int8SwiGLU.from_float(torch.nn.Linear(32, 48), up, down)
+
+
+def test_modules_fast_path_equals_the_checked_path_and_follows_replaced_weights():
+    # Int8Linear / Int8SwiGLU call the kernel with cached numpy views of their buffers: the result
+    # must be the checked path's, and a load_state_dict (in place), a reassigned buffer or .to()
+    # must never leave the module computing with the old weights.
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(64, 48), torch.nn.Linear(64, 48)
+    m, other = native.Int8Linear.from_float(a), native.Int8Linear.from_float(b)
+    x = torch.randn(2, 3, 64)
+
+    def checked(mod):
+        return native.int8_linear(x, mod.weight_packed, mod.bias, threads=torch.get_num_threads())
+
+    assert torch.equal(m(x), checked(m)) and m(x).shape == (2, 3, 48)
+    want = other(x)
+    m.load_state_dict(other.state_dict())  # in place: same tensors, new values
+    assert torch.equal(m(x), want)
+    m.packed = native.Int8Linear.from_float(a).packed  # a reassigned buffer
+    m.scales, m.colsum, m.bias = (getattr(native.Int8Linear.from_float(a), n) for n in ("scales", "colsum", "bias"))
+    assert torch.equal(m(x), native.Int8Linear.from_float(a)(x))
+    m.to(torch.float32)  # _apply may rebuild buffers: still right
+    assert torch.equal(m(x), checked(m))
+    with torch.enable_grad():  # autograd inputs take the checked path
+        xg = x.clone().requires_grad_(True)
+        assert torch.equal(m(xg), checked(m))
+
+    g, u, d = (torch.nn.Linear(*s, bias=False) for s in ((64, 96), (64, 96), (96, 64)))
+    s = native.Int8SwiGLU.from_float(g, u, d)
+    gu = native.PackedInt8Weight(s.gate_up_packed, s.gate_up_scales, s.gate_up_colsum, 96, 64, True)
+    dn = native.PackedInt8Weight(s.down_packed, s.down_scales, s.down_colsum, 64, 96, False)
+    assert torch.equal(s(x), native.int8_linear(native.int8_linear(x, gu), dn))
+    s2 = native.Int8SwiGLU.from_float(*(torch.nn.Linear(*sh, bias=False) for sh in ((64, 96), (64, 96), (96, 64))))
+    s.load_state_dict(s2.state_dict())
+    assert torch.equal(s(x), s2(x))
