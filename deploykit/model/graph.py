@@ -276,14 +276,21 @@ def _norm_class(cfg: ModelConfig):
     return nn.LayerNorm if cfg.variant == "legacy" else RMSNorm
 
 
+def _embedding(n: int, d: int) -> nn.Embedding:
+    """An embedding without nn.Embedding's own N(0, 1) draw: CausalLM.reset_parameters draws the
+    real init, and on the meta device (every load) that draw goes through torch._refs, whose first
+    use imports torch._dynamo: 1.4 s of a fresh process's first load."""
+    return nn.Embedding(n, d, _weight=torch.empty(n, d))
+
+
 class Decoder(nn.Module):
     """Embeddings, the block stack and the final norm (Hugging Face's ``model.`` prefix)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.d_model)
         if cfg.variant == "legacy":
-            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.embed_positions = _embedding(cfg.max_seq_len, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = _norm_class(cfg)(cfg.d_model, eps=cfg.norm_eps)
 
@@ -304,7 +311,9 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.variant != "legacy":
-            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,)
+            # On the meta device finish_meta_load computes it (arange there would import torch._dynamo).
+            inv_freq = torch.empty(cfg.head_dim // 2) if self.lm_head.weight.is_meta else rope_inv_freq(cfg)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2,)
         self.reset_parameters()
 
     def finish_meta_load(self) -> "CausalLM":
@@ -322,6 +331,11 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L)."""
+        if self.lm_head.weight.is_meta:
+            # Built on the meta device to be filled by load_state_dict(assign=True): nothing to draw,
+            # and nn.init.normal_ on meta tensors goes through torch._refs, whose first use imports
+            # torch._dynamo: 1.4 s of a fresh process's first load_model, for values never used.
+            return
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
