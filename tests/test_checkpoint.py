@@ -168,3 +168,20 @@ def test_save_load_round_trip_is_exact(tmp_path):
     with torch.no_grad():
         # Exact: fp32 weights round-trip bit for bit, and the same graph runs the same kernels on them.
         assert torch.equal(model(ids), loaded(ids))
+
+
+def test_loading_draws_no_init_and_imports_no_compiler(nano_checkpoint):
+    # load_model builds the graph on the meta device; any init draw or arange there goes through
+    # torch._refs, whose first use imports torch._dynamo (~1.5 s of a fresh process's first load).
+    import subprocess
+    import sys
+
+    code = ("import sys; from deploykit.model.checkpoint import load_model; "
+            f"m = load_model({str(nano_checkpoint)!r}); "
+            "print('torch._dynamo' in sys.modules, float(m.inv_freq[1]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"
+    from deploykit.model.checkpoint import load_config
+    from deploykit.model.graph import rope_inv_freq
+
+    assert float(out[1]) == float(rope_inv_freq(load_config(nano_checkpoint))[1])  # the real buffer came back
