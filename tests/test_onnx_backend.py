@@ -493,6 +493,22 @@ def test_keep_fp32_refuses_a_name_that_is_no_layer(nano_checkpoint, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+
+def test_keep_fp32_auto_keeps_the_measured_costliest_group_float(nano_checkpoint, tmp_path):
+    # The shared calibration layer measures every layer group's int8 cost with this scheme's
+    # activations; onnx keeps the costliest group's MatMuls float and records what it measured.
+    import deploykit
+
+    r = deploykit.convert(nano_checkpoint, "onnx", "int8-static", tmp_path / "a", options={"keep_fp32": "auto"})
+    assert r.report.passed(), r.report.per_probe_lines()
+    info = r.manifest["backend_info"]
+    auto = info["keep_fp32_auto"]
+    ((group, cost),) = auto["kept_groups"].items()
+    assert cost == max(auto["costliest"].values()) and auto["activations"] == "static"
+    assert info["kept_fp32"]["modules"] == auto["modules"] and all(m.startswith(group.rsplit(".", 1)[0])
+                                                                   for m in auto["modules"])
+    assert len(info["kept_fp32"]["nodes"]) == len(auto["modules"])  # one float MatMul per kept linear
+
 def test_trained_nano_int8_with_a_kept_block_passes_its_proof(nano_checkpoint, tmp_path):
     import deploykit
 

@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme, installed_versions
-from deploykit.deploy.calibrate import SmoothQuantOptions, kept_fp32, smooth_quant
+from deploykit.deploy.calibrate import SmoothQuantOptions, resolve_keep_fp32, smooth_quant
 from deploykit.deploy.runtime import check_threads
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.onnx_graph import (  # noqa: F401 - re-exported: the export is shared with tensorrt
@@ -173,8 +173,15 @@ class OnnxBackend(Backend):
                 ctx.progress(f"converting to {scheme.name}")
                 t0 = time.perf_counter()
                 int8 = isinstance(opts, OnnxInt8Options)
-                keep = sorted(kept_fp32(list(weight_modules(model)), weight_modules(model), opts.keep_list(),
-                                        where=f"onnx/{scheme.name}")) if int8 else []
+                keep: list[str] = []
+                if int8:  # keep_fp32: names, or auto[:N] measured with the activations this scheme uses
+                    mods = weight_modules(model)
+                    acts = "per-tensor" if scheme.name == "int8-dynamic" else "static"
+                    kept, auto = resolve_keep_fp32(model, list(mods), mods, opts, ctx.calibration, activations=acts,
+                                                   where=f"onnx/{scheme.name}")
+                    keep = sorted(kept)
+                    if auto:
+                        facts["keep_fp32_auto"] = auto
                 facts.update(derive_scheme(src, out / MODEL_FILE, scheme.name, ctx.calibration,
                                            quantize_lm_head=not int8 or opts.quantize_lm_head,
                                            per_channel=not int8 or opts.per_channel, keep_fp32=keep))
