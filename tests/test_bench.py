@@ -541,3 +541,25 @@ def test_a_changed_backend_module_never_reuses_old_artifacts(tmp_path: Path, mon
     assert before != after
     key = lambda fp: cache.artifact_key("s" * 64, "b", "fp32", {"code": fp})  # noqa: E731
     assert key(before) != key(after)
+
+
+def test_progress_lines_show_plugin_text_verbatim():
+    # A row's reason is a plugin's text: rich must print "deploykit[tensorrt]" as written, not eat
+    # it as a markup tag (the demo once told users to "pip install 'deploykit'").
+    import io
+
+    from rich.console import Console
+
+    from deploykit.bench.progress import RichReporter
+
+    buf = io.StringIO()
+    rep = RichReporter(Console(file=buf, width=300, color_system=None))
+    rep.start(2)
+    rep.stage(0, "tensorrt/[fp16]", "converting")
+    rep.done(0, {"backend": "tensorrt", "scheme": "fp16", "status": "unavailable",
+                 "reason": "pip install 'deploykit[tensorrt]' --extra-index-url https://pypi.nvidia.com"})
+    rep.done(1, {"backend": "onnx", "scheme": "int8", "status": "ok"})
+    rep.stop()
+    out = buf.getvalue()
+    assert "  tensorrt/fp16: unavailable pip install 'deploykit[tensorrt]' --extra-index-url" in out
+    assert "  onnx/int8: ok\n" in out

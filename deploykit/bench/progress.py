@@ -29,14 +29,20 @@ class RichReporter:
         self.task = self.progress.add_task("starting", total=total)
 
     def stage(self, index: int, label: str, stage: str) -> None:
-        self.progress.update(self.task, description=f"{label}: {stage}")
+        from rich.markup import escape
+
+        self.progress.update(self.task, description=escape(f"{label}: {stage}"))
 
     def done(self, index: int, row: dict[str, Any]) -> None:
         self.progress.advance(self.task)
         status = row["status"]
         detail = "cached" if row.get("cached") else ("converted" if status == "ok" else row.get("reason", ""))
         mark = {"ok": "[green]ok[/green]", "unavailable": "[yellow]unavailable[/yellow]"}.get(status, "[red]error[/red]")
-        self.console.print(f"  {row['backend']}/{row['scheme']}: {mark} {detail if status != 'ok' else ''}".rstrip())
+        # Reasons are plugin text: "pip install 'deploykit[tensorrt]'" must not be read as markup.
+        from rich.markup import escape
+
+        text = escape(f"{row['backend']}/{row['scheme']}: ") + mark + escape(f" {detail if status != 'ok' else ''}")
+        self.console.print(f"  {text}".rstrip())
 
     def stop(self) -> None:
         self.progress.stop()
