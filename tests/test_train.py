@@ -519,6 +519,7 @@ def test_sigint_saves_the_last_complete_step_and_resume_is_exact(corpus, tmp_pat
     import time
 
     kw = dict(grad_accum=2, eval_interval=2)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     full = tmp_path / "full"
     pretrain(_cfg(corpus, full, **kw), progress=False, stream=None)
     calls = itertools.count()
@@ -532,7 +533,7 @@ def test_sigint_saves_the_last_complete_step_and_resume_is_exact(corpus, tmp_pat
     first = pretrain(_cfg(corpus, split, **kw), progress=False, stream=None, clock=clock)
     assert first.stopped == "interrupted" and 0 < first.steps < 6
     assert json.loads((split / "trainer_state.json").read_text())["step"] == first.steps
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     pretrain(_cfg(corpus, split, resume=True, **kw), progress=False, stream=None)
     assert _train_losses(full) == _train_losses(split)
     from safetensors.torch import load_file
@@ -547,6 +548,7 @@ def test_second_sigint_aborts_without_saving(corpus, tmp_path):
     import time
 
     calls = itertools.count()
+    before = signal.getsignal(signal.SIGINT)
 
     def clock() -> float:
         if next(calls) in (9, 10):
@@ -556,7 +558,7 @@ def test_second_sigint_aborts_without_saving(corpus, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pretrain(_cfg(corpus, tmp_path / "run"), progress=False, stream=None, clock=clock)
     assert list(tmp_path.iterdir()) == []  # a new run: nothing saved, no temporary folder left
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_cli_sigint_exits_130_after_saving(corpus, tmp_path):
