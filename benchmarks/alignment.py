@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-lr", type=float, default=5e-5, help="default 5e-5 (1e-5 for 100 steps moved nothing)")
     p.add_argument("--eval-per-task", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reuse-sft", action="store_true",
+                   help="take the SFT stage from <work>/sft-<method> when its report shows the same method, steps, "
+                   "template and base (to re-run the later stages without the SFT's minutes)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where alignment.md/json/png go")
     args = p.parse_args(argv)
 
@@ -75,14 +78,19 @@ def _run_stages(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
     w, tpl = args.work, TEMPLATES[args.template]
     out: dict[str, Any] = {}
-    print(f"SFT ({args.sft_method}, {args.sft_steps} steps)", flush=True)
-    s = sft(SftConfig(base=base, data="embedded-tasks", out=w / f"sft-{args.sft_method}", method=args.sft_method,
-                      steps=args.sft_steps, batch_size=32, lr=args.sft_lr, train_per_task=args.sft_examples,
-                      eval_per_task=args.eval_per_task, template=tpl, force=True))
-    out["sft"] = s.to_dict()
-    policy = s.out
+    sft_dir = w / f"sft-{args.sft_method}"
+    cfg = SftConfig(base=base, data="embedded-tasks", out=sft_dir, method=args.sft_method, steps=args.sft_steps,
+                    batch_size=32, lr=args.sft_lr, train_per_task=args.sft_examples,
+                    eval_per_task=args.eval_per_task, template=tpl, force=True)
+    if args.reuse_sft and (earlier := _earlier_sft(cfg)) is not None:
+        print(f"SFT: reusing {sft_dir} (its report shows the same method, steps, template and base)", flush=True)
+        out["sft"], out["sft_reused"] = earlier, True
+    else:
+        print(f"SFT ({args.sft_method}, {args.sft_steps} steps)", flush=True)
+        out["sft"] = sft(cfg).to_dict()
+    policy = sft_dir
     if args.sft_method == "lora":
-        policy = merge_adapter(base, s.out, w / "sft-merged", force=True)
+        policy = merge_adapter(base, sft_dir, w / "sft-merged", force=True)
     print(f"reward model ({args.rm_steps} steps)", flush=True)
     out["reward"] = train_reward(PreferenceConfig(base=policy, data="embedded-tasks", out=w / "rm",
                                                   steps=args.rm_steps, batch_size=16, lr=1e-4, pairs_per_task=2000,
@@ -100,6 +108,19 @@ def _run_stages(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     return out
 
 
+def _earlier_sft(cfg: Any) -> dict[str, Any] | None:
+    """The report of an SFT run in ``cfg.out`` made with this very configuration, else None."""
+    from dataclasses import asdict
+
+    path = cfg.out / "sft_report.json"
+    if not path.is_file():
+        return None
+    rep = json.loads(path.read_text())
+    same = (rep.get("method"), rep.get("steps"), rep.get("template"), rep.get("base")) == \
+        (cfg.method, cfg.steps, asdict(cfg.template), str(cfg.base))
+    return rep if same else None
+
+
 def _row(label: str, scores: dict[str, float], tasks: list[str]) -> str:
     return f"| {label} | " + " | ".join(f"{scores.get(t, float('nan')):.2f}" for t in tasks) + " |"
 
@@ -114,7 +135,9 @@ def _write(args: argparse.Namespace, base: Path, st: dict[str, Any]) -> None:
     lines = [
         "# Alignment: base → SFT → reward model → PPO / DPO on the embedded tasks",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/alignment.py` ({st['seconds'] / 60:.1f} min in all). "
+        f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/alignment.py` ({st['seconds'] / 60:.1f} min in all"
+        + (f"; the SFT stage reused from an identical earlier run, which took {st['sft']['seconds'] / 60:.1f} min"
+           if st.get("sft_reused") else "") + "). "
         f"Base: `{base}`. Exact match on {args.eval_per_task} held-out prompts per task (the tasks' eval split: "
         f"never a training prompt), greedy, {args.template} template.",
         "",
