@@ -277,10 +277,11 @@ def _norm_class(cfg: ModelConfig):
 
 
 def _embedding(n: int, d: int) -> nn.Embedding:
-    """An embedding without nn.Embedding's own N(0, 1) draw: CausalLM.reset_parameters draws the
-    real init, and on the meta device (every load) that draw goes through torch._refs, whose first
-    use imports torch._dynamo: 1.4 s of a fresh process's first load."""
-    return nn.Embedding(n, d, _weight=torch.empty(n, d))
+    """nn.Embedding, without its own N(0, 1) draw when built on the meta device (every load): there
+    the draw goes through torch._refs, whose first use imports torch._dynamo (1.4 s of a fresh
+    process's first load). Elsewhere it draws as before, so seeded models keep their weights."""
+    weight = torch.empty(n, d)
+    return nn.Embedding(n, d, _weight=weight) if weight.is_meta else nn.Embedding(n, d)
 
 
 class Decoder(nn.Module):
