@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..deploy.onnx_graph import EXPORT_CACHE_ENV
 from ..errors import BackendError, ConfigError
 from ..fsutil import Destination
 from . import cache
@@ -158,9 +159,13 @@ def plan_rows(registered: dict[str, Any], backends: tuple[str, ...] | None,
 
 
 # -- subprocesses -----------------------------------------------------------------------------------------
-def worker_env(threads: int) -> dict[str, str]:
-    """The environment of every worker: identical allocator settings and thread counts for every row."""
+def worker_env(threads: int, work: Path | None = None) -> dict[str, str]:
+    """The environment of every worker: identical allocator settings and thread counts for every row;
+    with ``work``, the run's onnx exports are shared there (every onnx and tensorrt scheme of the model
+    starts from the same fp32 graph, which is most of each conversion)."""
     env = dict(os.environ)
+    if work is not None:
+        env[EXPORT_CACHE_ENV] = str(work / "onnx-export")
     env.update(ALLOCATOR_ENV)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
@@ -178,7 +183,7 @@ def run_worker(spec: dict[str, Any], work: Path, name: str, timeout_s: float, th
     with open(log_path, "wb") as log:
         # A session of its own, so a timeout can end the worker and anything it started, and nothing else.
         proc = subprocess.Popen([sys.executable, "-m", "deploykit.bench.worker", str(spec_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=worker_env(threads),
+                                stdout=log, stderr=subprocess.STDOUT, env=worker_env(threads, work),
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)

@@ -12,7 +12,10 @@ schemes from this graph, the tensorrt backend builds engines from it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +27,10 @@ if TYPE_CHECKING:
 EXTERNAL_DATA_BYTES = 1_800_000_000  # fp32 weight bytes above which weights go to an external .data file
 META_CONFIG = "deploykit.config"  # metadata_props key: ModelConfig as JSON, so the .onnx file is self-describing
 META_QUANT = "deploykit.quant"
+# A folder where export_onnx keeps the graphs it exported, for the processes of one `deploykit bench` run:
+# every onnx scheme (and tensorrt's) starts from the same fp32 export, which is most of a conversion.
+# Unset (the default for `deploykit convert`), nothing is kept.
+EXPORT_CACHE_ENV = "DEPLOYKIT_ONNX_EXPORT_CACHE"
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -45,6 +52,11 @@ def export_onnx(model: Any, path: Path) -> dict[str, Any]:
         raise BackendError(f"onnx export expects a deploykit CausalLM, got {type(model).__name__}",
                            hint="load the checkpoint with deploykit.model.checkpoint.load_model(folder)")
     cfg = model.config
+    cached = _cache_entry(model)
+    if cached is not None and (cached / "model.onnx").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached / "model.onnx", path)
+        return json.loads((cached / "facts.json").read_text())
     # The sorted MoE dispatch has data-dependent shapes (.tolist()); the dense one computes the same
     # function with static shapes. Switch on a copy so the caller's model keeps its fast path.
     work = shallow_copy(model)
@@ -83,7 +95,44 @@ def export_onnx(model: Any, path: Path) -> dict[str, Any]:
     if cfg.is_moe:
         facts["parity_note"] = ("MoE exported with dense dispatch: every expert runs on every token and the "
                                 "router's top-k weights combine them (same function, E/k x the expert FLOPs)")
+    if cached is not None and weight_bytes <= EXTERNAL_DATA_BYTES:  # one self-contained file to copy
+        _store(cached, path, facts)
     return facts
+
+
+def _cache_entry(model: Any) -> Path | None:
+    """The folder for this model's export in ``$DEPLOYKIT_ONNX_EXPORT_CACHE``, or None when unset.
+
+    Keyed by everything the exported file depends on: the weights and buffers, the config, this
+    module's code and the torch and onnx versions."""
+    root = os.environ.get(EXPORT_CACHE_ENV)
+    if not root:
+        return None
+    import onnx
+    import torch
+
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    h.update(Path(__file__).read_bytes())
+    h.update(f"{torch.__version__} {onnx.__version__}".encode())
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return Path(root) / h.hexdigest()[:32]
+
+
+def _store(entry: Path, path: Path, facts: dict[str, Any]) -> None:
+    """Keep the export: written beside the entry and renamed, so a reader sees all of it or nothing."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, tmp / "model.onnx")
+    (tmp / "facts.json").write_text(json.dumps(facts))
+    try:
+        tmp.rename(entry)
+    except OSError:  # another process stored it first: theirs is the same file
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shallow_copy(model: Any) -> Any:
