@@ -1,7 +1,9 @@
 """Int8 linear benchmark (issue 5): deploykit.native fused int8 linear vs torch.ao dynamic-quant
 Linear (fbgemm), raw torch._int_mm (int8 x int8 -> int32, no quantization work) and fp32 F.linear.
 
-2 threads, median of >= 20 timed calls after warm-up, every contender measured in the same
+2 threads, median of >= 20 timed calls after warm-up, in round-robin blocks (``--block``: each
+contender runs 5 calls in a row, the first untimed, so that no contender pays for the threads the
+previous one left spinning; see timing.timeit_blocks), every contender measured in the same
 process under the same allocator settings: the script re-executes itself with
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set so that large outputs are not returned to the OS
 and faulted in again on every call (see /work/shared/FACTS.md, "page faults decide benchmarks").
@@ -23,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-from timing import timeit, timeit_interleaved, use_bench_allocator  # noqa: E402
+from timing import timeit, timeit_blocks, timeit_interleaved, use_bench_allocator  # noqa: E402
 
 _MALLOC_ENV = use_bench_allocator()
 
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--no-int-mm", action="store_true", help="skip torch._int_mm")
+    ap.add_argument("--block", type=int, default=5,
+                    help="calls per contender per round (default 5, the first untimed: see timing.timeit_blocks); "
+                         "1 times one call per turn, as before the fifth session")
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="threads for every contender (issue 5 asks for 2; 1 is a check that is "
                          "less sensitive to other load on a shared machine)")
@@ -104,7 +109,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                 if amx:
                     fns["amx"] = lambda: native.int8_linear(x, nat.weight_packed, nat.bias, isa="amx",
                                                             threads=args.threads)
-                t = timeit_interleaved(fns, args.repeat, with_min=True)
+                if args.block > 1:  # repeat timed calls in all, in rounds of block - 1
+                    t = timeit_blocks(fns, max(1, -(-args.repeat // (args.block - 1))), args.block, with_min=True)
+                else:
+                    t = timeit_interleaved(fns, args.repeat, with_min=True)
                 t_amx = t.get("amx", float("nan"))
                 t_nat, t_fb, t_fp = t["nat"], t["fb"], t["fp"]
                 t_mm = float("nan")
@@ -145,7 +153,9 @@ def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[di
                   feats: dict) -> None:
     """<stem>.json and <stem>.md into ``verdict.write_to`` (``--out``, unless a busy run was diverted)."""
     stamp = verdict.stamp()
-    meta = dict(threads=args.threads, repeat=args.repeat, statistic="median", torch=torch.__version__,
+    method = (f"round-robin blocks of {args.block} calls per contender, the first untimed" if args.block > 1
+              else "round-robin, one call per contender per turn")
+    meta = dict(threads=args.threads, repeat=args.repeat, statistic="median", method=method, torch=torch.__version__,
                 python=platform.python_version(), malloc_env=_MALLOC_ENV, cpu_model=cpu_model(),
                 available_cpus=available_cpus(), native=native_isa(), cpu_features=feats,
                 isa=native.selected_isa(), load_avg=stamp["load_average_end"], quiet=stamp,
@@ -159,7 +169,7 @@ def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[di
     with open(out / f"{stem}.md", "w") as f:
         f.write("# int8 linear: deploykit.native vs fbgemm / torch._int_mm / fp32\n\n")
         f.write(f"{meta['cpu_model']}, {meta['available_cpus']} CPUs; {describe_native(meta['native'])}; "
-                f"{args.threads} threads, median of {args.repeat}, torch {torch.__version__}. Ratios are "
+                f"{args.threads} threads, median of {args.repeat} ({method}), torch {torch.__version__}. Ratios are "
                 "speed-ups of native (baseline time / native time, > 1 means native is faster).\n\n")
         f.write("".join(f"{line}\n\n" for line in load_lines(stamp)))
         if "amx" not in native.supported_isas():

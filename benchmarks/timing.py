@@ -56,6 +56,35 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int, *, war
     return out
 
 
+def timeit_blocks(fns: dict[str, Callable[[], object]], rounds: int, block: int, *, warmup: int = 3,
+                  with_min: bool = False) -> dict[str, float]:
+    """Median seconds per call per contender, timed in round-robin *blocks*: each round runs every
+    contender ``block`` times back to back and keeps the calls after the first.
+
+    One call per turn (``timeit_interleaved``) charges each contender for its neighbour's idle
+    threads: after an OpenMP call (fbgemm, oneDNN) the workers spin for a while, and a kernel with
+    its own thread pool that runs next finds its second core taken (on 2 CPUs this tripled the
+    mid-sized native GEMMs). Dropping each block's first call leaves that hand-over out, while the
+    rounds still spread slow load changes over every contender alike."""
+    if block < 2:
+        raise ValueError(f"block must be >= 2 (its first call is the hand-over), got {block}")
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            f()  # the hand-over call, untimed
+            for _ in range(block - 1):
+                t0 = time.perf_counter()
+                f()
+                ts[k].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in ts.items()}
+    if with_min:
+        out |= {f"{k}_min": min(v) for k, v in ts.items()}
+    return out
+
+
 def decode_once(runner, prompt: list[int], tokens: list[int]) -> float:
     """Tokens/s of one decode run: fixed tokens fed one at a time through the runner's KV cache."""
     session = runner.new_session()
