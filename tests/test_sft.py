@@ -117,6 +117,8 @@ def test_sft_command_end_to_end(nano_checkpoint, tmp_path, method, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["after"]) == {"add", "sub", "mul", "reverse", "sort", "recall", "overall"}
     assert (out / "sft_report.json").is_file()
+    assert [step for step, _ in result["loss_curve"]] == [1, 2]  # 2 steps: windows of one step
+    assert all(loss > 0 for _, loss in result["loss_curve"])
     assert main(argv) == 2  # an existing run is not replaced without --force
     if method == "prompt":
         ids = torch.randint(0, 2000, (1, 5))

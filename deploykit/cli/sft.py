@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it is an sft run")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     _register_merge(sub)
     return p
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                     lora_alpha=args.lora_alpha, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
                     prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens, seed=args.seed,
                     force=args.force)
-    result = sft(cfg)
+    result = sft(cfg, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result.method}: {p['trainable_params']:,} trainable of {p['base_params']:,} "
           f"({100 * p['trainable_share']:.2f}%), {result.steps} steps, last loss {result.train_loss:.3f}, "
           f"{result.seconds:.0f} s")
+    if result.loss_curve:
+        marks = result.loss_curve[:: max(1, len(result.loss_curve) // 5)] + result.loss_curve[-1:]
+        print("loss (mean of each window): " + ", ".join(f"{loss:.2f} @ {step}" for step, loss in dict(marks).items()))
     print(f"{'task':10s} {'before':>7s} {'after':>7s}")
     for task in result.after:
         print(f"{task:10s} {result.before[task]:7.2f} {result.after[task]:7.2f}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -356,6 +357,7 @@ class SftResult:
     after: dict[str, float]
     params: dict[str, Any]
     seconds: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of its window)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "out": str(self.out)}
@@ -366,11 +368,21 @@ def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def train_steps(model: nn.Module, mixer: TaskMixer, cfg: SftConfig, pad_id: int) -> float:
-    """The optimizer loop (pretrain's AdamW groups and warmup+cosine lr); returns the last loss."""
+def train_steps(model: nn.Module, mixer: TaskMixer, cfg: SftConfig, pad_id: int, *, progress: bool = False,
+                curve: list[tuple[int, float]] | None = None) -> float:
+    """The optimizer loop (pretrain's AdamW groups and warmup+cosine lr); returns the last loss.
+
+    ``curve`` receives (step, mean loss of the window ending there) for about 20 windows: one batch's
+    loss is too noisy to tell a run that learns from one that does not. ``progress`` shows a tqdm
+    bar on stderr."""
+    from tqdm import tqdm
+
     opt = build_adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     params = [p for p in model.parameters() if p.requires_grad]
     loss = torch.tensor(float("nan"))
+    window, window_losses = max(1, cfg.steps // 20), []
+    bar = tqdm(total=cfg.steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr,
+               desc=f"sft {cfg.method}")
     model.train()
     for step in range(1, cfg.steps + 1):
         lr = lr_at(step, lr=cfg.learning_rate, min_lr=cfg.learning_rate / 10, warmup=cfg.warmup, total=cfg.steps)
@@ -383,6 +395,15 @@ def train_steps(model: nn.Module, mixer: TaskMixer, cfg: SftConfig, pad_id: int)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        window_losses.append(float(loss.detach()))
+        if step % window == 0 or step == cfg.steps:
+            mean = sum(window_losses) / len(window_losses)
+            if curve is not None:
+                curve.append((step, mean))
+            bar.set_postfix(loss=f"{mean:.3f}", refresh=False)
+            window_losses = []
+        bar.update(1)
+    bar.close()
     model.eval()
     return float(loss.detach())
 
@@ -394,8 +415,9 @@ def load_data(cfg: SftConfig) -> tuple[list[SftExample], list[SftExample]]:
     return split_per_task(read_jsonl(Path(cfg.data)), cfg.eval_per_task, cfg.seed)
 
 
-def sft(cfg: SftConfig) -> SftResult:
-    """Fine-tune ``cfg.base`` as ``cfg`` says and write ``cfg.out`` (see the module docstring)."""
+def sft(cfg: SftConfig, *, progress: bool = False) -> SftResult:
+    """Fine-tune ``cfg.base`` as ``cfg`` says and write ``cfg.out`` (see the module docstring);
+    ``progress`` shows a bar with the running loss on stderr."""
     from ..model.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
@@ -411,9 +433,12 @@ def sft(cfg: SftConfig) -> SftResult:
         encoded.setdefault(ex.task, []).append(encode_example(tokenizer, cfg.template, ex, cfg.max_len))
     wrapped, params = attach_method(model, cfg)
     before = exact_match(wrapped, tokenizer, cfg.template, held, cfg.max_new_tokens)
-    loss = train_steps(wrapped, TaskMixer(encoded, cfg.temperature, cfg.seed), cfg, tokenizer.pad_id)
+    curve: list[tuple[int, float]] = []
+    loss = train_steps(wrapped, TaskMixer(encoded, cfg.temperature, cfg.seed), cfg, tokenizer.pad_id,
+                       progress=progress, curve=curve)
     after = exact_match(wrapped, tokenizer, cfg.template, held, cfg.max_new_tokens)
-    result = SftResult(dest.path, cfg.method, cfg.steps, loss, before, after, params, time.perf_counter() - t0)
+    result = SftResult(dest.path, cfg.method, cfg.steps, loss, before, after, params, time.perf_counter() - t0,
+                       loss_curve=curve)
     with dest.write() as tmp:
         _save(wrapped, cfg, tokenizer, tmp)
         (tmp / SFT_REPORT).write_text(json.dumps({**result.to_dict(), "base": str(cfg.base), "data": cfg.data,
