@@ -563,3 +563,21 @@ def test_progress_lines_show_plugin_text_verbatim():
     out = buf.getvalue()
     assert "  tensorrt/fp16: unavailable pip install 'deploykit[tensorrt]' --extra-index-url" in out
     assert "  onnx/int8: ok\n" in out
+
+
+def test_a_converted_row_that_cannot_run_here_still_shows_its_size() -> None:
+    """Core ML converts (and is proven) anywhere but predicts only on macOS: its size is measured,
+    and its reason reads without the cache path that the artifact column already holds."""
+    from deploykit.bench.report import full_table, seed_table
+
+    art = "/cache/demo-1234/coreml-fp16-abcd"
+    row = {"backend": "coreml", "scheme": "fp16", "status": "unavailable", "platform": "Apple",
+           "reason": f"{art}: Core ML prediction needs macOS", "artifact": art, "size_bytes": 3 * 2**20,
+           "size_ratio": 0.5, "bits_per_weight": 16.0, "convert_parity_ok": True}
+    never = {"backend": "ghost", "scheme": "fp32", "status": "unavailable", "platform": "NPU",
+             "reason": "no Ghost NPU found", "artifact": None}
+    summary = seed_table({"rows": [row, never]}).splitlines()
+    assert summary[2] == "| coreml fp16 | n/a | 2.00× | n/a | Apple | unavailable: Core ML prediction needs macOS |"
+    assert summary[3] == "| ghost fp32 | n/a | n/a | n/a | NPU | unavailable: no Ghost NPU found |"
+    full = full_table({"rows": [row]}).splitlines()[2]
+    assert full.startswith("| coreml fp16 | 3.00 MiB; unavailable: Core ML prediction needs macOS | 16.00 | n/a |")

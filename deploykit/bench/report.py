@@ -98,7 +98,16 @@ def _marked(row: dict[str, Any], bold: str = "**") -> str:
 
 
 def _reason(row: dict[str, Any]) -> str:
-    return str(row.get("reason") or "").replace("|", "/").replace("\n", " ")
+    reason = str(row.get("reason") or "")
+    artifact = f"{row.get('artifact')}: "
+    if row.get("artifact") and reason.startswith(artifact):  # the path is in the artifact column already
+        reason = reason[len(artifact):]
+    return reason.replace("|", "/").replace("\n", " ")
+
+
+def _reduction(row: dict[str, Any]) -> str:
+    """fp32 bytes / artifact bytes: known for every converted artifact, also one that cannot run here."""
+    return _num(None if not row.get("size_ratio") else 1.0 / row["size_ratio"], ".2f", "×")
 
 
 def _routing(row: dict[str, Any]) -> str:
@@ -120,11 +129,10 @@ def seed_table(results: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---|---|"]
     for r in results["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {_method(r)} | n/a | n/a | n/a | {r.get('platform') or 'n/a'} | "
+            lines.append(f"| {_marked(r)} | n/a | {_reduction(r)} | n/a | {r.get('platform') or 'n/a'} | "
                          f"{r['status']}: {_reason(r)} |")
             continue
-        reduction = None if not r.get("size_ratio") else 1.0 / r["size_ratio"]
-        lines.append(f"| {_marked(r)} | {_num(r.get('decode_speedup'), '.2f', '×')} | {_num(reduction, '.2f', '×')} | "
+        lines.append(f"| {_marked(r)} | {_num(r.get('decode_speedup'), '.2f', '×')} | {_reduction(r)} | "
                      f"{_num(r.get('ppl_delta_pct'), '+.2f', ' %')} | {r.get('platform') or 'n/a'} | "
                      f"{r.get('best_for') or '—'} |")
     return "\n".join(lines)
@@ -137,8 +145,11 @@ def full_table(results: dict[str, Any]) -> str:
     lines = [header, "|" + "---|" * n_cols]
     for r in results["rows"]:
         if r["status"] != "ok":
-            cells = [_method(r)] + ["n/a"] * (n_cols - 1)
+            cells = [_marked(r)] + ["n/a"] * (n_cols - 1)
             cells[1] = f"{r['status']}: {_reason(r)}"
+            if r.get("size_bytes"):  # converted (and proven) here, only not runnable
+                cells[1] = f"{_mb(r['size_bytes'])}; {cells[1]}"
+                cells[2] = _num(r.get("bits_per_weight"), ".2f")
             lines.append("| " + " | ".join(cells) + " |")
             continue
         kv = "yes" if r.get("kv_cache") else "recompute"
@@ -292,7 +303,9 @@ def rich_table(results: dict[str, Any]) -> Any:
     for r in results["rows"]:
         if r["status"] != "ok":
             style = "yellow" if r["status"] == "unavailable" else "red"
-            t.add_row(_method(r), f"[{style}]{r['status']}[/{style}]", *[""] * 8)
+            size = f" {_mb(r['size_bytes'])} ({_num(r.get('size_ratio'), '.2f')})" if r.get("size_bytes") else ""
+            method = f"{_method(r)} [bold red]{FAILED_MARK}[/]" if failed_parity(r) else _method(r)
+            t.add_row(method, f"[{style}]{r['status']}[/{style}]{size}", *[""] * 8)
             continue
         acc = "n/a" if r.get("task_accuracy") is None else \
             f"{100 * r['task_accuracy']:.0f} % ({_num(r.get('task_accuracy_delta'), '+.0f')})"
