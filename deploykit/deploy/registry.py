@@ -131,7 +131,9 @@ class PluginRegistry:
         eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
         seen: set[tuple[str, str]] = set()
         # deploykit's own entry points first, so a third party cannot shadow "torch" by load order.
-        ordered = sorted(eps, key=lambda ep: (_dist_name(ep) != "deploykit", ep.name))
+        # One METADATA parse per distribution, not per entry point (each is an email-header parse).
+        names: dict[int, str] = {}
+        ordered = sorted(eps, key=lambda ep: (_dist_name(ep, names) != "deploykit", ep.name))
         for ep in ordered:
             if (ep.name, ep.value) in seen:  # editable installs can list one entry point twice
                 continue
@@ -270,9 +272,17 @@ def _validate(backend: Any, base: type) -> str | None:
     return None
 
 
-def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
+def _dist_name(ep: importlib.metadata.EntryPoint, cache: dict[int, str] | None = None) -> str:
+    """The lower-cased name of the distribution that declares ``ep`` ("" if unknown); ``cache`` (by the
+    distribution object's id, shared by its entry points) saves re-parsing its METADATA."""
     dist = getattr(ep, "dist", None)
-    return (dist.metadata["Name"] or "").lower() if dist is not None else ""
+    if dist is None:
+        return ""
+    if cache is None:
+        return (dist.metadata["Name"] or "").lower()
+    if id(dist) not in cache:
+        cache[id(dist)] = (dist.metadata["Name"] or "").lower()
+    return cache[id(dist)]
 
 
 _REGISTRY: PluginRegistry | None = None

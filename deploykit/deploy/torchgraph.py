@@ -100,8 +100,18 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _under(key: str, prefixes: Iterable[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
+def _under(key: str, prefixes: set[str]) -> bool:
+    """``key`` is one of ``prefixes`` or lies under one (a dotted-name prefix). A set lookup per dot, not a scan
+    of the prefixes per key: loads filter every tensor against every replaced module (786 x 181 on a
+    30-layer model)."""
+    if key in prefixes:
+        return True
+    dot = key.find(".")
+    while dot != -1:
+        if key[:dot] in prefixes:
+            return True
+        dot = key.find(".", dot + 1)
+    return False
 
 
 def plain_state(model: CausalLM, replaced: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -109,7 +119,7 @@ def plain_state(model: CausalLM, replaced: Iterable[str]) -> dict[str, torch.Ten
 
     A tied lm_head is left out: the embedding is stored once and re-tied when the graph is rebuilt.
     """
-    replaced = list(replaced)
+    replaced = set(replaced)
     out = {}
     for key, value in model.state_dict().items():
         if _under(key, replaced) or (key == "lm_head.weight" and model.config.tie_embeddings):
@@ -181,7 +191,7 @@ def rebuild(folder: Path, tensors: dict[str, torch.Tensor], replaced: Iterable[s
     """
     cfg = load_config(folder)
     check_config_fits(cfg, tensors, Path(folder))
-    replaced = list(replaced)
+    replaced = set(replaced)
     with torch.device("meta"):
         model = CausalLM(cfg)
     if prepare is not None:
