@@ -339,6 +339,78 @@ def test_import_refuses_an_existing_folder(artifact, tmp_path):
     assert e.value.exit_code == 2 and (tmp_path / "ckpt" / "keep.txt").read_text() == "mine"
 
 
+# -- deploykit's 4-bit rounding in llama.cpp's blocks: MoE experts, Q4_K, llama.cpp's imatrix --------------
+def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    import gguf
+
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).copy()) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_q4_k_m_rtn_is_llama_cpps_own_file(artifact, checkpoints, tmp_path):
+    """The layout check at file level: deploykit's round-to-nearest on llama.cpp's Q4_K grid, written into the
+    q4_k_m file, reproduces llama.cpp's own q4_k_m byte for byte (experts included)."""
+    res = deploykit.convert(checkpoints("k-moe"), "gguf", "q4_k_m", tmp_path / "r", options={"rounding": "rtn"},
+                            threads=THREADS)
+    info = res.manifest["backend_info"]
+    assert res.passed and info["rounded_grid"] == "Q4_K" and info["rounded_tensors"] > 0
+    ours, theirs = _tensors(res.path / gb.MODEL_FILE), _tensors(artifact("k-moe", "q4_k_m").path / gb.MODEL_FILE)
+    assert ours.keys() == theirs.keys()
+    assert [n for n in ours if not np.array_equal(ours[n][1], theirs[n][1])] == []
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_k_m"])  # 4-8 s each once k-moe is trained
+def test_moe_experts_take_gptq_rounding_and_llama_cpp_runs_them(artifact, checkpoints, tmp_path, scheme):
+    """A tiny MoE converts with rounding=gptq: every expert tensor holds deploykit's blocks (not llama.cpp's),
+    each expert rounded from its own routed tokens, and the file loads in llama.cpp and passes its proof."""
+    res = deploykit.convert(checkpoints("k-moe"), "gguf", scheme, tmp_path / "g", options={"rounding": "gptq"},
+                            threads=THREADS)
+    info = res.manifest["backend_info"]
+    grid = {"q4_0": "Q4_0", "q4_k_m": "Q4_K"}[scheme]
+    print(f"\nk-moe {scheme} gptq: Δppl {info['quality']['delta_ppl_pct']:+.3f} %, KL {info['quality']['kl_vs_fp32']:.2e}, "
+          f"experts {info['experts']['gptq']} by GPTQ, {len(info['experts']['rtn_fallback'])} by RTN")
+    assert res.passed, res.report.violations()
+    assert info["rounding"] == "gptq" and info["rounded_grid"] == grid
+    cfg = load_model(checkpoints("k-moe")).config
+    assert all(sum(t) == 64 * 16 * cfg.top_k for t in info["experts"]["routed_tokens"].values())  # 16 x 64 tokens
+    ours, plain = _tensors(res.path / gb.MODEL_FILE), _tensors(artifact("k-moe", scheme).path / gb.MODEL_FILE)
+    exps = [n for n in ours if "_exps" in n and ours[n][0] == grid]  # q4_k_m keeps some ffn_down_exps in Q6_K
+    assert len(exps) >= 2 * cfg.n_layers
+    assert info["experts"]["gptq"] + len(info["experts"]["rtn_fallback"]) == len(exps) * cfg.n_experts
+    assert all(not np.array_equal(ours[n][1], plain[n][1]) for n in exps)  # GPTQ moved codes in every expert tensor
+    assert np.isfinite(deploykit.load(res.path, threads=THREADS).forward([[1, 5, 9]])).all()
+
+
+def test_experts_with_too_few_tokens_fall_back_to_rtn_with_the_reason(checkpoints, tmp_path):
+    """Calibration too short for any expert to reach MIN_EXPERT_TOKENS: each is rounded to nearest and says so."""
+    from deploykit.deploy import gptq
+
+    res = deploykit.convert(checkpoints("k-moe"), "gguf", "q4_0", tmp_path / "f", options={"rounding": "gptq"},
+                            calibration=[[1, 40, 41, 42, 43, 44, 45, 46, 47, 48]], threads=THREADS)
+    ex = res.manifest["backend_info"]["experts"]
+    assert res.passed and ex["gptq"] == 0 and ex["min_tokens"] == gptq.MIN_EXPERT_TOKENS
+    first = ex["rtn_fallback"][0]
+    assert first["tokens"] < gptq.MIN_EXPERT_TOKENS and "rounded to nearest" in first["reason"]
+    assert first["tensor"].startswith("blk.0.ffn_") and first["tensor"].endswith("_exps.weight")
+
+
+def test_imatrix_reaches_llama_cpps_quantizer(artifact, checkpoints, tmp_path):
+    """rounding=imatrix: llama.cpp's own importance-weighted quantizer, fed the calibration set's mean x² per
+    input column (per expert for experts): the file passes its proof and differs from plain Q4_0 in every
+    tensor with a matmul input, and in no other."""
+    res = deploykit.convert(checkpoints("k-moe"), "gguf", "q4_0", tmp_path / "i", options={"rounding": "imatrix"},
+                            threads=THREADS)
+    info = res.manifest["backend_info"]
+    assert res.passed and info["rounding"] == "imatrix"
+    cfg = load_model(checkpoints("k-moe")).config
+    assert info["imatrix_tensors"] == cfg.n_layers * 7 + (0 if cfg.tie_embeddings else 1)  # q k v o, 3 experts
+    ours, plain = _tensors(res.path / gb.MODEL_FILE), _tensors(artifact("k-moe", "q4_0").path / gb.MODEL_FILE)
+    moved = {n for n in ours if not np.array_equal(ours[n][1], plain[n][1])}
+    assert {n for n in moved if n.startswith("blk.")} == {n for n in ours if n.startswith("blk.") and ours[n][0] != "F32"}
+    assert "token_embd.weight" not in moved  # an embedding lookup has no matmul input: no importance for it
+    with pytest.raises(ConfigError, match="needs a quantized scheme"):
+        deploykit.convert(checkpoints("k-moe"), "gguf", "f16", tmp_path / "j", options={"rounding": "imatrix"})
+
+
 # -- runner: KV cache, threads, info -------------------------------------------------------------------
 def test_the_proof_uses_an_f32_cache_and_serving_the_option(checkpoints, tmp_path, monkeypatch):
     seen = []

@@ -9,6 +9,9 @@ by hand, and learn that a conversion was wrong from garbage output. Here one ``c
    (``tokenizer.ggml.*``) and deploykit's exact ``ModelConfig`` under :data:`CONFIG_KEY`.
 2. Every other scheme is that file through ``llama_cpp.llama_model_quantize`` (llama.cpp's own
    quantizer, with its own per-tensor type mixture: e.g. Q4_0 keeps ``output.weight`` in Q6_K or Q8_0).
+   ``--option rounding=gptq|rtn`` (q4_0, q4_k_m) then overwrites the Q4_0 / Q4_K decoder and expert tensors
+   with deploykit's rounding of the same weights in llama.cpp's block layout; ``rounding=imatrix`` runs
+   llama.cpp's quantizer with an importance matrix from the calibration set (``rounding``).
 3. Proofs beyond deploykit's parity check (which deploykit runs on the runner :meth:`GgufBackend.load`
    returns): llama.cpp's tokenization of :data:`TOKENIZER_PROOF_TEXTS` must equal deploykit's, token
    for token (else ParityError, exit 3, naming the first text that differs); KL divergence, top-1
@@ -52,11 +55,11 @@ from typing import TYPE_CHECKING, Any
 from deploykit.deploy.backend import Backend, ConvertContext, Runner, Scheme, Tolerance, installed_versions
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import SchemeOptions, option
-from deploykit.errors import BackendError, ConfigError, ParityError
+from deploykit.errors import BackendError, BackendUnavailable, ConfigError, ParityError
 
 from .gguf_file import import_gguf, write_gguf
 from .proofs import measure_quality, parity_note, prove_tokenizer
-from .rounding import ROUNDINGS, write_rounded_q4_0
+from .rounding import GRIDS, ROUNDINGS, importance, write_rounded
 from .runtime import KV_TYPES, GgufRunner, _quiet_llama_logs
 
 if TYPE_CHECKING:
@@ -112,8 +115,10 @@ class GgufOptions(SchemeOptions):
 
     kv_cache: str = option("f16", "KV cache type of served runners: f16 (llama.cpp's default), f32 or q8_0")
     flash_attn: bool = option(False, "llama.cpp's flash attention for served runners (q8_0 KV cache turns it on)")
-    rounding: str = option("llama", "q4_0 only: llama (llama.cpp's quantizer), gptq (deploykit's GPTQ from the "
-                                    "calibration set) or rtn (deploykit's round to nearest), written as Q4_0 blocks")
+    rounding: str = option("llama", "llama (llama.cpp's quantizer); q4_0 / q4_k_m: gptq (deploykit's GPTQ from the "
+                                    "calibration set, MoE experts each from its routed tokens) or rtn (deploykit's "
+                                    "round to nearest), written as Q4_0 / Q4_K blocks; any quantized scheme: imatrix "
+                                    "(llama.cpp's quantizer with an importance matrix from the calibration set)")
 
     def check(self) -> list[str]:
         out = [] if self.kv_cache in KV_TYPES else [f"kv_cache={self.kv_cache!r} must be one of {', '.join(KV_TYPES)}"]
@@ -179,9 +184,12 @@ class GgufBackend(Backend):
                               hint="convert a checkpoint folder that holds tokenizer.json, or pass tokenizer=")
         spec, out = _BY_NAME[scheme.name], Path(out)
         rounding = ctx.options.rounding
-        if rounding != "llama" and spec.name != "q4_0":
-            raise ConfigError(f"gguf/{spec.name}: rounding={rounding} writes Q4_0 blocks only",
-                              hint="use --quant q4_0 with rounding=gptq|rtn, or rounding=llama")
+        if rounding in ("gptq", "rtn") and spec.name not in GRIDS:
+            raise ConfigError(f"gguf/{spec.name}: rounding={rounding} writes Q4_0 and Q4_K blocks only",
+                              hint=f"use --quant {' or '.join(GRIDS)} with rounding=gptq|rtn, or rounding=llama|imatrix")
+        if rounding == "imatrix" and spec.block == 1:
+            raise ConfigError(f"gguf/{spec.name}: rounding=imatrix needs a quantized scheme, {spec.name} is float",
+                              hint="use rounding=imatrix with q8_0, q5_*, q4_* or the K-quants")
         work = out / ".f32"  # the F32 file every quantized scheme starts from; removed below
         facts: dict[str, Any] = {"file": MODEL_FILE, "scheme": spec.name}
         try:
@@ -191,13 +199,21 @@ class GgufBackend(Backend):
             facts |= write_gguf(model, ctx.tokenizer, src, source=ctx.source)
             facts["write_seconds"] = round(time.perf_counter() - t0, 2)
             if spec.name != "f32":
-                ctx.progress(f"quantizing to {spec.name} (llama_model_quantize)")
+                imatrix = None
+                if rounding == "imatrix":
+                    ctx.progress("collecting the importance matrix on the calibration set")
+                    imatrix = importance(model, ctx.calibration)
+                    facts |= {"rounding": "imatrix", "imatrix_tensors": len(imatrix),
+                              "calibration_tokens": sum(len(s) for s in ctx.calibration)}
+                ctx.progress(f"quantizing to {spec.name} (llama_model_quantize{', imatrix' if imatrix else ''})")
                 t0 = time.perf_counter()
-                quantize(src, out / MODEL_FILE, spec, threads=ctx.threads)
+                quantize(src, out / MODEL_FILE, spec, threads=ctx.threads, imatrix=imatrix)
                 facts["quantize_seconds"] = round(time.perf_counter() - t0, 2)
-            if rounding != "llama":
-                ctx.progress(f"rewriting the Q4_0 decoder weights with deploykit's {rounding} rounding")
-                facts |= write_rounded_q4_0(out / MODEL_FILE, model, rounding, ctx.calibration)
+            if rounding in ("gptq", "rtn"):
+                ctx.progress(f"rewriting the {GRIDS[spec.name]} decoder weights with deploykit's {rounding} rounding")
+                t0 = time.perf_counter()
+                facts |= write_rounded(out / MODEL_FILE, model, rounding, spec.name, ctx.calibration)
+                facts["rounding_seconds"] = round(time.perf_counter() - t0, 2)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         path = out / MODEL_FILE
@@ -239,14 +255,33 @@ def quantized_row_lengths(cfg: ModelConfig) -> dict[str, int]:
     return {"d_model": cfg.d_model, "n_heads*head_dim": cfg.n_heads * cfg.head_dim, "ffn_dim": cfg.ffn_dim}
 
 
-def quantize(src: Path, dst: Path, spec: GgufScheme, *, threads: int | None = None) -> None:
-    """llama.cpp's quantizer: ``src`` (F32 GGUF) -> ``dst`` in ``spec``'s file type."""
+def quantize(src: Path, dst: Path, spec: GgufScheme, *, threads: int | None = None,
+             imatrix: dict[str, Any] | None = None) -> None:
+    """llama.cpp's quantizer: ``src`` (F32 GGUF) -> ``dst`` in ``spec``'s file type; with ``imatrix`` (gguf tensor
+    name -> float32 importance per input column, experts concatenated) its importance-weighted quantizers."""
+    import ctypes
+
     import llama_cpp
+    import numpy as np
 
     _quiet_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, spec.ftype)
     params.nthread = threads or 0  # 0: llama.cpp's default (hardware threads)
+    keep: list[Any] = []  # the arrays and names the C array points into, alive until the call returns
+    if imatrix:
+        if not hasattr(llama_cpp, "llama_model_imatrix_data"):  # older llama.cpp: a C++ map pointer, not C
+            raise BackendUnavailable(
+                f"llama-cpp-python {llama_cpp.__version__} takes the importance matrix as a C++ std::unordered_map "
+                "pointer, which Python cannot build", hint="pip install -U llama-cpp-python (0.3.36 or later), or rounding=gptq")
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # NULL-name terminated
+        for i, (name, values) in enumerate(imatrix.items()):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [arr, name.encode()]
+            entries[i].name, entries[i].size = keep[-1], arr.size
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(entries)
     code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if code != 0 or not dst.is_file():
         raise BackendError(f"llama_model_quantize to {spec.name} failed (returned {code}) for {src}",
