@@ -34,7 +34,8 @@ import numpy as np
 # method -> scheme options. "default" is what `deploykit convert` does with no --option. A method a
 # scheme does not take (an unknown option) is skipped. torch's int8 weights are per output channel in
 # every method. 4-bit: "rtn" / "gptq" are deploykit's rounding (deploykit.deploy.gptq) of native int4 and of
-# gguf q4_0 (written as Q4_0 blocks); gguf q4_0's "default" is llama.cpp's own quantizer (plain Q4_0).
+# gguf q4_0 / q4_k_m (written as Q4_0 / Q4_K blocks, MoE experts included); gguf's "default" is llama.cpp's own
+# quantizer (plain Q4_0 / Q4_K_M), "imatrix" llama.cpp's quantizer with an importance matrix from the calibration set.
 METHODS: dict[str, dict[str, Any]] = {
     "default": {},
     "lm_head fp32": {"quantize_lm_head": False},
@@ -45,9 +46,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "all int8": {"keep_fp32": ""},
     "rtn": {"rounding": "rtn"},
     "gptq": {"rounding": "gptq"},
+    "imatrix": {"rounding": "imatrix"},
 }
 SCHEMES = {"torch": ("int8-dynamic", "int8-static", "int8-qat"), "onnx": ("int8-dynamic", "int8-static"),
-           "native": ("int8", "int8-moe", "int4"), "gguf": ("q8_0", "q4_0"), "tflite": ("int8-dynamic", "int8")}
+           "native": ("int8", "int8-moe", "int4"), "gguf": ("q8_0", "q4_0", "q4_k_m"), "tflite": ("int8-dynamic", "int8")}
 HALF_SCHEMES = {"torch": ("bf16",), "onnx": ("fp16",), "native": (), "gguf": (), "tflite": ("fp16",)}
 
 
