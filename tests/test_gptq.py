@@ -1,6 +1,8 @@
 """GPTQ and the Q4_0 grid (deploykit.deploy.gptq): the grid matches llama.cpp's Q4_0 rounding, GPTQ beats
-round-to-nearest on its own objective ||W X - Q X||², the Hessians read from a model are X Xᵀ, and the
-rounded weights written as Q4_0 blocks are what llama.cpp reads (the gguf backend's rounding=gptq|rtn)."""
+round-to-nearest on its own objective ||W X - Q X||², the Hessians read from a model are X Xᵀ (per MoE
+expert: of the tokens its router sends it), GPTQ on a grid fixed first (llama.cpp's Q4_K) beats RTN on
+it, and the rounded weights written as Q4_0 / Q4_K blocks are what llama.cpp reads (the gguf backend's
+rounding=gptq|rtn; its end-to-end tests are in tests/test_gguf_backend.py)."""
 from __future__ import annotations
 
 import numpy as np
