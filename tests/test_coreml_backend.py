@@ -47,6 +47,24 @@ def test_missing_requirements_names_the_pip_command(monkeypatch):
     assert cb.CoreMLBackend().missing_requirements() == ["coremltools is not installed: pip install 'deploykit[coreml]'"]
 
 
+def test_coremltools_is_imported_without_the_frameworks_it_only_probes():
+    """tensorflow & co. are most of `import coremltools` and a torch conversion uses none of them; the
+    process can still import them afterwards (no None left in sys.modules)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util\n"
+            "from deploykit_plugins import coreml_backend as cb\n"
+            "ct = cb._coremltools()\n"
+            "assert cb._coremltools() is ct and ct.__name__ == 'coremltools'\n"
+            "assert not [m for m in cb._PROBED_UNUSED if m in sys.modules], [m for m in cb._PROBED_UNUSED if m in sys.modules]\n"
+            "assert importlib.util.find_spec('tensorflow') is not None\n"
+            "import sklearn\n"  # the lightest of them: importable again
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 def test_registered_with_fp16_first():
     (backend,) = cb.deploykit_backends()
     assert [s.name for s in backend.schemes] == ["fp16", "fp32", "int8", "palette4"] and backend.default_scheme == "fp16"

@@ -302,10 +302,41 @@ def empty_cache(cfg: ModelConfig) -> np.ndarray:
     return np.zeros((cfg.n_layers, 1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim), np.float32)
 
 
+# Frameworks coremltools probes for at import (coremltools._deps) that converting a torch model never
+# uses: importing tensorflow, torchao, transformers and sklearn took 5/6 of `import coremltools`
+# here (21 s of 25 on a busy machine, ~5 s of 6 on a quiet one), once per conversion worker.
+_PROBED_UNUSED = ("tensorflow", "torchao", "transformers", "sklearn")
+_import_lock = threading.Lock()
+
+
+def _coremltools() -> Any:
+    """``import coremltools`` without its probes of the frameworks in ``_PROBED_UNUSED``.
+
+    A None entry in sys.modules makes ``import X`` raise ImportError, which coremltools reads as
+    "not installed"; the entries are removed right after, so the process can still import those
+    frameworks itself. One already imported is left alone (coremltools then sees it, as before)."""
+    import sys
+
+    if "coremltools" in sys.modules:
+        return sys.modules["coremltools"]
+    with _import_lock:
+        hidden = [name for name in _PROBED_UNUSED if name not in sys.modules]
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]
+        try:
+            import coremltools
+        finally:
+            for name in hidden:
+                if sys.modules.get(name, 0) is None:
+                    del sys.modules[name]
+    return coremltools
+
+
 def convert_model(model: Any, scheme: str, *, seq_len: int = 0) -> Any:
     """The ct.models.MLModel of ``model`` under ``scheme`` (not saved); ``seq_len`` 0: ranged, N: fixed."""
-    import coremltools as ct
     import torch
+
+    ct = _coremltools()
 
     cfg = model.config
     decoder = cache_decoder(model)
@@ -354,7 +385,7 @@ def _compress(mlmodel: Any, scheme: str) -> Any:
 # -- the package: spec, program, weights ------------------------------------------------------------
 def open_package(path: Path) -> tuple[Any, Any]:
     """(MLModel without a runtime, its MIL program) of a saved .mlpackage; ArtifactError if a part is missing."""
-    import coremltools as ct
+    ct = _coremltools()
     from coremltools.converters.mil.frontend.milproto import load as milproto
 
     manifest = path / "Manifest.json"
@@ -501,9 +532,7 @@ class CoreMLRunner(Runner):
         self.seq_len = int(layout.get("seq_len") or 0)  # 0: ranged; N: every call takes exactly N tokens
         _, program = open_package(artifact / PACKAGE)
         if platform.system() == "Darwin":
-            import coremltools as ct
-
-            model = ct.models.MLModel(str(artifact / PACKAGE))
+            model = _coremltools().models.MLModel(str(artifact / PACKAGE))
             self._predict = model.predict
         else:
             self._predict = MilReference(program)
