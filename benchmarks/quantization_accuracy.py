@@ -87,7 +87,7 @@ def compare(ref: np.ndarray, got: np.ndarray, ids: np.ndarray) -> dict[str, floa
 
 
 def measure(source: Path, backend: str, scheme: str, options: dict[str, Any], ids: np.ndarray,
-            ref: np.ndarray, work: Path) -> dict[str, Any]:
+            ref: np.ndarray, work: Path, threads: int | None = None) -> dict[str, Any]:
     import deploykit
     from deploykit.errors import BackendError, ConfigError
 
@@ -103,7 +103,7 @@ def measure(source: Path, backend: str, scheme: str, options: dict[str, Any], id
         if "cannot convert this model" not in str(e):
             raise
         return {"skipped": str(e).splitlines()[0]}
-    runner = deploykit.load(out)
+    runner = deploykit.load(out, threads=threads)
     got = np.concatenate([np.asarray(runner.forward(ids[i:i + 1]), np.float32) for i in range(len(ids))])
     row = compare(ref, got, ids)
     rep = res.report
@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization_accuracy"))
     p.add_argument("--append", action="store_true", help="add these rows to the --out json instead of replacing it")
+    p.add_argument("--threads", type=int, default=2, help="torch and runtime threads (1 on a shared machine)")
+    p.add_argument("--name", action="append", default=[],
+                   help="CHECKPOINT=NAME: the model column for a checkpoint (default: its folder name)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    names = dict(x.split("=", 1) for x in args.name)
     rows: list[dict[str, Any]] = []
     notes = ""
     if args.append and args.out.with_suffix(".json").is_file():
@@ -163,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 for scheme, method in plan:
                     if args.schemes and scheme not in args.schemes.split(","):
                         continue
-                    row = {"model": src.name, "backend": backend, "scheme": scheme, "method": method}
-                    row |= measure(src, backend, scheme, METHODS[method], ids, ref, Path(tmp))
+                    row = {"model": names.get(str(src), src.name), "backend": backend, "scheme": scheme, "method": method}
+                    row |= measure(src, backend, scheme, METHODS[method], ids, ref, Path(tmp), args.threads)
                     at = next((i for i, r in enumerate(rows) if _key(r) == _key(row)), None)
                     rows = rows + [row] if at is None else rows[:at] + [row] + rows[at + 1:]  # in its old place
                     print(json.dumps({k: v for k, v in row.items() if k not in ("proof", "options")}), flush=True)
