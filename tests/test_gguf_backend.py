@@ -358,18 +358,20 @@ def test_q4_k_m_rtn_is_llama_cpps_own_file(artifact, checkpoints, tmp_path):
     assert [n for n in ours if not np.array_equal(ours[n][1], theirs[n][1])] == []
 
 
+@pytest.mark.parametrize("rounding", ["gptq", "gptq-imatrix"])
 @pytest.mark.parametrize("scheme", ["q4_0", "q4_k_m"])  # 4-8 s each once k-moe is trained
-def test_moe_experts_take_gptq_rounding_and_llama_cpp_runs_them(artifact, checkpoints, tmp_path, scheme):
-    """A tiny MoE converts with rounding=gptq: every expert tensor holds deploykit's blocks (not llama.cpp's),
-    each expert rounded from its own routed tokens, and the file loads in llama.cpp and passes its proof."""
-    res = deploykit.convert(checkpoints("k-moe"), "gguf", scheme, tmp_path / "g", options={"rounding": "gptq"},
+def test_moe_experts_take_gptq_rounding_and_llama_cpp_runs_them(artifact, checkpoints, tmp_path, scheme, rounding):
+    """A tiny MoE converts with rounding=gptq (and on llama.cpp's importance-weighted grid, gptq-imatrix): every
+    expert tensor holds deploykit's blocks (not llama.cpp's), each expert rounded from its own routed tokens, and
+    the file loads in llama.cpp and passes its proof."""
+    res = deploykit.convert(checkpoints("k-moe"), "gguf", scheme, tmp_path / "g", options={"rounding": rounding},
                             threads=THREADS)
     info = res.manifest["backend_info"]
     grid = {"q4_0": "Q4_0", "q4_k_m": "Q4_K"}[scheme]
-    print(f"\nk-moe {scheme} gptq: Δppl {info['quality']['delta_ppl_pct']:+.3f} %, KL {info['quality']['kl_vs_fp32']:.2e}, "
+    print(f"\nk-moe {scheme} {rounding}: Δppl {info['quality']['delta_ppl_pct']:+.3f} %, KL {info['quality']['kl_vs_fp32']:.2e}, "
           f"experts {info['experts']['gptq']} by GPTQ, {len(info['experts']['rtn_fallback'])} by RTN")
     assert res.passed, res.report.violations()
-    assert info["rounding"] == "gptq" and info["rounded_grid"] == grid
+    assert info["rounding"] == rounding and info["rounded_grid"] == grid
     cfg = load_model(checkpoints("k-moe")).config
     assert all(sum(t) == 64 * 16 * cfg.top_k for t in info["experts"]["routed_tokens"].values())  # 16 x 64 tokens
     ours, plain = _tensors(res.path / gb.MODEL_FILE), _tensors(artifact("k-moe", scheme).path / gb.MODEL_FILE)
@@ -407,6 +409,19 @@ def test_imatrix_reaches_llama_cpps_quantizer(artifact, checkpoints, tmp_path):
     moved = {n for n in ours if not np.array_equal(ours[n][1], plain[n][1])}
     assert {n for n in moved if n.startswith("blk.")} == {n for n in ours if n.startswith("blk.") and ours[n][0] != "F32"}
     assert "token_embd.weight" not in moved  # an embedding lookup has no matmul input: no importance for it
+    # each expert got its own importance: llama.cpp's tensor is ggml's weighted quantizer run expert by expert
+    from deploykit_plugins.gguf_backend import q4_k, rounding
+
+    from deploykit.deploy.parity import calibration_sequences
+    from deploykit.model.tokenizer import Tokenizer
+
+    model = load_model(checkpoints("k-moe")).eval()
+    imp = rounding.importance(model, calibration_sequences(cfg, Tokenizer.load(checkpoints("k-moe"))))
+    W = model.get_parameter("model.layers.1.block_sparse_moe.experts.w2").detach().numpy()  # (E, D, F)
+    F = W.shape[2]
+    per_expert = np.concatenate([q4_k.llama_blocks(W[e], "Q4_0", imp["blk.1.ffn_down_exps.weight"][e * F:(e + 1) * F])
+                                 for e in range(cfg.n_experts)])
+    assert np.array_equal(per_expert.reshape(-1), ours["blk.1.ffn_down_exps.weight"][1].reshape(-1))
     with pytest.raises(ConfigError, match="needs a quantized scheme"):
         deploykit.convert(checkpoints("k-moe"), "gguf", "f16", tmp_path / "j", options={"rounding": "imatrix"})
 

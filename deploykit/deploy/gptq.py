@@ -104,11 +104,14 @@ def _one_thread(fn: Callable[[], None]) -> None:
 
 
 @torch.no_grad()
-def gptq(w: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq(w: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: int = 128,
+         scale_of: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding of w (N, K) onto the Q4_0 grid given H (K, K) = 2 X Xᵀ / n: (q (N, K) int8, scales (N, G)).
 
     ``damp`` adds that share of H's mean diagonal to its diagonal (the paper's 1 %), so a rank-deficient
-    H (fewer calibration tokens than inputs, dead inputs) stays invertible.
+    H (fewer calibration tokens than inputs, dead inputs) stays invertible. ``scale_of(group, g)`` chooses
+    group g's scales (N,) (fp16-representable) from its corrected weights (N, 32) float32 (default: Q4_0's
+    ``max / -8``; a backend may pass its runtime's own importance-weighted choice).
     """
     W, Hinv = _prepared(w, hessian, damp, block)
     N, K = W.shape
@@ -118,7 +121,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: i
     def round_col(col: int, W1: torch.Tensor, i: int) -> torch.Tensor:
         g = col // GROUP
         if col % GROUP == 0:  # the group's scale, from its weights as corrected so far
-            scales[:, g] = group_scales(W1[:, i:i + GROUP].float())[:, 0]
+            group = W1[:, i:i + GROUP].float()
+            scales[:, g] = group_scales(group)[:, 0] if scale_of is None else scale_of(group, g)
         d = scales[:, g].double()
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
         q = (torch.floor(W1[:, i] * inv + 8.5).clamp(0, 15) - 8)  # (N,)

@@ -59,7 +59,7 @@ from deploykit.errors import BackendError, BackendUnavailable, ConfigError, Pari
 
 from .gguf_file import import_gguf, write_gguf
 from .proofs import measure_quality, parity_note, prove_tokenizer
-from .rounding import GRIDS, ROUNDINGS, importance, write_rounded
+from .rounding import DEPLOYKIT_ROUNDINGS, GRIDS, ROUNDINGS, importance, write_rounded
 from .runtime import KV_TYPES, GgufRunner, _quiet_llama_logs
 
 if TYPE_CHECKING:
@@ -116,8 +116,9 @@ class GgufOptions(SchemeOptions):
     kv_cache: str = option("f16", "KV cache type of served runners: f16 (llama.cpp's default), f32 or q8_0")
     flash_attn: bool = option(False, "llama.cpp's flash attention for served runners (q8_0 KV cache turns it on)")
     rounding: str = option("llama", "llama (llama.cpp's quantizer); q4_0 / q4_k_m: gptq (deploykit's GPTQ from the "
-                                    "calibration set, MoE experts each from its routed tokens) or rtn (deploykit's "
-                                    "round to nearest), written as Q4_0 / Q4_K blocks; any quantized scheme: imatrix "
+                                    "calibration set, MoE experts each from its routed tokens), gptq-imatrix (GPTQ on "
+                                    "llama.cpp's importance-weighted grid) or rtn (deploykit's round to nearest), "
+                                    "written as Q4_0 / Q4_K blocks; any quantized scheme: imatrix "
                                     "(llama.cpp's quantizer with an importance matrix from the calibration set)")
 
     def check(self) -> list[str]:
@@ -184,9 +185,10 @@ class GgufBackend(Backend):
                               hint="convert a checkpoint folder that holds tokenizer.json, or pass tokenizer=")
         spec, out = _BY_NAME[scheme.name], Path(out)
         rounding = ctx.options.rounding
-        if rounding in ("gptq", "rtn") and spec.name not in GRIDS:
+        if rounding in DEPLOYKIT_ROUNDINGS and spec.name not in GRIDS:
             raise ConfigError(f"gguf/{spec.name}: rounding={rounding} writes Q4_0 and Q4_K blocks only",
-                              hint=f"use --quant {' or '.join(GRIDS)} with rounding=gptq|rtn, or rounding=llama|imatrix")
+                              hint=f"use --quant {' or '.join(GRIDS)} with rounding={'|'.join(DEPLOYKIT_ROUNDINGS)}, "
+                                   "or rounding=llama|imatrix")
         if rounding == "imatrix" and spec.block == 1:
             raise ConfigError(f"gguf/{spec.name}: rounding=imatrix needs a quantized scheme, {spec.name} is float",
                               hint="use rounding=imatrix with q8_0, q5_*, q4_* or the K-quants")
@@ -209,7 +211,7 @@ class GgufBackend(Backend):
                 t0 = time.perf_counter()
                 quantize(src, out / MODEL_FILE, spec, threads=ctx.threads, imatrix=imatrix)
                 facts["quantize_seconds"] = round(time.perf_counter() - t0, 2)
-            if rounding in ("gptq", "rtn"):
+            if rounding in DEPLOYKIT_ROUNDINGS:
                 ctx.progress(f"rewriting the {GRIDS[spec.name]} decoder weights with deploykit's {rounding} rounding")
                 t0 = time.perf_counter()
                 facts |= write_rounded(out / MODEL_FILE, model, rounding, spec.name, ctx.calibration)

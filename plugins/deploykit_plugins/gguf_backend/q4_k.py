@@ -40,14 +40,38 @@ def _ggml() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.quantize_row_q4_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.quantize_row_q4_K_ref.restype = None
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     return lib
 
 
-def llama_q4_k(w: np.ndarray) -> np.ndarray:
-    """llama.cpp's own Q4_K blocks of w (N, K): (N, K/256 * 144) uint8 (ggml's quantize_row_q4_K_ref)."""
+def llama_blocks(w: np.ndarray, ggml_type: str, importance: np.ndarray) -> np.ndarray:
+    """llama.cpp's importance-weighted blocks of w (N, K) in ``ggml_type`` (ggml_quantize_chunk with an
+    importance matrix, what llama-quantize --imatrix runs per tensor): (N, bytes per row) uint8."""
+    import gguf
+
+    N, K = w.shape
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if K % block or importance.shape != (K,):
+        raise ConfigError(f"{ggml_type}: rows of {K} values need a multiple of {block} and {K} importances, "
+                          f"got {importance.shape}")
+    x = np.ascontiguousarray(w, dtype=np.float32)
+    imp = np.ascontiguousarray(importance, dtype=np.float32)
+    out = np.zeros((N, K // block * size), dtype=np.uint8)
+    _ggml().ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, N, K, imp.ctypes.data)
+    return out
+
+
+def llama_q4_k(w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's own Q4_K blocks of w (N, K): (N, K/256 * 144) uint8 (ggml's quantize_row_q4_K_ref; with an
+    importance (K,), its importance-weighted quantizer)."""
     N, K = w.shape
     if K % QK_K:
         raise ConfigError(f"Q4_K rows must be a multiple of {QK_K} values, got {K}")
+    if importance is not None:
+        return llama_blocks(w, "Q4_K", importance)
     x = np.ascontiguousarray(w, dtype=np.float32)
     out = np.zeros((N, K // QK_K * BLOCK_BYTES), dtype=np.uint8)
     _ggml().quantize_row_q4_K_ref(x.ctypes.data, out.ctypes.data, x.size)

@@ -42,7 +42,8 @@ from deploykit.model.graph import CausalLM
 
 from .gguf_file import GPT2_QKV, layer_table, to_interleaved
 
-ROUNDINGS = ("llama", "gptq", "rtn", "imatrix")
+ROUNDINGS = ("llama", "gptq", "gptq-imatrix", "rtn", "imatrix")
+DEPLOYKIT_ROUNDINGS = ("gptq", "gptq-imatrix", "rtn")  # written by write_rounded
 GRIDS = {"q4_0": "Q4_0", "q4_k_m": "Q4_K"}  # scheme -> the ggml type deploykit's gptq|rtn rounding writes
 
 
@@ -84,16 +85,25 @@ def _slices(model: CausalLM, source: str) -> list[torch.Tensor]:
     return [model.get_submodule(source).weight.detach().float()]
 
 
-def _round(w: torch.Tensor, grid: str, hessian: torch.Tensor | None, damp: float) -> np.ndarray:
-    """One (rows, K) weight as blocks of ``grid``: GPTQ given its Hessian, else round to nearest."""
+def _round(w: torch.Tensor, grid: str, hessian: torch.Tensor | None, damp: float, weighted: bool) -> np.ndarray:
+    """One (rows, K) weight as blocks of ``grid``: GPTQ given its Hessian, else round to nearest. ``weighted``:
+    the grid (Q4_0's group scales, Q4_K's super-block scales and mins) is llama.cpp's importance-weighted
+    choice with the importance diag(H) / 2 (mean x² per input column), else its plain one."""
     from deploykit.deploy import gptq
 
-    if grid == "Q4_0":
-        q, s = gptq.rtn(w) if hessian is None else gptq.gptq(w, hessian, damp=damp)
-        return q4_0_blocks(q, s)
     from . import q4_k
 
-    base = q4_k.llama_q4_k(w.numpy())  # llama.cpp's blocks: their grid is kept, their codes replaced
+    importance = (torch.diagonal(hessian) / 2).float().numpy() if weighted and hessian is not None else None
+    if grid == "Q4_0":
+        if hessian is None:
+            return q4_0_blocks(*gptq.rtn(w))
+        scale_of = None
+        if importance is not None:  # llama.cpp's weighted scale search on each group's corrected weights
+            def scale_of(group: torch.Tensor, g: int) -> torch.Tensor:
+                b = q4_k.llama_blocks(group.numpy(), "Q4_0", importance[g * 32:(g + 1) * 32])  # (N, 18)
+                return torch.from_numpy(b[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1))
+        return q4_0_blocks(*gptq.gptq(w, hessian, damp=damp, scale_of=scale_of))
+    base = q4_k.llama_q4_k(w.numpy(), importance)  # llama.cpp's blocks: their grid is kept, their codes replaced
     fixed = q4_k.grid_of(base)
     q = gptq.rtn_fixed(w, fixed) if hessian is None else gptq.gptq_fixed(w, hessian, fixed, damp=damp)
     return q4_k.with_codes(base, q)
@@ -115,18 +125,18 @@ def write_rounded(path: Path, model: CausalLM, rounding: str, scheme: str, calib
                if n in by_name and by_name[n].tensor_type == gguf.GGMLQuantizationType[grid]}
     sources = sorted({m for mods, _ in targets.values() for m in mods})
     linears = [s for s in sources if not _is_expert(s)]
-    hessians = gptq.collect_hessians(model, linears, calibration) if rounding == "gptq" and linears else {}
-    experts = (gptq.collect_expert_hessians(model, calibration)
-               if rounding == "gptq" and any(map(_is_expert, sources)) else {})
+    by_gptq = rounding.startswith("gptq")
+    hessians = gptq.collect_hessians(model, linears, calibration) if by_gptq and linears else {}
+    experts = gptq.collect_expert_hessians(model, calibration) if by_gptq and any(map(_is_expert, sources)) else {}
     heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads}
     fallback: list[dict[str, Any]] = []
-    by_gptq = 0  # expert matrices GPTQ rounded
+    n_gptq = 0  # expert matrices GPTQ rounded
     for name, (mods, kind) in targets.items():
         parts = []
         for m in mods:
             for e, w in enumerate(_slices(model, m)):
                 h = hessians.get(m)
-                if _is_expert(m) and rounding == "gptq":
+                if _is_expert(m) and by_gptq:
                     stats = experts[m.rsplit(".experts.", 1)[0]]
                     h = stats.hessian(m.rsplit(".", 1)[1], e)
                     if stats.tokens[e] < gptq.MIN_EXPERT_TOKENS:
@@ -134,8 +144,8 @@ def write_rounded(path: Path, model: CausalLM, rounding: str, scheme: str, calib
                         fallback.append({"tensor": name, "expert": e, "tokens": stats.tokens[e],
                                          "reason": f"{stats.tokens[e]} routed calibration tokens < "
                                                    f"{gptq.MIN_EXPERT_TOKENS}: rounded to nearest"})
-                    by_gptq += h is not None
-                parts.append(_round(w, grid, h, damp))
+                    n_gptq += h is not None
+                parts.append(_round(w, grid, h, damp, weighted=rounding == "gptq-imatrix"))
         blocks = np.concatenate(parts)  # (rows, bytes per row), experts stacked in order
         if kind:
             blocks = to_interleaved(blocks, heads[kind])
@@ -147,10 +157,10 @@ def write_rounded(path: Path, model: CausalLM, rounding: str, scheme: str, calib
     reader.data.flush()
     del reader
     facts: dict[str, Any] = {"rounding": rounding, "rounded_tensors": len(targets), "rounded_grid": grid}
-    if rounding == "gptq":
+    if by_gptq:
         facts["calibration_tokens"] = sum(len(s) for s in calibration)
         if experts:
-            facts["experts"] = {"gptq": by_gptq, "rtn_fallback": fallback,
+            facts["experts"] = {"gptq": n_gptq, "rtn_fallback": fallback,
                                 "min_tokens": gptq.MIN_EXPERT_TOKENS,
                                 "routed_tokens": {k: list(v.tokens) for k, v in experts.items()}}
     return facts
