@@ -35,7 +35,8 @@ import numpy as np
 # scheme does not take (an unknown option) is skipped. torch's int8 weights are per output channel in
 # every method. 4-bit: "rtn" / "gptq" are deploykit's rounding (deploykit.deploy.gptq) of native int4 and of
 # gguf q4_0 / q4_k_m (written as Q4_0 / Q4_K blocks, MoE experts included); gguf's "default" is llama.cpp's own
-# quantizer (plain Q4_0 / Q4_K_M), "imatrix" llama.cpp's quantizer with an importance matrix from the calibration set.
+# quantizer (plain Q4_0 / Q4_K_M), "imatrix" llama.cpp's quantizer with an importance matrix from the calibration set,
+# "gptq-imatrix" GPTQ's codes on the grid llama.cpp's importance-weighted quantizer chooses.
 METHODS: dict[str, dict[str, Any]] = {
     "default": {},
     "lm_head fp32": {"quantize_lm_head": False},
@@ -47,6 +48,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "rtn": {"rounding": "rtn"},
     "gptq": {"rounding": "gptq"},
     "imatrix": {"rounding": "imatrix"},
+    "gptq-imatrix": {"rounding": "gptq-imatrix"},
 }
 SCHEMES = {"torch": ("int8-dynamic", "int8-static", "int8-qat"), "onnx": ("int8-dynamic", "int8-static"),
            "native": ("int8", "int8-moe", "int4"), "gguf": ("q8_0", "q4_0", "q4_k_m"), "tflite": ("int8-dynamic", "int8")}
