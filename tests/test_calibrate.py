@@ -145,6 +145,30 @@ def test_auto_keep_fp32_keeps_the_layer_made_costly(name):
         resolve_keep_fp32(flat, names, roles, opts, [], activations="static", where="t/int8")
 
 
+def test_auto_keep_fp32_never_spends_its_pick_on_layers_the_backend_keeps_float():
+    """tflite and onnx keep MoE expert down projections float whatever keep_fp32 says. auto used to rank
+    them anyway: on micro-moe it chose block 0's expert down projections, already float (tflite then
+    failed to find them in its graph, onnx kept nothing more)."""
+    from deploykit.deploy.calibrate import group_costs, resolve_keep_fp32
+
+    model = _costly("nano-moe", layer=2)
+    cal = calibration_sequences(model.config, None, n=8, length=32)
+    down = frozenset({Role.EXPERT_DOWN})
+    base, costs = group_costs(model, cal, activations="static", float_roles=down)
+    assert "model.layers.2.mlp_down" not in costs and base > 0 and costs  # the other groups are ranked
+    all_int8, _ = group_costs(model, cal, activations="static")
+    assert base < all_int8 / 3  # the costly layer is fp32 in the simulation itself
+    names = {f"model.layers.{i}.block_sparse_moe.experts.w{k}": role for i in range(model.config.n_layers)
+             for k, role in (("1", Role.EXPERT_GATE), ("3", Role.EXPERT_UP), ("2", Role.EXPERT_DOWN))}
+    names |= {n: r for n, r in linear_roles(model).items() if r in QUANTIZED | {Role.LM_HEAD}}
+    opts = SmoothQuantOptions.parse({"keep_fp32": "auto"}, where="t/int8")
+    keep, facts = resolve_keep_fp32(model, list(names), names, opts, cal, activations="static", where="t/int8",
+                                    float_roles=down)
+    assert len(facts["kept_groups"]) == 1 and "model.layers.2.mlp_down" not in facts["kept_groups"]
+    assert keep == set(facts["modules"]) and not any(names[n] is Role.EXPERT_DOWN for n in keep)
+    assert facts["always_float"] == ["expert_down"]
+
+
 def test_auto_keep_fp32_option_is_validated():
     assert SmoothQuantOptions.parse({"keep_fp32": "auto:3,lm_head"}, where="t").auto_groups() == 3
     opts = SmoothQuantOptions.parse({"keep_fp32": "auto"}, where="t")
@@ -170,3 +194,18 @@ def test_torch_int8_static_keeps_its_costliest_group_by_default(nano_checkpoint,
     none = deploykit.convert(nano_checkpoint, "torch", "int8-static", tmp_path / "n", verify=False,
                              options={"keep_fp32": ""})
     assert "keep_fp32_auto" not in none.manifest["backend_info"] and "kept_fp32" not in none.manifest["backend_info"]
+
+
+def test_static_activation_schemes_smooth_by_default():
+    """One fixed activation scale per tensor is where outlier channels hurt: on the demo's LoRA-tuned
+    micro torch int8-static / int8-qat and onnx int8-static missed top-1 0.98 without SmoothQuant and
+    pass with it (benchmarks/results/quantization_accuracy.md). Per-token / per-call schemes and tflite
+    int8 (no measured gain) keep it off."""
+    from deploykit.deploy.registry import registry
+
+    want = {("torch", "int8-static"): True, ("torch", "int8-qat"): True, ("onnx", "int8-static"): True,
+            ("torch", "int8-dynamic"): False, ("onnx", "int8-dynamic"): False, ("tflite", "int8"): False}
+    for (backend, scheme), on in want.items():
+        opts = registry().get_backend(backend).scheme(scheme).parse_options({}, backend=backend)
+        assert opts.smoothquant is on and opts.smoothquant_alpha == -1.0, (backend, scheme)
+        assert opts.keep_fp32 == ("" if scheme == "int8-dynamic" and backend == "torch" else "auto"), (backend, scheme)

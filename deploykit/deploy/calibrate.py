@@ -57,9 +57,11 @@ class SmoothQuantOptions(Int8Options):
     """Int8 options of a backend that runs :func:`smooth_quant` before quantizing and honours
     ``keep_fp32`` (explicit names, and ``auto`` / ``auto:N``: see :func:`resolve_keep_fp32`)."""
 
-    # Off by default: every int8 scheme already passes its proof on the trained models without it, it
-    # costs a calibration search at convert time, and its gain is mixed (see ALPHAS above and
-    # benchmarks/results/quantization_accuracy.md).
+    # Off here; the static-activation schemes of torch (int8-static / qat) and onnx (int8-static) turn it
+    # on: one fixed scale per tensor is where outlier channels hurt, and on the demo's LoRA-tuned micro
+    # it took their held-out top-1 from 0.977-0.982 to 0.986-0.988. Per-token / per-call schemes gain
+    # little (mixed on demo), and tflite int8 gained nothing measurable (its int8 FullyConnected also
+    # rounds its output). See benchmarks/results/quantization_accuracy.md.
     smoothquant: bool = option(False, "SmoothQuant: move activation outliers into the weights before int8")
     smoothquant_alpha: float = option(-1.0, "migration strength in [0, 1]; -1: chosen on the calibration set")
     keep_fp32: str = option("", "comma list of module names or prefixes kept fp32 (model.layers.0, lm_head, "
@@ -390,9 +392,13 @@ def layer_group(name: str, role: Any) -> str | None:
 
 @torch.no_grad()
 def group_costs(model: CausalLM, calibration: Sequence[Sequence[int]], *, activations: str,
-                quantize_lm_head: bool = True, rows: int = 8) -> tuple[float, dict[str, float]]:
+                quantize_lm_head: bool = True, rows: int = 8,
+                float_roles: frozenset[Any] = frozenset()) -> tuple[float, dict[str, float]]:
     """Simulated int8 on the calibration set: (KL with every group int8, {group: its cost}), where a
-    group's cost is how much the KL drops when that group alone stays fp32 (larger: costs more)."""
+    group's cost is how much the KL drops when that group alone stays fp32 (larger: costs more).
+
+    ``float_roles``: roles the backend never quantizes (tflite and onnx keep MoE expert down
+    projections float): fp32 in every simulation, and no group of theirs is ranked."""
     from .roles import linear_roles
 
     batch = _batch(calibration, rows)
@@ -400,24 +406,25 @@ def group_costs(model: CausalLM, calibration: Sequence[Sequence[int]], *, activa
     reference = model(batch).float()  # (B, T, V)
     with Int8Simulation(model, batch, activations=activations, quantize_lm_head=quantize_lm_head) as sim:
         roles = linear_roles(sim.work)  # group members by the per-expert names the simulation quantizes
+        fixed = {n for n in sim.linears if roles[n] in float_roles}
         members: dict[str, list[str]] = {}
         for name in sim.linears:
-            if (g := layer_group(name, roles[name])) is not None:
+            if name not in fixed and (g := layer_group(name, roles[name])) is not None:
                 members.setdefault(g, []).append(name)
-        base = sim.kl(reference)
-        return base, {g: base - sim.kl(reference, names) for g, names in members.items()}
+        base = sim.kl(reference, fixed)
+        return base, {g: base - sim.kl(reference, fixed | set(names)) for g, names in members.items()}
 
 
 def resolve_keep_fp32(model: CausalLM, names: Sequence[str], roles: dict[str, Any], opts: SmoothQuantOptions,
                       calibration: Sequence[Sequence[int]], *, activations: str, where: str,
-                      ) -> tuple[set[str], dict[str, Any]]:
+                      float_roles: frozenset[Any] = frozenset()) -> tuple[set[str], dict[str, Any]]:
     """The names among ``names`` (a backend's quantizable modules, ``roles`` their Role) kept fp32 by
     ``opts.keep_fp32``, and the facts for the manifest.
 
     Explicit entries resolve through :func:`kept_fp32`. ``auto:N`` measures every layer group's cost
     (:func:`group_costs`, simulated with the backend's ``activations``) on ``calibration`` and keeps
     the N costliest (only groups whose fp32 copy lowers the KL). Run it after any SmoothQuant rewrite,
-    so the costs are those of the model actually quantized."""
+    so the costs are those of the model actually quantized. ``float_roles``: see :func:`group_costs`."""
     keep = kept_fp32(names, roles, [x for x in opts.keep_list() if not _AUTO.fullmatch(x)], where=where)
     n = opts.auto_groups()
     if n == 0:
@@ -425,11 +432,13 @@ def resolve_keep_fp32(model: CausalLM, names: Sequence[str], roles: dict[str, An
     if not calibration:
         raise ConfigError(f"{where}: keep_fp32=auto measures layer costs on calibration sequences, got none",
                           hint="deploykit convert draws them from the calibration text; or name the layers")
-    base, costs = group_costs(model, calibration, activations=activations, quantize_lm_head=opts.quantize_lm_head)
+    base, costs = group_costs(model, calibration, activations=activations, quantize_lm_head=opts.quantize_lm_head,
+                              float_roles=float_roles)
     ranked = sorted(costs, key=costs.__getitem__, reverse=True)
     chosen = [g for g in ranked[:n] if costs[g] > 0]
     picked = {m for m in names if layer_group(m, roles.get(m)) in chosen}
     facts = {"mode": f"auto:{n}", "activations": activations, "simulated_kl_all_int8": base,
+             **({"always_float": sorted(r.value for r in float_roles)} if float_roles else {}),
              "kept_groups": {g: costs[g] for g in chosen}, "modules": sorted(picked),
              "costliest": {g: costs[g] for g in ranked[:8]}}
     return keep | picked, facts
