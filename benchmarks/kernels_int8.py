@@ -1,12 +1,17 @@
 """Int8 linear benchmark (issue 5): deploykit.native fused int8 linear vs torch.ao dynamic-quant
 Linear (fbgemm), raw torch._int_mm (int8 x int8 -> int32, no quantization work) and fp32 F.linear.
 
-2 threads, median of >= 20 timed calls after warm-up, in round-robin blocks (``--block``: each
-contender runs 5 calls in a row, the first untimed, so that no contender pays for the threads the
-previous one left spinning; see timing.timeit_blocks), every contender measured in the same
-process under the same allocator settings: the script re-executes itself with
-MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set so that large outputs are not returned to the OS
-and faulted in again on every call (see /work/shared/FACTS.md, "page faults decide benchmarks").
+2 threads, median of >= 20 timed calls after warm-up per pass. **Native and torch run in processes
+of their own**, alternately (native, torch, native, torch: ``--passes``), and never in one process:
+after each parallel torch op, torch's OpenMP workers spin for milliseconds, and a native call in
+that window finds its second core taken (64x512x512 at 2 threads: 33 us alone, 50 us after one
+F.linear, 31 us with OMP_WAIT_POLICY=PASSIVE); our pool's spinning hurts torch's ops the same way.
+Within a process the contenders (fbgemm and fp32; native and AMX) take round-robin blocks of
+``--block`` calls, the first untimed (timing.timeit_blocks). Every process runs under the same
+allocator settings: the script re-executes itself with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_
+set so that large outputs are not returned to the OS and faulted in again on every call (see
+/work/shared/FACTS.md, "page faults decide benchmarks"). Both sides draw the same weights (seeded
+per shape).
 
     python benchmarks/kernels_int8.py [--quick] [--repeat 25] [--out benchmarks/results] [--allow-busy]
 
@@ -20,12 +25,15 @@ import argparse
 import json
 import math
 import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from timing import timeit, timeit_blocks, timeit_interleaved, use_bench_allocator  # noqa: E402
+from timing import timeit_blocks, use_bench_allocator  # noqa: E402
 
 _MALLOC_ENV = use_bench_allocator()
 
@@ -59,13 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--no-int-mm", action="store_true", help="skip torch._int_mm")
     ap.add_argument("--block", type=int, default=5,
-                    help="calls per contender per round (default 5, the first untimed: see timing.timeit_blocks); "
-                         "1 times one call per turn, as before the fifth session")
+                    help="calls per contender per round (default 5, >= 2: the first is untimed, see timing.timeit_blocks)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="processes per side, alternating native / torch (default 2; timings pooled)")
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: time one side, write --side-out
+    ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="threads for every contender (issue 5 asks for 2; 1 is a check that is "
                          "less sensitive to other load on a shared machine)")
     add_allow_busy_flag(ap)
     args = ap.parse_args(argv)
+    if args.block < 2 or args.passes < 1:
+        ap.error(f"--block must be >= 2 and --passes >= 1 (got {args.block}, {args.passes})")
+    if args.side:
+        args.side_out.write_text(json.dumps(time_side(args.side, args)))
+        return 0
     try:
         guard = QuietGuard.begin(args.out, allow_busy=args.allow_busy, threads=args.threads)  # before measuring
         rows, summary, feats = measure(args)
@@ -78,62 +94,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SIDES = ("native", "torch")  # each in processes of its own (see the module docstring)
+
+
 def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
-    """Every (M, K, N) timed for every contender: (rows, geomean summary, native.cpu_features())."""
+    """Every (M, K, N) timed for every contender: (rows, geomean summary, native.cpu_features()).
+
+    Native and torch run in processes of their own, alternately (native, torch, native, torch...:
+    ``--passes`` each), and each contender's timings are pooled over its passes."""
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     feats = native.cpu_features()
     print("cpu_features:", json.dumps(feats))
-    shapes = SHAPES_KN[:2] if args.quick else SHAPES_KN
-    # AMX-INT8 is opt-in (isa="amx"): its column is timed where the CPU and kernel allow it, else NaN.
-    amx = "amx" in native.supported_isas()
-    if not amx:
+    if "amx" not in native.supported_isas():
         print(f"AMX column: n/a ({feats.get('amx_note') or 'no AMX-INT8 on this CPU'})")
-    rows = []
-    hdr = (f"{'M':>4} {'K':>5} {'N':>5} | {'native us':>9} {'fbgemm us':>9} {'int_mm us':>9} "
-           f"{'fp32 us':>9} | {'x fbgemm':>8} {'x int_mm':>8} {'x fp32':>7} | {'GOP/s':>6}")
-    print(hdr)
-    for K, N in shapes:
-        lin = torch.nn.Linear(K, N)
-        qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
-                                                      dtype=torch.qint8)
-        nat = native.Int8Linear.from_float(lin)
-        w8 = torch.randint(-127, 128, (K, N), dtype=torch.int8)  # _int_mm wants (K, N)
-        for M in MS:
-            x = torch.randn(M, K)
-            # torch._int_mm requires M > 16: n/a for M = 1, 8.
-            a8 = torch.randint(-127, 128, (M, K), dtype=torch.int8)
-            with torch.inference_mode():
-                fns = {"nat": lambda: nat(x), "fb": lambda: qlin(x), "fp": lambda: F.linear(x, lin.weight, lin.bias)}
-                if amx:
-                    fns["amx"] = lambda: native.int8_linear(x, nat.weight_packed, nat.bias, isa="amx",
-                                                            threads=args.threads)
-                if args.block > 1:  # repeat timed calls in all, in rounds of block - 1
-                    t = timeit_blocks(fns, max(1, -(-args.repeat // (args.block - 1))), args.block, with_min=True)
-                else:
-                    t = timeit_interleaved(fns, args.repeat, with_min=True)
-                t_amx = t.get("amx", float("nan"))
-                t_nat, t_fb, t_fp = t["nat"], t["fb"], t["fp"]
-                t_mm = float("nan")
-                if not args.no_int_mm and M > 16:
-                    # On CPUs without AVX-512 VNNI torch._int_mm falls back to a ~1 GOP/s path
-                    # (seconds per call at M=512): there, 5 timed calls instead of `repeat`.
-                    t0 = time.perf_counter()
-                    torch._int_mm(a8, w8)
-                    slow = time.perf_counter() - t0 > 0.1
-                    t_mm = timeit(lambda: torch._int_mm(a8, w8), 5 if slow else args.repeat)
-            ops = 2.0 * M * K * N
-            r = dict(M=M, K=K, N=N, native_min_us=t["nat_min"] * 1e6, fbgemm_min_us=t["fb_min"] * 1e6,
-                     fp32_min_us=t["fp_min"] * 1e6, vs_fbgemm_min=t["fb_min"] / t["nat_min"],
-                     native_us=t_nat * 1e6, fbgemm_us=t_fb * 1e6,
-                     int_mm_us=t_mm * 1e6, fp32_us=t_fp * 1e6, vs_fbgemm=t_fb / t_nat,
-                     vs_int_mm=t_mm / t_nat, vs_fp32=t_fp / t_nat, native_gops=ops / t_nat / 1e9,
-                     amx_us=t_amx * 1e6, amx_vs_int_mm=t_mm / t_amx, amx_vs_fbgemm=t_fb / t_amx)
-            rows.append(r)
-            print(f"{M:>4} {K:>5} {N:>5} | {r['native_us']:>9.1f} {r['fbgemm_us']:>9.1f} "
-                  f"{r['int_mm_us']:>9.1f} {r['fp32_us']:>9.1f} | {r['vs_fbgemm']:>8.2f} "
-                  f"{r['vs_int_mm']:>8.2f} {r['vs_fp32']:>7.2f} | {r['native_gops']:>6.0f}", flush=True)
+    pooled: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.passes):
+            for side in SIDES:
+                out = Path(tmp) / f"{side}-{i}.json"
+                cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--repeat", str(args.repeat),
+                       "--block", str(args.block), "--threads", str(args.threads)]
+                cmd += ["--quick"] * args.quick + ["--no-int-mm"] * args.no_int_mm
+                subprocess.run(cmd, check=True)
+                for shape, times in json.loads(out.read_text()).items():
+                    for name, ts in times.items():
+                        pooled.setdefault(shape, {}).setdefault(name, []).extend(ts)
+    rows = [_row(shape, times) for shape, times in pooled.items()]
+    for r in rows:
+        print(f"{r['M']:>4} {r['K']:>5} {r['N']:>5} | {r['native_us']:>9.1f} {r['fbgemm_us']:>9.1f} "
+              f"{r['int_mm_us']:>9.1f} {r['fp32_us']:>9.1f} | {r['vs_fbgemm']:>8.2f} "
+              f"{r['vs_int_mm']:>8.2f} {r['vs_fp32']:>7.2f} | {r['native_gops']:>6.0f}", flush=True)
     summary = {
         "geomean_vs_fbgemm_M_ge_64": geomean([r["vs_fbgemm"] for r in rows if r["M"] >= 64]),
         "geomean_vs_fbgemm_M_le_8": geomean([r["vs_fbgemm"] for r in rows if r["M"] <= 8]),
@@ -149,12 +139,68 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
     return rows, summary, feats
 
 
+def _row(shape: str, times: dict[str, list[float]]) -> dict:
+    M, K, N = (int(v) for v in shape.split("x"))
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
+    best = {k: min(v) if v else float("nan") for k, v in times.items()}
+    t_nat, t_fb, t_fp = med["nat"], med["fb"], med["fp"]
+    t_mm, t_amx = med.get("mm", float("nan")), med.get("amx", float("nan"))
+    return dict(M=M, K=K, N=N, native_min_us=best["nat"] * 1e6, fbgemm_min_us=best["fb"] * 1e6,
+                fp32_min_us=best["fp"] * 1e6, vs_fbgemm_min=best["fb"] / best["nat"],
+                native_us=t_nat * 1e6, fbgemm_us=t_fb * 1e6, int_mm_us=t_mm * 1e6, fp32_us=t_fp * 1e6,
+                vs_fbgemm=t_fb / t_nat, vs_int_mm=t_mm / t_nat, vs_fp32=t_fp / t_nat,
+                native_gops=2.0 * M * K * N / t_nat / 1e9, amx_us=t_amx * 1e6, amx_vs_int_mm=t_mm / t_amx,
+                amx_vs_fbgemm=t_fb / t_amx, n_native=len(times["nat"]), n_fbgemm=len(times["fb"]))
+
+
+def time_side(side: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """In this process, only ``side``'s contenders: {"MxKxN": {contender: [seconds per call]}}.
+
+    The native side never runs a parallel torch op (torch's pool is set to one thread; the kernel is
+    given ``--threads`` explicitly), so no OpenMP worker is ever started in its process."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1 if side == "native" else args.threads)
+    amx = side == "native" and "amx" in native.supported_isas()
+    out: dict[str, dict[str, list[float]]] = {}
+    for K, N in SHAPES_KN[:2] if args.quick else SHAPES_KN:
+        torch.manual_seed(K * 10007 + N)  # the same weights on both sides
+        lin = torch.nn.Linear(K, N)
+        if side == "native":
+            packed = native.Int8Linear.from_float(lin).weight_packed
+        else:
+            qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                          dtype=torch.qint8)
+            w8 = torch.randint(-127, 128, (K, N), dtype=torch.int8)  # _int_mm wants (K, N)
+        for M in MS:
+            x = torch.randn(M, K)
+            with torch.inference_mode():
+                if side == "native":
+                    fns = {"nat": lambda: native.int8_linear(x, packed, lin.bias, threads=args.threads)}
+                    if amx:
+                        fns["amx"] = lambda: native.int8_linear(x, packed, lin.bias, isa="amx", threads=args.threads)
+                else:
+                    fns = {"fb": lambda: qlin(x), "fp": lambda: F.linear(x, lin.weight, lin.bias)}
+                ts = timeit_blocks(fns, max(1, -(-args.repeat // (args.block - 1))), args.block, raw=True)
+                # torch._int_mm requires M > 16: n/a for M = 1, 8.
+                if side == "torch" and not args.no_int_mm and M > 16:
+                    a8 = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+                    # On CPUs without AVX-512 VNNI torch._int_mm falls back to a ~1 GOP/s path
+                    # (seconds per call at M=512): there, 5 timed calls instead of `repeat`.
+                    t0 = time.perf_counter()
+                    torch._int_mm(a8, w8)
+                    n = 5 if time.perf_counter() - t0 > 0.1 else args.repeat
+                    ts |= timeit_blocks({"mm": lambda: torch._int_mm(a8, w8)}, max(1, -(-n // (args.block - 1))),
+                                        args.block, raw=True)
+            out[f"{M}x{K}x{N}"] = ts
+    return out
+
+
 def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[dict], summary: dict,
                   feats: dict) -> None:
     """<stem>.json and <stem>.md into ``verdict.write_to`` (``--out``, unless a busy run was diverted)."""
     stamp = verdict.stamp()
-    method = (f"round-robin blocks of {args.block} calls per contender, the first untimed" if args.block > 1
-              else "round-robin, one call per contender per turn")
+    method = (f"native and torch each in processes of their own, {args.passes} alternating passes per side; "
+              f"within a process round-robin blocks of {args.block} calls per contender, the first untimed")
     meta = dict(threads=args.threads, repeat=args.repeat, statistic="median", method=method, torch=torch.__version__,
                 python=platform.python_version(), malloc_env=_MALLOC_ENV, cpu_model=cpu_model(),
                 available_cpus=available_cpus(), native=native_isa(), cpu_features=feats,

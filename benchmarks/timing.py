@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from deploykit.bench.machine import ALLOCATOR_ENV
 
@@ -57,7 +58,7 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int, *, war
 
 
 def timeit_blocks(fns: dict[str, Callable[[], object]], rounds: int, block: int, *, warmup: int = 3,
-                  with_min: bool = False) -> dict[str, float]:
+                  with_min: bool = False, raw: bool = False) -> dict[str, Any]:
     """Median seconds per call per contender, timed in round-robin *blocks*: each round runs every
     contender ``block`` times back to back and keeps the calls after the first.
 
@@ -65,7 +66,8 @@ def timeit_blocks(fns: dict[str, Callable[[], object]], rounds: int, block: int,
     threads: after an OpenMP call (fbgemm, oneDNN) the workers spin for a while, and a kernel with
     its own thread pool that runs next finds its second core taken (on 2 CPUs this tripled the
     mid-sized native GEMMs). Dropping each block's first call leaves that hand-over out, while the
-    rounds still spread slow load changes over every contender alike."""
+    rounds still spread slow load changes over every contender alike. ``raw`` returns every timed
+    call's seconds per contender instead of the median."""
     if block < 2:
         raise ValueError(f"block must be >= 2 (its first call is the hand-over), got {block}")
     for _ in range(warmup):
@@ -79,6 +81,8 @@ def timeit_blocks(fns: dict[str, Callable[[], object]], rounds: int, block: int,
                 t0 = time.perf_counter()
                 f()
                 ts[k].append(time.perf_counter() - t0)
+    if raw:
+        return ts
     out = {k: statistics.median(v) for k, v in ts.items()}
     if with_min:
         out |= {f"{k}_min": min(v) for k, v in ts.items()}
