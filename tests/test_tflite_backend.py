@@ -207,3 +207,55 @@ def test_int8_keep_fp32_names_and_smoothquant(nano_checkpoint, tmp_path):
     assert "int8" not in types["model.layers.1.self_attn.o_proj"] and "int8" in types["lm_head"]
     with pytest.raises(ConfigError, match="keep_fp32 'model.layers.9' names no quantized module"):
         deploykit.convert(nano_checkpoint, "tflite", "int8", out=tmp_path / "b", options={"keep_fp32": "model.layers.9"})
+
+
+# -- int8 regressions (issue 12) -----------------------------------------------------------------------------
+def test_int8_rounds_only_weights_and_matmul_inputs_never_the_kv_cache(nano_checkpoint, tmp_path):
+    """Two things TFLite's converter did behind the graph's back, both fixed:
+
+    - every GATHER ran in int8 (GATHER was not a denylisted op): the new k/v rows written into the cache,
+      the cache's rows gathered for the grouped-query heads and the rotary tables were re-rounded onto one
+      per-tensor grid (the v rows of all layers even shared one scale). Only the embedding's lookup is int8.
+    - a constant Mul feeding a FullyConnected is folded into its weights: ``x * rsqrt(...) * gain`` put
+      the norm's gain (where SmoothQuant's 1/s lives) into the FC, undoing the smoothing. The gain now
+      multiplies before the per-row rsqrt, so the FC's weights are the module's own.
+    """
+    import tensorflow as tf
+
+    model = load_model(nano_checkpoint)
+    with torch.no_grad():  # gains far from 1, so a folded gain would show in the FC weights
+        for block in model.model.layers:
+            block.input_layernorm.weight.copy_(torch.linspace(0.5, 2.0, model.config.d_model))
+    from deploykit import save_model
+    from deploykit.model.tokenizer import Tokenizer
+
+    src = save_model(model, tmp_path / "gains", Tokenizer.load(nano_checkpoint))
+    result = deploykit.convert(src, "tflite", "int8", out=tmp_path / "a", threads=1, verify=False,
+                               options={"keep_fp32": ""})  # nano's int8 proof: the test above
+    it = tf.lite.Interpreter(model_path=str(result.path / tb.MODEL_FILE))
+    it.allocate_tensors()
+    det = {d["index"]: d for d in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    gathers = [np.dtype(det[o["outputs"][0]]["dtype"]).name for o in ops if o["op_name"] == "GATHER"]
+    assert gathers.count("int8") == 1 and len(gathers) > 1, gathers  # the embedding alone
+    fc = next(o for o in ops if o["op_name"] == "FULLY_CONNECTED"
+              and "model.layers.1.self_attn.q_proj" in det[o["outputs"][0]]["name"])
+    w = det[fc["inputs"][1]]
+    scales = w["quantization_parameters"]["scales"][:, None]  # per output channel
+    got = it.get_tensor(w["index"]).astype(np.float32) * scales  # (out, in)
+    want = model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    assert np.abs(got - want).max() <= 0.51 * scales.max()  # the module's weight, rounded once
+    gain = model.model.layers[1].input_layernorm.weight.detach().numpy()
+    assert np.abs(got - want * gain).max() > 10 * scales.max()  # not the gain-folded one
+
+
+@pytest.mark.slow
+def test_moe_int8_auto_never_picks_the_expert_down_projections_kept_float(nano_moe_checkpoint, tmp_path):
+    """MoE expert down projections are always float here (EXPERT_DOWN_SCOPE). keep_fp32=auto ranked them
+    anyway, chose them on micro-moe and the conversion failed: their tensors carry no module scope."""
+    result = deploykit.convert(nano_moe_checkpoint, "tflite", "int8", out=tmp_path / "a", threads=1, verify=False)
+    auto = result.manifest["backend_info"]["keep_fp32_auto"]
+    assert auto["always_float"] == ["expert_down"] and not any(g.endswith("mlp_down") for g in auto["kept_groups"])
+    named = deploykit.convert(nano_moe_checkpoint, "tflite", "int8", out=tmp_path / "b", threads=1, verify=False,
+                              options={"keep_fp32": "model.layers.0.block_sparse_moe.experts.w2"})
+    assert named.manifest["backend_info"]["kept_fp32"] == ["lm_head", "model.layers.0.block_sparse_moe.experts.w2"]
