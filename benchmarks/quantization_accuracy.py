@@ -41,6 +41,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "default": {},
     "lm_head fp32": {"quantize_lm_head": False},
     "smoothquant": {"smoothquant": True},
+    # the static schemes of torch (int8-static / qat) and onnx (int8-static) smooth by default: without it
+    "no smoothquant": {"smoothquant": False},
     "block 0 fp32": {"keep_fp32": "model.layers.0"},
     # every layer int8: what the schemes whose default is keep_fp32=auto (torch int8-static / qat,
     # tflite int8) do without it. Skipped where it is the default (it would repeat "default").
