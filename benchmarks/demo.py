@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=1500,
                    help="LoRA SFT steps of 32 examples on the embedded tasks before the bench (default 1500, about "
                    "5 minutes on 2 cores; 600 steps of 16 left exact match at 0.04; 0 benches the base)")
+    p.add_argument("--replay", type=float, default=0.25,
+                   help="share of each SFT batch replaying the pretraining prose (default 0.25; without it the "
+                   "tuned model forgets the corpus: held-out perplexity ~6 -> 29 after 1500 steps)")
     add_allow_busy_flag(p)
     args = p.parse_args(argv)
     bench_out = args.out.parent / f"{args.out.name}-bench"
@@ -94,7 +97,8 @@ def _tune(args: argparse.Namespace, base: Path) -> Path:
         return merged
     dk = [sys.executable, "-m", "deploykit"]
     sft = ["sft", str(base), "--data", "embedded-tasks", "--method", "lora", "--template", "qa",
-           "--steps", str(args.sft_steps), "--batch-size", "32", "--train-per-task", "20000", "--out", str(adapter),
+           "--steps", str(args.sft_steps), "--batch-size", "32", "--train-per-task", "20000", "--replay", str(args.replay),
+           "--out", str(adapter),
            "--force"]
     print("\ntuning:", " ".join(sft), flush=True)
     subprocess.run(dk + sft, check=True)

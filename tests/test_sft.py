@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from deploykit.errors import ConfigError
-from deploykit.train.sft import (IGNORE, SftConfig, SftExample, Template, attach_method, collate, embedded_examples,
-                                 encode_example, load_soft_prompt, merge_adapter, split_per_task)
+from deploykit.train.sft import (IGNORE, REPLAY, SftConfig, SftExample, TaskMixer, Template, attach_method, collate,
+                                 embedded_examples, encode_example, load_soft_prompt, merge_adapter, replay_blocks,
+                                 split_per_task)
 
 
 def test_only_response_tokens_carry_labels(tokenizer):
@@ -41,7 +42,24 @@ def test_held_out_split_per_task():
     assert not set(train) & set(held) and len(train) == 14
 
 
+def test_replayed_prose_is_labelled_on_every_token_and_takes_its_share(tokenizer):
+    blocks = replay_blocks(tokenizer, 50, 16, seed=0)
+    assert len(blocks) == 50 and all(len(ids) == 17 and labels == ids for ids, labels in blocks)
+    _, targets = collate(blocks[:4], tokenizer.pad_id)  # (4, 16): next-token targets everywhere
+    assert (targets != IGNORE).all()
+    tasks = {t: [encode_example(tokenizer, Template(), ex, 256)] for t, ex in (("a", SftExample("a", "i", "1", "2")),
+                                                                               ("b", SftExample("b", "i", "3", "4")))}
+    mixer = TaskMixer(tasks, 1.0, seed=0, replay=blocks, replay_share=0.25)
+    drawn = [row for _ in range(100) for row in mixer.batch(40)]  # 4,000 draws
+    replayed = sum(row in blocks for row in drawn) / len(drawn)
+    assert abs(replayed - 0.25) < 0.03 and mixer.weights[mixer.tasks.index(REPLAY)] == 0.25
+    assert sum(mixer.weights) == pytest.approx(1.0)
+    assert TaskMixer(tasks, 1.0, seed=0).tasks == ["a", "b"]  # no replay: the tasks alone
+
+
 def test_config_names_the_bad_field(tmp_path):
+    with pytest.raises(ConfigError, match="replay"):
+        SftConfig(base=tmp_path, data="embedded-tasks", out=tmp_path / "o", replay=1.0)
     with pytest.raises(ConfigError, match="method"):
         SftConfig(base=tmp_path, data="embedded-tasks", out=tmp_path / "o", method="qlora")
     with pytest.raises(ConfigError, match="steps"):
@@ -112,11 +130,11 @@ def test_sft_command_end_to_end(nano_checkpoint, tmp_path, method, capsys):
     out = tmp_path / method
     argv = ["sft", str(nano_checkpoint), "--data", "embedded-tasks", "--method", method, "--steps", "2",
             "--batch-size", "4", "--train-per-task", "4", "--eval-per-task", "1", "--max-new-tokens", "3",
-            "--out", str(out), "--json"]
+            "--replay", "0.5" if method == "full" else "0", "--out", str(out), "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["after"]) == {"add", "sub", "mul", "reverse", "sort", "recall", "overall"}
-    assert (out / "sft_report.json").is_file()
+    assert json.loads((out / "sft_report.json").read_text())["replay"] == (0.5 if method == "full" else 0)
     assert [step for step, _ in result["loss_curve"]] == [1, 2]  # 2 steps: windows of one step
     assert all(loss > 0 for _, loss in result["loss_curve"])
     assert main(argv) == 2  # an existing run is not replaced without --force

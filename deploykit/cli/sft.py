@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="embedded-tasks: train examples per task (default 5000; with 400 the model memorised "
                    "them and learnt little of the tasks)")
     p.add_argument("--eval-per-task", type=int, default=20, help="held-out examples per task (default 20)")
+    p.add_argument("--replay", type=float, default=0.0,
+                   help="share of each batch replaying the embedded pretraining prose with a language-model loss "
+                        "(default 0; e.g. 0.25 keeps the base's perplexity while the tasks are learnt)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = SftConfig(template=TEMPLATES[args.template], base=args.base, data=args.data, out=args.out, method=args.method, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
-                    train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, lora_r=args.lora_r,
+                    train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, replay=args.replay, lora_r=args.lora_r,
                     lora_alpha=args.lora_alpha, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
                     prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens, seed=args.seed,
                     force=args.force)
