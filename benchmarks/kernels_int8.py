@@ -201,7 +201,8 @@ def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[di
     stamp = verdict.stamp()
     method = (f"native and torch each in processes of their own, {args.passes} alternating passes per side; "
               f"within a process round-robin blocks of {args.block} calls per contender, the first untimed")
-    meta = dict(threads=args.threads, repeat=args.repeat, statistic="median", method=method, torch=torch.__version__,
+    meta = dict(threads=args.threads, repeat=args.repeat, passes=args.passes, block=args.block, statistic="median",
+                method=method, torch=torch.__version__,
                 python=platform.python_version(), malloc_env=_MALLOC_ENV, cpu_model=cpu_model(),
                 available_cpus=available_cpus(), native=native_isa(), cpu_features=feats,
                 isa=native.selected_isa(), load_avg=stamp["load_average_end"], quiet=stamp,
@@ -215,7 +216,7 @@ def write_reports(args: argparse.Namespace, verdict: QuietVerdict, rows: list[di
     with open(out / f"{stem}.md", "w") as f:
         f.write("# int8 linear: deploykit.native vs fbgemm / torch._int_mm / fp32\n\n")
         f.write(f"{meta['cpu_model']}, {meta['available_cpus']} CPUs; {describe_native(meta['native'])}; "
-                f"{args.threads} threads, median of {args.repeat} ({method}), torch {torch.__version__}. Ratios are "
+                f"{args.threads} threads, median of {args.passes} x {args.repeat}+ timed calls ({method}), torch {torch.__version__}. Ratios are "
                 "speed-ups of native (baseline time / native time, > 1 means native is faster).\n\n")
         f.write("".join(f"{line}\n\n" for line in load_lines(stamp)))
         if "amx" not in native.supported_isas():
