@@ -57,6 +57,29 @@ def test_replayed_prose_is_labelled_on_every_token_and_takes_its_share(tokenizer
     assert TaskMixer(tasks, 1.0, seed=0).tasks == ["a", "b"]  # no replay: the tasks alone
 
 
+def test_groups_padded_apart_give_the_loss_of_one_batch(tokenizer, nano_checkpoint):
+    """Task examples and replayed blocks are padded apart; the step's loss is still the mean over
+    every labelled token, as one padded batch gives it."""
+    import torch.nn.functional as F
+
+    from deploykit.model.checkpoint import load_model
+    from deploykit.train.sft import _summed_loss
+
+    model = load_model(nano_checkpoint).eval()
+    tasks = [encode_example(tokenizer, Template(), ex, 256) for ex in embedded_examples(1, split="train")]
+    blocks = replay_blocks(tokenizer, 3, 24, seed=0)
+    with torch.no_grad():
+        parts = [_summed_loss(model, rows, tokenizer.pad_id) for rows in (tasks, blocks)]
+        split = sum(t for t, _ in parts) / sum(n for _, n in parts)
+        inputs, targets = collate(tasks + blocks, tokenizer.pad_id)
+        logits = model(inputs)
+        joint = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    assert float(split) == pytest.approx(float(joint), rel=1e-5)
+    mixer = TaskMixer({"t": tasks}, 1.0, seed=0, replay=blocks, replay_share=0.5)
+    task_rows, replayed = mixer.batch_groups(64)
+    assert task_rows and replayed and all(r in blocks for r in replayed) and all(r in tasks for r in task_rows)
+
+
 def test_config_names_the_bad_field(tmp_path):
     with pytest.raises(ConfigError, match="replay"):
         SftConfig(base=tmp_path, data="embedded-tasks", out=tmp_path / "o", replay=1.0)
