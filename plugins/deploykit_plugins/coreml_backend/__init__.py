@@ -109,6 +109,7 @@ from deploykit.errors import (
     ConfigError,
 )
 
+from .ct_import import _PROBED_UNUSED, _coremltools  # noqa: F401 (_PROBED_UNUSED: tests)
 from .mil_reference import MilReference
 
 if TYPE_CHECKING:
@@ -300,36 +301,6 @@ def cache_decoder(model: Any) -> Any:
 
 def empty_cache(cfg: ModelConfig) -> np.ndarray:
     return np.zeros((cfg.n_layers, 1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim), np.float32)
-
-
-# Frameworks coremltools probes for at import (coremltools._deps) that converting a torch model never
-# uses: importing tensorflow, torchao, transformers and sklearn took 5/6 of `import coremltools`
-# here (21 s of 25 on a busy machine, ~5 s of 6 on a quiet one), once per conversion worker.
-_PROBED_UNUSED = ("tensorflow", "torchao", "transformers", "sklearn")
-_import_lock = threading.Lock()
-
-
-def _coremltools() -> Any:
-    """``import coremltools`` without its probes of the frameworks in ``_PROBED_UNUSED``.
-
-    A None entry in sys.modules makes ``import X`` raise ImportError, which coremltools reads as
-    "not installed"; the entries are removed right after, so the process can still import those
-    frameworks itself. One already imported is left alone (coremltools then sees it, as before)."""
-    import sys
-
-    if "coremltools" in sys.modules:
-        return sys.modules["coremltools"]
-    with _import_lock:
-        hidden = [name for name in _PROBED_UNUSED if name not in sys.modules]
-        for name in hidden:
-            sys.modules[name] = None  # type: ignore[assignment]
-        try:
-            import coremltools
-        finally:
-            for name in hidden:
-                if sys.modules.get(name, 0) is None:
-                    del sys.modules[name]
-    return coremltools
 
 
 def convert_model(model: Any, scheme: str, *, seq_len: int = 0) -> Any:
