@@ -55,6 +55,8 @@ def test_replayed_prose_is_labelled_on_every_token_and_takes_its_share(tokenizer
     assert abs(replayed - 0.25) < 0.03 and mixer.weights[mixer.tasks.index(REPLAY)] == 0.25
     assert sum(mixer.weights) == pytest.approx(1.0)
     assert TaskMixer(tasks, 1.0, seed=0).tasks == ["a", "b"]  # no replay: the tasks alone
+    named = TaskMixer({"replay": tasks["a"]}, 1.0, seed=0, replay=blocks, replay_share=0.5)  # a user's task "replay"
+    assert named.encoded["replay"] == tasks["a"] and named.encoded[REPLAY] == blocks
 
 
 def test_groups_padded_apart_give_the_loss_of_one_batch(tokenizer, nano_checkpoint):

@@ -236,7 +236,9 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
     return ids[:, :-1], labels[:, 1:]
 
 
-REPLAY = "replay"  # TaskMixer's key for the pretraining blocks
+# TaskMixer's key for the pretraining blocks: not a str, so no task of a user's JSONL (whose names are
+# strings, "replay" included) can collide with it.
+REPLAY = ("replay",)
 
 
 class TaskMixer:
