@@ -13,7 +13,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -219,18 +218,21 @@ def test_sweep_removes_only_dead_writers_leftovers(tmp_path):
 
 
 def test_sigkilled_convert_leftover_is_swept_by_the_next(nano_checkpoint, tmp_path):
-    """A real convert, killed with SIGKILL while it writes: the next convert to that --out sweeps it."""
+    """A real convert, killed with SIGKILL once its files are written but before the rename: the next convert
+    to that --out sweeps the leftover. The child kills itself at that point, so no race decides the test (polling
+    for the temp folder from outside once lost to a convert that wrote and renamed within one poll)."""
     out = tmp_path / "art"
-    cmd = [sys.executable, "-m", "deploykit", "convert", str(nano_checkpoint), "--backend", "onnx", "--quant",
-           "int8-dynamic", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".art.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = ["convert", str(nano_checkpoint), "--backend", "onnx", "--quant", "int8-dynamic", "--out", str(out)]
+    child = ("import os, signal, sys\n"
+             "import deploykit.fsutil as fsutil\n"
+             "fsutil._publishable = lambda tmp: os.kill(os.getpid(), signal.SIGKILL)\n"
+             "from deploykit.cli.main import main\n"
+             f"sys.exit(main({args!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     leftovers = list(tmp_path.glob(".art.tmp-*"))
-    assert leftovers and not out.exists(), "the convert finished before it could be killed"
+    assert leftovers and not out.exists()
+    assert any(p.is_file() for p in leftovers[0].rglob("*")), "the kill came before anything was written"
     deploykit.convert(nano_checkpoint, "torch", out=out, verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
