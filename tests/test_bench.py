@@ -181,7 +181,7 @@ def bench(nano_checkpoint: Path, fake_plugin: Path, tmp_path_factory: pytest.Tem
     backends = ("torch", second.split(":")[0], "ghost", "crashy", "wobbly", "macish")
     cfg = tiny_config(nano_checkpoint, tmp / "out", tmp / "cache", ("torch:fp32", second, "ghost:fp32",
                       "ghost:int4", "crashy:fp32", "wobbly:fp32", "macish:fp32"),
-                      backends=tuple(dict.fromkeys(backends)))
+                      backends=tuple(dict.fromkeys(backends)), convert_jobs=2)  # conversions ahead, 2 at once
     results = run_bench(cfg)
     return {"results": results, "cfg": cfg, "second": second}
 

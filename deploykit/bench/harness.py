@@ -10,8 +10,8 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +30,7 @@ from .machine import (
 )
 from .quiet import QuietGuard
 from .schema import COLUMN_NAMES, SCHEMA_VERSION, empty_row
+from .zygote import Launcher
 
 BASELINE = ("torch", "fp32")  # the first row, always: every ratio and delta is against it
 
@@ -57,16 +58,21 @@ class BenchConfig:
     keep_work: bool = False  # keep the temporary folder with inputs, specs and worker logs
     allow_busy: bool = False  # write into benchmarks/results/ on a busy machine too (stamped; see .quiet)
     force: bool = False  # replace an earlier bench report in ``out`` (never a folder bench did not write)
+    # Conversions run before any measurement, this many at a time, each with threads // convert_jobs
+    # threads; measurements always run one at a time with all ``threads``. 1: each row converts then
+    # measures, as one would by hand (its convert_s is then a lone conversion's).
+    convert_jobs: int = 1
+    zygote: bool = True  # start the workers from one pre-imported parent (deploykit.bench.zygote)
 
     def __post_init__(self) -> None:
         for name, low in (("prompt_len", 1), ("gen_len", 1), ("batch", 1), ("threads", 1), ("repeat", 1),
-                          ("warmup", 0), ("eval_tokens", 16), ("n_tasks", 0)):
+                          ("warmup", 0), ("eval_tokens", 16), ("n_tasks", 0), ("convert_jobs", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= {low}")
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout {self.timeout_s} must be > 0 seconds")
-        for name in ("allow_busy", "force", "use_cache", "keep_work"):
+        for name in ("allow_busy", "force", "use_cache", "keep_work", "zygote"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (self.model / "config.json").is_file():
@@ -174,24 +180,22 @@ def worker_env(threads: int, work: Path | None = None) -> dict[str, str]:
     return env
 
 
-def run_worker(spec: dict[str, Any], work: Path, name: str, timeout_s: float, threads: int) -> dict[str, Any]:
-    """Run ``deploykit.bench.worker`` on ``spec``; a crash, timeout or exception becomes {"ok": False, ...}."""
+def run_worker(spec: dict[str, Any], work: Path, name: str, timeout_s: float, threads: int,
+               launcher: Launcher | None = None) -> dict[str, Any]:
+    """Run ``deploykit.bench.worker`` on ``spec``; a crash, timeout or exception becomes {"ok": False, ...}.
+
+    Through ``launcher``'s zygote when given (the run's workers share one pre-imported parent), else as
+    a plain subprocess with :func:`worker_env`."""
     spec_path, log_path, result_path = work / f"{name}.spec.json", work / f"{name}.log", work / f"{name}.result.json"
     spec = {**spec, "result": str(result_path)}
     spec_path.write_text(json.dumps(spec, indent=1))
     result_path.unlink(missing_ok=True)
-    with open(log_path, "wb") as log:
-        # A session of its own, so a timeout can end the worker and anything it started, and nothing else.
-        proc = subprocess.Popen([sys.executable, "-m", "deploykit.bench.worker", str(spec_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=worker_env(threads, work),
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return {"ok": False, "error": f"timed out after {timeout_s:.0f} s (raise --timeout if it is just slow)",
-                    "log": str(log_path)}
+    launcher = launcher or Launcher(worker_env(threads, work), use_zygote=False)
+    try:
+        rc = launcher.run(spec_path, log_path, timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout_s:.0f} s (raise --timeout if it is just slow)",
+                "log": str(log_path)}
     if result_path.is_file():
         return {**json.loads(result_path.read_text()), "log": str(log_path)}
     tail = _tail(log_path)
@@ -220,10 +224,13 @@ class Context:
     model_name: str
     work: Path
     reporter: Reporter
+    launcher: Launcher | None = None  # None: a plain subprocess per worker
 
 
-def ensure_artifact(ctx: Context, backend: str, scheme: str, index: int = 0) -> tuple[Path, dict[str, Any]]:
-    """The cached artifact for (backend, scheme), converting it in a worker when missing.
+def ensure_artifact(ctx: Context, backend: str, scheme: str, index: int = 0,
+                    threads: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """The cached artifact for (backend, scheme), converting it in a worker when missing (with
+    ``threads``, default the bench's).
 
     Returns the folder and {"cached": bool, "convert_s": float | None} or {"ok": False, "error": ...}.
     """
@@ -235,9 +242,11 @@ def ensure_artifact(ctx: Context, backend: str, scheme: str, index: int = 0) -> 
         return artifact, {"ok": True, "cached": True, "convert_s": None}
     ctx.reporter.stage(index, f"{backend}/{scheme}", "converting")
     artifact.parent.mkdir(parents=True, exist_ok=True)
+    threads = threads or ctx.cfg.threads
     spec = {"phase": "convert", "backend": backend, "scheme": scheme, "source": str(ctx.cfg.model),
-            "artifact": str(artifact), "threads": ctx.cfg.threads}
-    result = run_worker(spec, ctx.work, f"{index:02d}-{backend}-{scheme}-convert", ctx.cfg.timeout_s, ctx.cfg.threads)
+            "artifact": str(artifact), "threads": threads}
+    result = run_worker(spec, ctx.work, f"{index:02d}-{backend}-{scheme}-convert", ctx.cfg.timeout_s, threads,
+                        ctx.launcher)
     if result["ok"] and cache.read_manifest(artifact) is None:
         result = {"ok": False, "error": f"convert reported success but wrote no manifest in {artifact}"}
     return artifact, {**result, "cached": False}
@@ -256,8 +265,10 @@ def _parity_verdict(manifest: dict[str, Any]) -> bool | None:
     return verdict if isinstance(verdict, bool) else None
 
 
-def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Convert (or reuse) and measure one row; never raises for a failure of the backend itself."""
+def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks: list[dict[str, Any]],
+              converted: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Convert (or reuse; ``converted``: what :func:`convert_ahead` did for it) and measure one row;
+    never raises for a failure of the backend itself."""
     from .inputs import score_tasks
 
     row = empty_row(planned.backend, planned.scheme)
@@ -266,7 +277,7 @@ def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks:
     if planned.reason is not None:
         row.update(status="unavailable", reason=planned.reason)
         return row
-    artifact, conv = ensure_artifact(ctx, planned.backend, planned.scheme, index)
+    artifact, conv = converted or ensure_artifact(ctx, planned.backend, planned.scheme, index)
     row.update(cached=conv["cached"], convert_s=conv.get("convert_s"), artifact=str(artifact))
     if not conv["ok"]:
         row.update(status="error", reason=f"convert: {conv['error']}", error_detail=conv.get("traceback"))
@@ -282,7 +293,7 @@ def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks:
             "threads": ctx.cfg.threads, "repeat": ctx.cfg.repeat, "warmup": ctx.cfg.warmup,
             "inputs": str(ctx.work / "inputs.npz"), "tasks": str(ctx.work / "tasks.json")}
     result = run_worker(spec, ctx.work, f"{index:02d}-{planned.backend}-{planned.scheme}-measure",
-                        ctx.cfg.timeout_s, ctx.cfg.threads)
+                        ctx.cfg.timeout_s, ctx.cfg.threads, ctx.launcher)
     if not result["ok"] and result.get("unavailable"):
         # Converted and proven, but its runtime cannot run here (Core ML prediction needs macOS): the
         # row keeps size and parity, its speed columns read the reason.
@@ -307,6 +318,34 @@ def bench_row(ctx: Context, planned: Planned, index: int, tokenizer: Any, tasks:
     if metric_errors:  # a plugin's metrics failed: the row keeps its measurements, the report names the plugin
         row["plugin_metric_errors"] = metric_errors
     return row
+
+
+def convert_ahead(ctx: Context, planned: list[Planned]) -> dict[int, tuple[Path, dict[str, Any]]]:
+    """With ``convert_jobs`` > 1: every runnable row's artifact, converted before any measurement, that
+    many at a time in :func:`conversion_order` ({row index: ensure_artifact's answer}); nothing is
+    measured meanwhile. Each conversion gets ``threads // convert_jobs`` threads."""
+    jobs = ctx.cfg.convert_jobs
+    order = conversion_order(planned)
+    if jobs <= 1 or not order:
+        return {}
+    threads = max(1, ctx.cfg.threads // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {i: pool.submit(ensure_artifact, ctx, planned[i].backend, planned[i].scheme, i, threads)
+                   for i in order}
+        return {i: f.result() for i, f in futures.items()}
+
+
+def conversion_order(planned: list[Planned]) -> list[int]:
+    """The runnable rows' indices in the order :func:`convert_ahead` starts them.
+
+    The first scheme of each backend goes first: later schemes of a backend reuse what it leaves
+    behind (the run's shared onnx export), which they would not if both started at once. The rest go
+    last-declared first: backends list their cheap schemes first and the calibrated ones (int8-static,
+    tflite int8: 20 s each on the demo model) last, and a long job started last would run alone."""
+    todo = [i for i, p in enumerate(planned) if p.reason is None]
+    seen: set[str] = set()
+    leaders = [i for i in todo if not (planned[i].backend in seen or seen.add(planned[i].backend))]
+    return leaders + [i for i in reversed(todo) if i not in leaders]
 
 
 # -- derived columns ----------------------------------------------------------------------------------------
@@ -408,11 +447,13 @@ def _measure(cfg: BenchConfig, planned: list[Any], registered: dict[str, Any], s
                                            cfg.n_tasks, cfg.eval_data), work)
     tasks = json.loads((work / "tasks.json").read_text())
     tokenizer = Tokenizer.load(source)
-    ctx = Context(cfg, registered, cache.source_sha256(source), source.name, work, reporter)
-    rows: list[dict[str, Any]] = []
-    for i, p in enumerate(planned):
-        rows.append(bench_row(ctx, p, i, tokenizer, tasks))
-        reporter.done(i, rows[-1])
+    with Launcher(worker_env(cfg.threads, work), use_zygote=cfg.zygote) as launcher:
+        ctx = Context(cfg, registered, cache.source_sha256(source), source.name, work, reporter, launcher)
+        converted = convert_ahead(ctx, planned)
+        rows: list[dict[str, Any]] = []
+        for i, p in enumerate(planned):
+            rows.append(bench_row(ctx, p, i, tokenizer, tasks, converted.get(i)))
+            reporter.done(i, rows[-1])
     derive(rows, ref["params"])
     verdict = guard.finish(cfg.out)  # right after the last measurement, before writing anything
     machine["load_average_end"] = None if verdict.end.averages is None else verdict.end.averages[0]

@@ -168,6 +168,15 @@ def full_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _convert_jobs(settings: dict[str, Any]) -> str:
+    jobs = settings.get("convert_jobs") or 1
+    if jobs <= 1:
+        return ""
+    each = max(1, settings["threads"] // jobs)
+    return (f"; conversions ran {jobs} at a time with {each} thread{'' if each == 1 else 's'} each, before the "
+            "measurements (so convert times are not a lone conversion's)")
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, s, model = results["machine"], results["settings"], results["model"]
     moe = f", MoE {model['n_experts']} experts top-{model['top_k']}" if model.get("variant") == "moe" else ""
@@ -180,7 +189,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Settings: prompt {s['prompt_len']} tokens × batch {s['batch']}, decode {s['gen_len']} tokens, "
         f"{s['warmup']} warm-up + {s['repeat']} timed runs (median, min–max), {s['threads']} "
         f"thread{'' if s['threads'] == 1 else 's'}, "
-        f"perplexity on {model['ppl_tokens']:,} held-out tokens, {model['n_tasks']} exact-match tasks.  ",
+        f"perplexity on {model['ppl_tokens']:,} held-out tokens, {model['n_tasks']} exact-match tasks"
+        f"{_convert_jobs(s)}.  ",
         f"Run {results['created']}, {results.get('wall_s') or 0:.0f} s.",
         "",
         *[line + "\n" for line in load_lines(results.get("quiet"))],

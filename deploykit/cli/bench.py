@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="artifact cache (default ~/.cache/deploykit/artifacts)")
     p.add_argument("--no-cache", action="store_true", help="convert every row again, replacing cached artifacts")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per conversion or measurement (default 1200)")
+    p.add_argument("--convert-jobs", type=int, default=1, metavar="N",
+                   help="convert N rows at a time, all before the first measurement, each with threads/N threads "
+                   "(default 1: each row converts, then measures); measurements always run one at a time")
     p.add_argument("--keep-work", action="store_true", help="keep the worker specs and logs (in OUT/bench-*)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
     add_allow_busy_flag(p)
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads or available_cpus(), repeat=args.repeat, warmup=args.warmup,
                       eval_data=args.eval_data, eval_tokens=args.eval_tokens, n_tasks=args.n_tasks,
                       cache_dir=args.cache or default_cache_dir(), use_cache=not args.no_cache,
-                      timeout_s=args.timeout, keep_work=args.keep_work, allow_busy=args.allow_busy, force=args.force)
+                      timeout_s=args.timeout, keep_work=args.keep_work, convert_jobs=args.convert_jobs, allow_busy=args.allow_busy, force=args.force)
     results = run_bench_with_progress(cfg)  # progress on stderr: `--json > file` stays clean
     if args.json:
         json.dump(results, sys.stdout, indent=2, default=str)
