@@ -44,6 +44,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # the static schemes of torch (int8-static / qat) and onnx (int8-static) smooth by default: without it
     "no smoothquant": {"smoothquant": False},
     "block 0 fp32": {"keep_fp32": "model.layers.0"},
+    # onnx int8-dynamic quantizes activations per token by default; this is ORT's own one scale per tensor
+    "per tensor": {"per_token": False},
     # every layer int8: what the schemes whose default is keep_fp32=auto (torch int8-static / qat,
     # tflite int8) do without it. Skipped where it is the default (it would repeat "default").
     "all int8": {"keep_fp32": ""},

@@ -554,15 +554,18 @@ def test_progress_lines_show_plugin_text_verbatim():
 
     buf = io.StringIO()
     rep = RichReporter(Console(file=buf, width=300, color_system=None))
-    rep.start(2)
+    rep.start(3)
     rep.stage(0, "tensorrt/[fp16]", "converting")
     rep.done(0, {"backend": "tensorrt", "scheme": "fp16", "status": "unavailable",
                  "reason": "pip install 'deploykit[tensorrt]' --extra-index-url https://pypi.nvidia.com"})
     rep.done(1, {"backend": "onnx", "scheme": "int8", "status": "ok"})
+    rep.done(2, {"backend": "coreml", "scheme": "fp16", "status": "unavailable", "artifact": "/cache/coreml-fp16-abc",
+                 "reason": "/cache/coreml-fp16-abc: Core ML prediction needs macOS"})
     rep.stop()
     out = buf.getvalue()
     assert "  tensorrt/fp16: unavailable pip install 'deploykit[tensorrt]' --extra-index-url" in out
     assert "  onnx/int8: ok\n" in out
+    assert "  coreml/fp16: unavailable Core ML prediction needs macOS\n" in out  # the path is not the reason
 
 
 def test_a_converted_row_that_cannot_run_here_still_shows_its_size() -> None:

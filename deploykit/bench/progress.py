@@ -36,7 +36,9 @@ class RichReporter:
     def done(self, index: int, row: dict[str, Any]) -> None:
         self.progress.advance(self.task)
         status = row["status"]
-        detail = "cached" if row.get("cached") else ("converted" if status == "ok" else row.get("reason", ""))
+        from .report import short_reason
+
+        detail = "cached" if row.get("cached") else ("converted" if status == "ok" else short_reason(row))
         mark = {"ok": "[green]ok[/green]", "unavailable": "[yellow]unavailable[/yellow]"}.get(status, "[red]error[/red]")
         # Reasons are plugin text: "pip install 'deploykit[tensorrt]'" must not be read as markup.
         from rich.markup import escape

@@ -97,7 +97,8 @@ def _marked(row: dict[str, Any], bold: str = "**") -> str:
     return f"{_method(row)} {bold}{FAILED_MARK}{bold}" if failed_parity(row) else _method(row)
 
 
-def _reason(row: dict[str, Any]) -> str:
+def short_reason(row: dict[str, Any]) -> str:
+    """The row's reason without its artifact's path (the artifact column shows it), on one line."""
     reason = str(row.get("reason") or "")
     artifact = f"{row.get('artifact')}: "
     if row.get("artifact") and reason.startswith(artifact):  # the path is in the artifact column already
@@ -130,7 +131,7 @@ def seed_table(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {_marked(r)} | n/a | {_reduction(r)} | n/a | {r.get('platform') or 'n/a'} | "
-                         f"{r['status']}: {_reason(r)} |")
+                         f"{r['status']}: {short_reason(r)} |")
             continue
         lines.append(f"| {_marked(r)} | {_num(r.get('decode_speedup'), '.2f', '×')} | {_reduction(r)} | "
                      f"{_num(r.get('ppl_delta_pct'), '+.2f', ' %')} | {r.get('platform') or 'n/a'} | "
@@ -146,7 +147,7 @@ def full_table(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         if r["status"] != "ok":
             cells = [_marked(r)] + ["n/a"] * (n_cols - 1)
-            cells[1] = f"{r['status']}: {_reason(r)}"
+            cells[1] = f"{r['status']}: {short_reason(r)}"
             if r.get("size_bytes"):  # converted (and proven) here, only not runnable
                 cells[1] = f"{_mb(r['size_bytes'])}; {cells[1]}"
                 cells[2] = _num(r.get("bits_per_weight"), ".2f")
@@ -219,7 +220,7 @@ def markdown(results: dict[str, Any]) -> str:
     plugin_failed = [r for r in results["rows"] if r.get("plugin_metric_errors")]
     if problems or failed or plugin_failed:
         lines += ["", "## Not measured / notes", ""]
-        lines += [f"- **{_method(r)}** — {r['status']}: {_reason(r)}" for r in problems]
+        lines += [f"- **{_method(r)}** — {r['status']}: {short_reason(r)}" for r in problems]
         lines += [f"- **{_method(r)}**: deploykit_bench_metrics of plugin {name!r} failed ({error}); "
                   "its columns are missing from this row" for r in plugin_failed
                   for name, error in sorted(r["plugin_metric_errors"].items())]
@@ -331,7 +332,7 @@ def rich_table(results: dict[str, Any]) -> Any:
 
 def notes(results: dict[str, Any]) -> list[str]:
     """One line per row that was not measured, with its reason (printed under the terminal table)."""
-    lines = [f"{_method(r)}: {r['status']}: {_reason(r)}" for r in results["rows"] if r["status"] != "ok"]
+    lines = [f"{_method(r)}: {r['status']}: {short_reason(r)}" for r in results["rows"] if r["status"] != "ok"]
     lines += [f"{_method(r)}: {FAILED_MARK} at conversion ({r.get('parity_violations') or 'see results.json'}): "
               "never recommended; `deploykit convert` refuses it" for r in results["rows"] if failed_parity(r)]
     warning = busy_warning(results["machine"])

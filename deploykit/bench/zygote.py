@@ -35,11 +35,15 @@ PRELOAD = ("torch", "deploykit.bench.worker", "deploykit.deploy.runtime", "deplo
 
 
 # -- the zygote ------------------------------------------------------------------------------------------
-def _child(spec: str, log: str) -> None:
+def _child(spec: str, log: str, close: tuple[int, ...]) -> None:
     """In the forked child: a session of its own, the log as stdout/stderr, the worker; never returns."""
     rc = 1
     try:
         os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in close:  # the zygote's wake-up pipe
+            os.close(fd)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -47,8 +51,6 @@ def _child(spec: str, log: str) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the protocol pipe is the zygote's, not the worker's
         os.close(null)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
         from deploykit.bench import worker
 
         rc = worker.main([spec])
@@ -111,7 +113,7 @@ def serve() -> int:
                 sys.stdout.flush()
                 pid = os.fork()
                 if pid == 0:
-                    _child(job["spec"], job["log"])
+                    _child(job["spec"], job["log"], (wake_r, wake_w))
                 children[pid] = job["id"]
                 _reply({"id": job["id"], "pid": pid})
         _reap(children)  # a SIGCHLD that came between two selects
