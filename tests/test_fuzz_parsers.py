@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import deploykit
 from deploykit.errors import ArtifactError, CheckpointError, ConfigError, DeploykitError
-from deploykit.model.checkpoint import load_config, load_model, save_model, to_hf_config, to_hf_state_dict
+from deploykit.model.checkpoint import load_config, load_model, save_model, to_hf_state_dict
 from deploykit.model.config import ModelConfig
 from deploykit.model.graph import CausalLM
 

@@ -14,7 +14,7 @@ Replies on stdout: ``{"id": K, "pid": N}`` once forked, then ``{"id": K, "rc": R
 ends (R negative: killed by that signal, as :mod:`subprocess` reports it). EOF on stdin ends the zygote.
 
 :class:`Launcher` is the parent's side: it starts the zygote, runs jobs from any thread and falls
-back to a plain subprocess per job where fork is missing or the zygote died.
+back to a plain subprocess per job off Linux or where the zygote died.
 """
 from __future__ import annotations
 
@@ -127,8 +127,8 @@ class Launcher:
     """Runs ``deploykit.bench.worker`` jobs through one zygote started with ``env``; thread-safe.
 
     ``run`` returns the job's exit code (negative for a signal), or raises ``subprocess.TimeoutExpired``
-    after killing the job's whole session. Without fork (Windows) or once the zygote has died, each job
-    is a plain ``python -m deploykit.bench.worker`` subprocess with the same environment.
+    after killing the job's whole session. Off Linux, or once the zygote has died, each job is a plain
+    ``python -m deploykit.bench.worker`` subprocess with the same environment.
     """
 
     def __init__(self, env: dict[str, str], *, use_zygote: bool = True) -> None:
@@ -138,7 +138,9 @@ class Launcher:
         self._next = 0
         self._dead = False
         self._proc: subprocess.Popen[bytes] | None = None
-        if use_zygote and hasattr(os, "fork"):
+        # Linux only: on macOS, Apple's frameworks (which torch and coremltools load) are not fork-safe,
+        # the reason Python's multiprocessing defaults to spawn there.
+        if use_zygote and sys.platform.startswith("linux"):
             # -c, not -m: deploykit.bench imports this module, and runpy warns about running one imported.
             self._proc = subprocess.Popen([sys.executable, "-c", _ENTRY], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, env=env)
