@@ -65,7 +65,7 @@ def torch_threads() -> Any:
     torch.set_num_threads(before)
 
 
-def _stub_row(ctx: Any, planned: Any, index: int, tokenizer: Any, tasks: Any) -> dict[str, Any]:
+def _stub_row(ctx: Any, planned: Any, index: int, tokenizer: Any, tasks: Any, converted: Any = None) -> dict[str, Any]:
     """A measured-looking row without a worker: the guard tests are about where reports go."""
     from deploykit.bench.schema import empty_row
 
