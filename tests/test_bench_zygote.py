@@ -151,6 +151,18 @@ def test_convert_jobs_is_validated_and_shown_in_the_report(nano_checkpoint: Path
     assert "2 at a time with 1 thread each" in _convert_jobs({"convert_jobs": 2, "threads": 2})
 
 
-def test_the_cli_passes_convert_jobs() -> None:
+def test_the_cli_passes_convert_jobs(nano_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploykit.bench import progress
+    from deploykit.cli.main import main
+
+    seen: list[BenchConfig] = []
+
+    def fake_run(cfg: BenchConfig, **kw: Any) -> dict[str, Any]:
+        seen.append(cfg)
+        return {"rows": [{"status": "ok"}]}
+
+    monkeypatch.setattr(progress, "run_bench_with_progress", fake_run)
+    assert main(["bench", str(nano_checkpoint), "--out", str(tmp_path / "o"), "--convert-jobs", "2", "--json"]) == 0
+    assert seen and seen[0].convert_jobs == 2
     out = subprocess.run([sys.executable, "-m", "deploykit", "bench", "--help"], capture_output=True, text=True)
     assert "--convert-jobs" in out.stdout
