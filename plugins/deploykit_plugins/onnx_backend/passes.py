@@ -60,14 +60,63 @@ def _to_fp16(proto: Any, dst: Path, external: bool) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     blocked_nodes = _rotary_nodes(proto)
-    proto = convert_float_to_float16(proto, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + _FP16_BLOCKED_OPS,
+    blocked_ops = DEFAULT_OP_BLOCK_LIST + _FP16_BLOCKED_OPS
+    proto = convert_float_to_float16(proto, keep_io_types=True, op_block_list=blocked_ops,
                                      node_block_list=blocked_nodes)
+    round_trips = _drop_fp16_round_trips(proto.graph, set(blocked_ops), set(blocked_nodes))
     toposort(proto.graph)  # the converter appends its input casts at the end of the node list
     # Some intermediate value_info entries keep their pre-conversion types, which full_check rejects;
     # they are only hints, and shape inference recomputes them.
     del proto.graph.value_info[:]
     _save(proto, dst, external)
-    return {"fp32_nodes": len(blocked_nodes)}
+    return {"fp32_nodes": len(blocked_nodes), "fp16_round_trips_dropped": round_trips}
+
+
+def _drop_fp16_round_trips(graph: Any, blocked_ops: set[str], blocked_nodes: set[str]) -> int:
+    """Wire ``Cast(fp32)(Cast(fp16)(x))`` back to ``x`` where ``x`` is fp32; returns how many.
+
+    onnxruntime's converter casts every blocked node's output to fp16 and every blocked node's input
+    back to fp32, so a value passing from one blocked node to the next is rounded to fp16 on the
+    way: the rotary angle (position x frequency, ~0.06 rad off at position 256), and the squares
+    that RMSNorm's mean is taken of (inf past 256). Block lists keep nothing fp32 until the
+    round trip is gone. Only the consumers' wiring changes; a Cast left unused is removed.
+    """
+    from onnx import TensorProto
+
+    def cast_to(node: Any) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producer = {o: n for n in graph.node for o in n.output}
+    fp32_sources = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    fp32_sources |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+
+    def is_fp32(value: str) -> bool:
+        node = producer.get(value)
+        if node is None:
+            return value in fp32_sources
+        if node.op_type == "Cast":
+            return cast_to(node) == TensorProto.FLOAT
+        return node.op_type in blocked_ops or node.name in blocked_nodes
+
+    rewire: dict[str, str] = {}
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT:
+            continue
+        half = producer.get(node.input[0])
+        if half is not None and cast_to(half) == TensorProto.FLOAT16 and is_fp32(half.input[0]):
+            rewire[node.output[0]] = half.input[0]
+            node.input[0] = half.input[0]  # an fp32 -> fp32 Cast: what a graph output keeps
+    for node in graph.node:
+        node.input[:] = [rewire.get(name, name) for name in node.input]
+    # Drop the Casts nothing reads any more (a graph output keeps its producer); twice, since a fp16
+    # Cast may have fed only fp32 Casts that went in the first sweep.
+    outputs = {o.name for o in graph.output}
+    for _ in range(2):
+        used = {i for n in graph.node for i in n.input} | outputs
+        live = [n for n in graph.node if n.op_type != "Cast" or any(o in used for o in n.output)]
+        del graph.node[:]
+        graph.node.extend(live)
+    return len(rewire)
 
 
 def _expose_weights(proto: Any) -> tuple[Any, dict[str, int]]:
