@@ -8,10 +8,15 @@ Public API (stable names; everything else is reachable through the submodules)::
     runner = deploykit.load("artifacts/nano-int8")                 # the same Runner API for every backend
     runner.generate("Once upon a time", max_new_tokens=32)
 
-Imports stay light: torch, numpy and pluggy only. Backends (onnx, transformers...) import their
-libraries when used, and are discovered through the ``deploykit.backends`` entry points on first use.
+Imports stay light: numpy and pluggy. torch comes with the first name that needs it (``load_model``,
+``CausalLM``, ``generate``, a torch runner, a conversion), so serving code that loads a native, onnx or
+gguf artifact never imports it. Backends (onnx, transformers...) import their libraries when used, and
+are discovered through the ``deploykit.backends`` entry points on first use.
 """
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -34,7 +39,9 @@ from .errors import (
 from .model.checkpoint import load_model, save_model
 from .model.config import ModelConfig, preset
 from .model.generation import generate
-from .model.graph import CausalLM
+
+# torch-backed names, imported on first use (PEP 562).
+_LAZY = {"CausalLM": ".model.graph"}
 
 __all__ = [
     "ArtifactError", "Backend", "BackendError", "BackendUnavailable", "CausalLM", "CheckpointError", "ConfigError",
@@ -42,3 +49,11 @@ __all__ = [
     "ParityError", "Runner", "Scheme", "TargetExistsError", "Tolerance", "__version__", "convert", "generate",
     "hookimpl", "load", "load_model", "preset", "save_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

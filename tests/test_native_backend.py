@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import deploykit
 from deploykit import native
+from deploykit.native import kernels  # the torch API: packing looks its helpers up there
 from deploykit.errors import BackendError, BackendUnavailable, ParityError
 
 pytestmark = pytest.mark.skipif(not native.available(),
@@ -52,7 +53,7 @@ def test_convert_passes_parity_and_loads(request, artifacts, model, scheme, monk
     assert result.manifest["versions"]["native_isa"] == native.selected_isa()
     # Loading rebuilds the tree from the packed tensors: quantising or packing again would fail here.
     for fn in ("quantize_weight", "pack_int8_weight", "pack_int8_swiglu", "pack_moe_experts", "_pack"):
-        monkeypatch.setattr(native, fn, lambda *a, **k: pytest.fail("load must not re-quantise"))
+        monkeypatch.setattr(kernels, fn, lambda *a, **k: pytest.fail("load must not re-quantise"))
     runner = deploykit.load(result.path, threads=2)
     assert runner.info.backend == "native" and runner.info.quant == scheme
     assert runner.info.kv_cache is True and runner.info.threads == 2
@@ -182,8 +183,8 @@ def test_unavailable_extension_names_the_fix(monkeypatch, nano_checkpoint, tmp_p
 
 def test_broken_packing_fails_parity(nano_checkpoint, tmp_path, monkeypatch):
     """The declared tier must catch a real packing bug: per-channel weight scales off by 2x."""
-    real = native.quantize_weight
-    monkeypatch.setattr(native, "quantize_weight", lambda w: (lambda q, s: (q, s * 2))(*real(w)))
+    real = kernels.quantize_weight
+    monkeypatch.setattr(kernels, "quantize_weight", lambda w: (lambda q, s: (q, s * 2))(*real(w)))
     with pytest.raises(ParityError):
         deploykit.convert(nano_checkpoint, "native", "int8", tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
@@ -224,6 +225,7 @@ import json, sys, torch
 torch.set_num_threads(2)
 import deploykit
 from deploykit import native
+from deploykit.native import kernels  # the torch API: packing looks its helpers up there
 assert native.selected_isa() == "scalar", native.selected_isa()
 r = deploykit.convert(sys.argv[1], "native", sys.argv[2], sys.argv[3])
 ids = torch.randint(3, r.manifest["model_config"]["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))

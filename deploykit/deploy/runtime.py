@@ -11,12 +11,12 @@ backends reuse it instead of writing their own forward/session/thread-safety cod
 """
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import ArtifactError, BackendError, ConfigError, DeploykitError
 from ..fsutil import os_errors
@@ -24,6 +24,9 @@ from ..model.checkpoint import CHECKPOINT_FILES, CONFIG_NAME, PICKLE_SUFFIXES, T
 from ..model.generation import TorchSession
 from .artifact import HOW_TO_MAKE, MANIFEST_NAME, model_files, read_manifest, verify
 from .backend import Runner, RunnerInfo
+
+if TYPE_CHECKING:  # torch is imported by the runners that need it: loading a native, onnx or gguf artifact
+    import torch   # imports none
 
 _THREADS_LOCK = threading.Lock()
 
@@ -37,9 +40,14 @@ def check_threads(threads: object) -> int | None:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch's intra-op thread count is process-wide: setting it for one runner sets it for all."""
-    if check_threads(threads) is None:
+    """torch's intra-op thread count is process-wide: setting it for one runner sets it for all.
+
+    A process that has not imported torch is left so (a torch runner made later sets its own threads).
+    """
+    if check_threads(threads) is None or "torch" not in sys.modules:
         return
+    import torch
+
     with _THREADS_LOCK:
         torch.set_num_threads(threads)
 
@@ -64,6 +72,9 @@ class ModelRunner(Runner):
     def __init__(self, model: torch.nn.Module, *, backend: str, quant: str, tokenizer: Any = None,
                  threads: int | None = None, files: dict[str, int] | None = None,
                  details: dict[str, Any] | None = None) -> None:
+        import torch
+
+        self._torch = torch
         set_threads(threads)
         self.model = model.eval()
         cfg = model.config
@@ -78,6 +89,7 @@ class ModelRunner(Runner):
 
     def forward(self, input_ids: np.ndarray) -> np.ndarray:
         # Runner checked input_ids against info (vocab_size, max_length): int64 (B, T), see Runner.
+        torch = self._torch
         with torch.inference_mode():
             logits = self.model(torch.from_numpy(input_ids))  # (B, T, V)
         return logits.float().numpy()

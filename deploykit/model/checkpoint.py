@@ -18,16 +18,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, ConfigError
 from ..fsutil import atomic_folder
 from .config import ModelConfig
-from .graph import CausalLM
 from .schema import JsonObject, ListOf, non_negative, one_of, positive, read_json_object, relative_file
 from .tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the file names and configs above need none
+    import torch
+
+    from .graph import CausalLM
 
 FORMAT_VERSION = 1
 # Every file a checkpoint folder may hold is named here, so that serving code can tell a checkpoint
@@ -270,11 +272,15 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig,
                 raise CheckpointError(
                     f"{source}: {prefix}.{w}: found experts {sorted(per_expert)[:8]}, config says "
                     f"n_experts={cfg.n_experts}", hint="config.json does not match the weights")
+            import torch
+
             sd[f"{prefix}.{w}"] = torch.stack([per_expert[e] for e in range(cfg.n_experts)])
     return sd
 
 
 def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    import torch
+
     out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
            "transformer.wpe.weight": sd["model.embed_positions.weight"],
            "transformer.ln_f.weight": sd["model.norm.weight"], "transformer.ln_f.bias": sd["model.norm.bias"]}
@@ -329,6 +335,7 @@ def save_model(model: CausalLM, folder: str | Path, tokenizer: Any = None, *, ov
     ``tokenizer`` is anything with ``save(folder)`` (deploykit.model.tokenizer.Tokenizer).
     ``extra_files`` maps file names to text written alongside (e.g. training state JSON).
     """
+    import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -407,8 +414,14 @@ def _shard_name(name: str) -> str | None:
     return relative_file(name) or (None if name.endswith(".safetensors") else "must name a .safetensors file")
 
 
-def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> CausalLM:
-    """Load a deploykit or transformers (Llama/Mistral/Qwen2/Mixtral/GPT-2) checkpoint folder."""
+def load_model(folder: str | Path, *, dtype: torch.dtype | None = None) -> CausalLM:
+    """Load a deploykit or transformers (Llama/Mistral/Qwen2/Mixtral/GPT-2) checkpoint folder (``dtype``:
+    the floating-point tensors' type, default float32)."""
+    import torch
+
+    from .graph import CausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
     cfg = load_config(folder)
     sd = from_hf_state_dict(read_weights(folder), cfg, folder)
     check_config_fits(cfg, sd, Path(folder))

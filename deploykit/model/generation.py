@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError
-from .graph import CausalLM, KVCache
 from .inputs import (check_max_new_tokens, check_prompt_length, check_seed, check_stop, check_temperature,
                      check_top_k, check_top_p, token_list)
+
+if TYPE_CHECKING:  # the sampler and decode loop are numpy: serving a non-torch artifact imports no torch
+    from .graph import CausalLM, KVCache
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,19 @@ class TorchSession:
     """DecodeSession over a deploykit CausalLM with its KV cache."""
 
     def __init__(self, model: CausalLM) -> None:
+        import torch
+
+        self._torch = torch
         self.model = model
         self.cache: KVCache = model.new_cache()
         self.device = next(model.parameters()).device
 
-    @torch.inference_mode()
     def feed(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # (1, T)
-        logits = self.model(ids, kv_cache=self.cache)  # (1, T, V)
-        return logits[0, -1].float().cpu().numpy()
+        torch = self._torch
+        with torch.inference_mode():
+            ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # (1, T)
+            logits = self.model(ids, kv_cache=self.cache)  # (1, T, V)
+            return logits[0, -1].float().cpu().numpy()
 
 
 def generate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deploykit import native as _n
+from deploykit.native import kernels as _n
 
 
 @torch.library.custom_op("deploykit::int8_linear", mutates_args=())

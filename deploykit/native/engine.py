@@ -21,12 +21,14 @@ Tensor names (``L`` = layer index; a "pack" is ``{name}.packed/.scales/.colsum``
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import Tensor
 
 from deploykit.native import _require
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 CONFIG_KEYS = ("variant", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                "max_seq_len", "norm_eps", "n_experts", "top_k", "lm_head_int8")
@@ -36,9 +38,12 @@ OPTIONAL_KEYS = {"weight_bits": 8, "kv_cache": "fp32"}
 
 
 class Engine:
-    """A model loaded into the C++ engine. ``threads``: the kernels' thread count; ``isa``: force a variant."""
+    """A model loaded into the C++ engine. ``threads``: the kernels' thread count; ``isa``: force a variant.
 
-    def __init__(self, config: dict[str, Any], tensors: dict[str, Tensor], *, threads: int = 1,
+    ``tensors``: numpy arrays or CPU torch tensors (viewed as numpy without a copy); torch is never imported here.
+    """
+
+    def __init__(self, config: dict[str, Any], tensors: dict[str, np.ndarray | Tensor], *, threads: int = 1,
                  isa: str | None = None) -> None:
         C = _require()
         missing = [k for k in CONFIG_KEYS if k not in config]
@@ -47,7 +52,7 @@ class Engine:
         self.config = {k: config[k] for k in CONFIG_KEYS}
         for k, default in OPTIONAL_KEYS.items():
             self.config[k] = config.get(k, default)
-        arrays = {name: t.detach().numpy() for name, t in tensors.items()}  # zero-copy views
+        arrays = {name: t if isinstance(t, np.ndarray) else t.detach().numpy() for name, t in tensors.items()}  # zero-copy
         self._tensors = tensors  # the engine points into these
         self._c = C.Engine(self.config, arrays, int(threads), isa or "")
         self._spare: list[Any] = []  # sessions kept for forward(), reused

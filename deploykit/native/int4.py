@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deploykit.native import _np, _require, _threads
+from deploykit.native import _require
+from deploykit.native.kernels import _np, _threads
 
 GROUP = 32
 LAYOUT_VERSION = 1

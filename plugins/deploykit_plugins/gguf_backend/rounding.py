@@ -32,15 +32,18 @@ rounding.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from deploykit.errors import BackendError, ConfigError
-from deploykit.model.graph import CausalLM
 
 from .gguf_file import GPT2_QKV, layer_table, to_interleaved
+
+if TYPE_CHECKING:  # torch comes with a conversion; serving a gguf artifact imports none
+    import torch
+
+    from deploykit.model.graph import CausalLM
 
 ROUNDINGS = ("llama", "gptq", "gptq-imatrix", "rtn", "imatrix")
 DEPLOYKIT_ROUNDINGS = ("gptq", "gptq-imatrix", "rtn")  # written by write_rounded
@@ -89,6 +92,8 @@ def _round(w: torch.Tensor, grid: str, hessian: torch.Tensor | None, damp: float
     """One (rows, K) weight as blocks of ``grid``: GPTQ given its Hessian, else round to nearest. ``weighted``:
     the grid (Q4_0's group scales, Q4_K's super-block scales and mins) is llama.cpp's importance-weighted
     choice with the importance diag(H) / 2 (mean x² per input column), else its plain one."""
+    import torch
+
     from deploykit.deploy import gptq
 
     from . import q4_k
@@ -170,6 +175,8 @@ def importance(model: CausalLM, calibration: list[list[int]]) -> dict[str, np.nd
     """llama-imatrix's importance for each gguf tensor with a matmul input: mean x² of every input column over
     the calibration tokens (float32, (K,)); for stacked experts, expert after expert ((E * K,)), from the tokens
     the router sent to each. An expert that got no token gets ones (no preference), as llama-imatrix stores."""
+    import torch
+
     from deploykit.deploy import gptq
 
     cfg = model.config
