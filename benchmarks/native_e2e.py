@@ -19,14 +19,15 @@ shapes (d_model 576, 30 layers, 9 heads, 3 kv heads, ffn 1536, vocab 49152, tied
   Contenders are timed round-robin after warm-up, so load changes on a shared machine hit all alike;
   median (min–max) of ``--repeat`` (>= 20 into benchmarks/results/) repeats.
 - Peak RSS: after the timing, each contender is loaded again in its own fresh worker process (this script
-  with ``--rss-worker``: ``import deploykit``, which brings torch, then ``deploykit.load``, the 16-token
+  benchmarks/rss_worker.py: ``import deploykit`` and nothing else, then ``deploykit.load``, the 16-token
   prompt and one decode token), because in one process the contenders' memory cannot be told apart. Two
   numbers: the worker's peak resident memory (VmHWM, what the process costs), and that peak over the
   worker's memory just before the load (the peak is reset there, ``/proc/self/clear_refs``): what the
   contender's load and first steps add (weights, KV cache, runtime buffers, the runtime it imports, code
   pages it touches). The worker also times that first load in a fresh process, after settling the full
   garbage collection the imports leave due (``gc.collect()``, seconds kept as ``import_gc_s``): whatever
-  allocates first after ``import torch`` pays it, and the import is not the load.
+  allocates first after the imports pays it, and the import is not the load. A native, onnx or gguf
+  artifact loads without torch (``torch_imported`` false), so that collection is small there.
 - Goals (issue 11) are ratio rows with their verdict: decode native int8 >= 1.2x llama.cpp Q8_0 + flash
   attention, native int4 >= 1.2x Q4_0, prefill >= 1.3x llama.cpp, peak RSS <= llama.cpp's + 10 %, load <= 0.1 s.
 
@@ -43,7 +44,6 @@ temporary folder instead. --allow-busy writes anyway, stamped "measured on a bus
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -164,49 +164,12 @@ def contenders(model: str, ckpt: Path, work: Path, args) -> tuple[dict, dict]:
     return out, skipped
 
 
-def _status_kb(field: str) -> int:
-    """A VmRSS / VmHWM line of /proc/self/status, in kB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def rss_worker(spec: dict) -> dict:
-    """In this fresh process (deploykit and torch imported, nothing loaded): reset the peak, load the contender,
-    feed the prompt and one decode token; peak resident memory (MB) in all and over the baseline, load seconds."""
-    torch.set_num_threads(spec["threads"])
-    # The imports leave a full garbage collection due (torch alone tracks ~170k objects): the first ~1,200
-    # allocations after them trigger it, 0.07-0.1 s, whatever code makes them. Timed as it was, the first load
-    # paid for the import it is measured without. Settled here; its seconds are kept (import_gc_s).
-    t0 = time.perf_counter()
-    gc.collect()
-    import_gc_s = time.perf_counter() - t0
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-        reset = True
-    except OSError:
-        reset = False
-    base = _status_kb("VmRSS")
-    t0 = time.perf_counter()
-    runner = deploykit.load(spec["path"], threads=spec["threads"], verify_files=False)
-    load_s = time.perf_counter() - t0
-    if spec.get("reference"):
-        runner = runner.reference()
-    session = runner.new_session()
-    session.feed(spec["prompt"])
-    session.feed([spec["token"]])
-    peak = _status_kb("VmHWM")
-    return {"base_mb": base / 1024, "process_peak_mb": peak / 1024, "peak_mb": (peak - base) / 1024,
-            "rss_mb": (_status_kb("VmRSS") - base) / 1024, "load_s": load_s, "import_gc_s": import_gc_s,
-            "peak_reset": reset}
-
-
 def peak_rss(contender: dict, prompt: list[int], token: int, threads: int) -> dict:
-    """rss_worker's numbers for one contender, from a worker process (same interpreter and allocator settings)."""
+    """rss_worker.py's numbers for one contender, from a fresh process that imports only deploykit (same
+    interpreter and allocator settings)."""
     spec = {"path": contender["path"], "reference": bool(contender.get("reference")), "prompt": prompt,
             "token": token, "threads": threads}
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-worker", json.dumps(spec)],
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "rss_worker.py"), json.dumps(spec)],
                        check=False, capture_output=True, text=True, timeout=900, env=os.environ)
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["worker failed"])[-1]}
@@ -320,12 +283,12 @@ def markdown(res: dict) -> str:
              f"call with the whole prompt; load: deploykit.load without hashing; median of {res['repeat']} after "
              "3 warm-up rounds (min–max in brackets). `native ... (torch modules)` is the same artifact run "
              "through its torch modules (the path the C++ engine replaced). Peak RSS: each contender in its own "
-             "fresh worker process (`import deploykit`, which brings torch, then load, the prompt and one decode "
+             "fresh worker process (benchmarks/rss_worker.py: `import deploykit`, then load, the prompt and one decode "
              "token): the process's peak resident memory, and that peak over the memory just before the load "
              "(what the load and first steps add). Load s: in the benchmark's process (runtimes imported); "
              "fresh process: the worker's first load, after a gc.collect() that settles the collection the imports "
-             "leave due (torch's ~170k objects: 0.07-0.1 s billed to whatever allocates first; its seconds are "
-             "import_gc_s in the JSON).", ""]
+             "leave due (its seconds in brackets, import_gc_s in the JSON). Serving a native, onnx or gguf artifact "
+             "imports no torch (torch_imported in the JSON); torch rows and `(torch modules)` bring it.", ""]
     for r in res["models"]:
         lengths = r["prefill_lengths"]
         lines += [f"## {r['model']} ({r['parameters'] / 1e6:.1f} M parameters, {r['checkpoint']})", "",
@@ -368,12 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="prove the script works in about a minute: random-weight nano, six contenders unproved, "
                          "a few tokens, into a temporary folder (numbers mean nothing)")
-    ap.add_argument("--rss-worker", help=argparse.SUPPRESS)  # internal: one contender's peak RSS (JSON spec)
     add_allow_busy_flag(ap)
     args = ap.parse_args(argv)
-    if args.rss_worker:
-        print(json.dumps(rss_worker(json.loads(args.rss_worker))))
-        return 0
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)

@@ -60,8 +60,10 @@ def test_convert_passes_parity_and_loads(request, artifacts, model, scheme, monk
     assert runner.info.details["isa"] == native.selected_isa()
     assert runner.info.details["runs"] == "native C++ decode engine"
     assert type(runner).__name__ == "EngineRunner" and runner.engine.isa == native.selected_isa()
-    # The torch modules stay as the reference path, on the same tensors (one copy of the weights).
-    layer = runner.model.model.layers[0]
+    # The engine's runner holds no torch graph; the torch modules stay as the reference path, built from
+    # the same artifact on first use.
+    assert not hasattr(runner, "model")
+    layer = runner.reference().model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, native.Int8Linear)
     if scheme == "int8":
         assert isinstance(layer.mlp, native.Int8SwiGLU)
@@ -356,8 +358,8 @@ def test_int4_converts_with_parity_at_the_int4_tier(int4_artifacts, nano_checkpo
     monkeypatch.setattr(int4, "pack_int4_weight", lambda *a, **k: pytest.fail("load must not re-pack"))
     runner = deploykit.load(int4_artifacts("gptq").path, threads=2)
     assert runner.info.quant == "int4" and type(runner).__name__ == "EngineRunner"
-    assert isinstance(runner.model.model.layers[0].self_attn.q_proj, int4.Int4Linear)
-    assert isinstance(runner.model.model.layers[0].mlp, int4.Int4SwiGLU)
+    layer = runner.reference().model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, int4.Int4Linear) and isinstance(layer.mlp, int4.Int4SwiGLU)
     ids = _probe_ids(runner.config.vocab_size)
     got, ref = runner.forward(ids), runner.reference().forward(ids)
     per_pos = np.abs(got - ref).max(-1)

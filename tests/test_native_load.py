@@ -1,7 +1,8 @@
-"""A fresh process's ``deploykit.load`` of a native artifact (int8, int4, int8-moe) and its first steps import
-nothing they do not need: no compiler (building a graph on the meta device once imported torch._dynamo, 1.5 s
-of a first load) and no other backend's runtime. Discovery imports every plugin module by design (pluggy reads
-their hooks), so this also holds each plugin to importing its runtime inside functions only.
+"""A fresh process's ``deploykit.load`` of a native artifact (int8, int8-moe, int4) and its first steps import
+nothing they do not need: not torch (the engine reads the artifact with numpy; building the torch graph on
+the meta device once imported torch._dynamo, 1.5 s of a first load) and no other backend's runtime.
+Discovery imports every plugin module by design (pluggy reads their hooks), so this also holds each plugin
+to importing its runtime inside functions only.
 
 A property of the load path, not a timing: the seconds are measured in benchmarks/native_e2e.py.
 """
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"deploykit.native._native not built: {native.unavailable_reason()}")
 
 # Top-level names: a package is in sys.modules as soon as any of its submodules is.
-NOT_NEEDED = ("torch._dynamo", "torch._inductor", "torch.onnx", "tensorflow", "onnx", "onnxruntime", "onnxscript",
+NOT_NEEDED = ("torch", "torch._dynamo", "torch._inductor", "torch.onnx", "tensorflow", "onnx", "onnxruntime", "onnxscript",
               "coremltools", "llama_cpp", "gguf", "tensorrt", "transformers", "peft", "torchao", "ai_edge_litert",
               "litert_torch")
 CASES = (("nano", "int8", None), ("nano", "int4", {"rounding": "rtn"}), ("nano-moe", "int8-moe", None))

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import ArtifactError
 from ..fsutil import sha256_file
 from ..model.checkpoint import GENERATION_CONFIG_NAME, TOKENIZER_FILES
-from ..model.schema import ListOf, non_negative, read_json_object, relative_file, short_repr
+from ..model.schema import JsonObject, ListOf, non_negative, read_json_object, relative_file, short_repr
 
 MANIFEST_NAME = "deploykit.json"
 MANIFEST_FORMAT = 1
@@ -137,3 +137,37 @@ def verify(folder: str | Path) -> dict[str, Any]:
                             hint="the artifact was modified or damaged after conversion; convert again "
                             "(or copy it again completely)")
     return manifest
+
+
+def read_layout(folder: Path, layout_file: str, layout_format: int) -> JsonObject:
+    """The layout JSON, refused with a hint when it is unreadable or another format version.
+
+    The result is a dict whose typed accessors (``layout.mapping("modules", str)``) raise an
+    ArtifactError naming the file and the key: each backend checks the fields it reads with them.
+    """
+    path = Path(folder) / layout_file
+    layout = read_json_object(path, error=ArtifactError, what="layout", hint="convert again")
+    found = layout.get("format")
+    if type(found) is not int or found != layout_format:  # neither true nor 1.0
+        raise ArtifactError(f"{path}: format {short_repr(found)}, this deploykit reads {layout_format}",
+                            hint="convert again with this version of deploykit")
+    return layout
+
+
+def load_arrays(folder: Path, weights: str, *, framework: str = "np") -> dict[str, Any]:
+    """Every tensor of the artifact's safetensors file, refused with a hint when the file is missing,
+    truncated or corrupt: numpy arrays (``framework="np"``, no torch) or torch tensors (``"pt"``)."""
+    if framework == "pt":
+        from safetensors.torch import load_file
+    else:
+        from safetensors.numpy import load_file
+
+    from safetensors import SafetensorError
+
+    path = Path(folder) / weights
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {weights}", hint="convert again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: corrupt or truncated safetensors file ({e})", hint="convert again") from e

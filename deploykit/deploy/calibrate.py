@@ -30,7 +30,6 @@ ctx.calibration, activations="per-token")``.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..model.graph import CausalLM, Experts
-from .options import Int8Options, option
+from .options import _AUTO, SmoothQuantOptions, kept_fp32  # noqa: F401  (re-exported: defined beside Int8Options)
 
 # Candidates for α. The simulated KL on the calibration set preferred 0.75 on the demo micro, but
 # 0.75 made the proof's KL 3-4x worse (onnx int8-dynamic 1.2e-3 -> 3.4e-3, torch int8-static
@@ -50,78 +49,6 @@ from .options import Int8Options, option
 # at SmoothQuant's usual 0.5 and only decides whether smoothing helps at all.
 ALPHAS = (0.0, 0.5)
 ACTIVATIONS = ("per-tensor", "per-token", "static")
-
-
-@dataclass(frozen=True)
-class SmoothQuantOptions(Int8Options):
-    """Int8 options of a backend that runs :func:`smooth_quant` before quantizing and honours
-    ``keep_fp32`` (explicit names, and ``auto`` / ``auto:N``: see :func:`resolve_keep_fp32`)."""
-
-    # Off here; the static-activation schemes of torch (int8-static / qat) and onnx (int8-static) turn it
-    # on: one fixed scale per tensor is where outlier channels hurt, and on the demo's LoRA-tuned micro
-    # it took their held-out top-1 from 0.977-0.982 to 0.986-0.988. Per-token / per-call schemes gain
-    # little (mixed on demo), and tflite int8 gained nothing measurable (its int8 FullyConnected also
-    # rounds its output). See benchmarks/results/quantization_accuracy.md.
-    smoothquant: bool = option(False, "SmoothQuant: move activation outliers into the weights before int8")
-    smoothquant_alpha: float = option(-1.0, "migration strength in [0, 1]; -1: chosen on the calibration set")
-    keep_fp32: str = option("", "comma list of module names or prefixes kept fp32 (model.layers.0, lm_head, "
-                                "model.layers.3.mlp.down_proj); a role name (attn_o, mlp_down...) keeps every such layer; "
-                                "auto[:N]: the N layer groups (default 1) whose int8 costs most, measured on the "
-                                "calibration set")
-
-    def check(self) -> list[str]:
-        a, out = self.smoothquant_alpha, []
-        if not (a == -1.0 or 0.0 <= a <= 1.0):
-            out.append(f"smoothquant_alpha={a} must be in [0, 1] or -1 (auto)")
-        items = [x.strip() for x in self.keep_fp32.split(",") if x.strip()]
-        autos = [x for x in items if x.startswith("auto")]
-        for item in autos:
-            if not _AUTO.fullmatch(item):
-                out.append(f"keep_fp32: {item!r} must be auto or auto:N with N >= 1 layer groups")
-        if len(autos) > 1:
-            out.append(f"keep_fp32: name auto at most once (got {', '.join(autos)})")
-        for item in self.keep_list():
-            if not item.startswith("auto") and not item.replace(".", "").replace("_", "").isalnum():
-                out.append(f"keep_fp32: {item!r} is not a module name, prefix or role")
-        return out
-
-    def keep_list(self) -> list[str]:
-        """The entries of keep_fp32. An ``auto`` entry among them is resolved by :func:`resolve_keep_fp32`;
-        :func:`kept_fp32` alone refuses it (a backend that does not measure must not ignore it)."""
-        return [x.strip() for x in self.keep_fp32.split(",") if x.strip()]
-
-    def auto_groups(self) -> int:
-        """How many layer groups keep_fp32's auto entry keeps (0: no auto entry)."""
-        for x in self.keep_fp32.split(","):
-            if (m := _AUTO.fullmatch(x.strip())):
-                return int(m.group(1) or 1)
-        return 0
-
-
-_AUTO = re.compile(r"auto(?::([1-9][0-9]*))?")
-
-
-def kept_fp32(names: Sequence[str], roles: dict[str, Any], keep: Sequence[str], *, where: str) -> set[str]:
-    """The names among ``names`` that ``keep`` (module names, prefixes or Role values) keeps fp32.
-
-    An entry that matches no quantizable module is refused, naming the valid ones: a typo must not
-    silently quantize the layer the user meant to keep."""
-    out: set[str] = set()
-    bad = []
-    if auto := [x for x in keep if _AUTO.fullmatch(x)]:
-        raise ConfigError(f"{where}: keep_fp32={auto[0]} (measured sensitivity) is not supported by this backend",
-                          hint="name the layers to keep (module names, prefixes or roles)")
-    for item in keep:
-        hit = {n for n in names if n == item or n.startswith(item + ".") or getattr(roles.get(n), "value", None) == item}
-        if not hit:
-            bad.append(item)
-        out |= hit
-    if bad:
-        blocks = sorted({n.split(".self_attn")[0].split(".mlp")[0].split(".block_sparse_moe")[0] for n in names})
-        raise ConfigError(f"{where}: keep_fp32 {', '.join(map(repr, bad))} names no quantized module",
-                          hint=f"use module names or prefixes ({', '.join(blocks[:3])}, ..., lm_head) or roles "
-                               f"({', '.join(sorted({r.value for r in roles.values() if r is not None}))})")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

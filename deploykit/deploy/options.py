@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -100,6 +101,79 @@ class Int8Options(SchemeOptions):
     """What every int8 scheme of a torch-graph backend lets the user choose (see ``roles.QUANTIZED``)."""
 
     quantize_lm_head: bool = option(True, "quantize the lm_head too (false keeps it fp32)")
+
+
+@dataclass(frozen=True)
+class SmoothQuantOptions(Int8Options):
+    """Int8 options of a backend that runs ``deploy.calibrate.smooth_quant`` before quantizing and honours
+    ``keep_fp32`` (explicit names, and ``auto`` / ``auto:N``: see ``calibrate.resolve_keep_fp32``). Here,
+    not in calibrate, so that a backend declares its schemes without importing torch."""
+
+    # Off here; the static-activation schemes of torch (int8-static / qat) and onnx (int8-static) turn it
+    # on: one fixed scale per tensor is where outlier channels hurt, and on the demo's LoRA-tuned micro
+    # it took their held-out top-1 from 0.977-0.982 to 0.986-0.988. Per-token / per-call schemes gain
+    # little (mixed on demo), and tflite int8 gained nothing measurable (its int8 FullyConnected also
+    # rounds its output). See benchmarks/results/quantization_accuracy.md.
+    smoothquant: bool = option(False, "SmoothQuant: move activation outliers into the weights before int8")
+    smoothquant_alpha: float = option(-1.0, "migration strength in [0, 1]; -1: chosen on the calibration set")
+    keep_fp32: str = option("", "comma list of module names or prefixes kept fp32 (model.layers.0, lm_head, "
+                                "model.layers.3.mlp.down_proj); a role name (attn_o, mlp_down...) keeps every such layer; "
+                                "auto[:N]: the N layer groups (default 1) whose int8 costs most, measured on the "
+                                "calibration set")
+
+    def check(self) -> list[str]:
+        a, out = self.smoothquant_alpha, []
+        if not (a == -1.0 or 0.0 <= a <= 1.0):
+            out.append(f"smoothquant_alpha={a} must be in [0, 1] or -1 (auto)")
+        items = [x.strip() for x in self.keep_fp32.split(",") if x.strip()]
+        autos = [x for x in items if x.startswith("auto")]
+        for item in autos:
+            if not _AUTO.fullmatch(item):
+                out.append(f"keep_fp32: {item!r} must be auto or auto:N with N >= 1 layer groups")
+        if len(autos) > 1:
+            out.append(f"keep_fp32: name auto at most once (got {', '.join(autos)})")
+        for item in self.keep_list():
+            if not item.startswith("auto") and not item.replace(".", "").replace("_", "").isalnum():
+                out.append(f"keep_fp32: {item!r} is not a module name, prefix or role")
+        return out
+
+    def keep_list(self) -> list[str]:
+        """The entries of keep_fp32. An ``auto`` entry among them is resolved by :func:`resolve_keep_fp32`;
+        :func:`kept_fp32` alone refuses it (a backend that does not measure must not ignore it)."""
+        return [x.strip() for x in self.keep_fp32.split(",") if x.strip()]
+
+    def auto_groups(self) -> int:
+        """How many layer groups keep_fp32's auto entry keeps (0: no auto entry)."""
+        for x in self.keep_fp32.split(","):
+            if (m := _AUTO.fullmatch(x.strip())):
+                return int(m.group(1) or 1)
+        return 0
+
+
+_AUTO = re.compile(r"auto(?::([1-9][0-9]*))?")
+
+
+def kept_fp32(names: Sequence[str], roles: dict[str, Any], keep: Sequence[str], *, where: str) -> set[str]:
+    """The names among ``names`` that ``keep`` (module names, prefixes or Role values) keeps fp32.
+
+    An entry that matches no quantizable module is refused, naming the valid ones: a typo must not
+    silently quantize the layer the user meant to keep."""
+    out: set[str] = set()
+    bad = []
+    if auto := [x for x in keep if _AUTO.fullmatch(x)]:
+        raise ConfigError(f"{where}: keep_fp32={auto[0]} (measured sensitivity) is not supported by this backend",
+                          hint="name the layers to keep (module names, prefixes or roles)")
+    for item in keep:
+        hit = {n for n in names if n == item or n.startswith(item + ".") or getattr(roles.get(n), "value", None) == item}
+        if not hit:
+            bad.append(item)
+        out |= hit
+    if bad:
+        blocks = sorted({n.split(".self_attn")[0].split(".mlp")[0].split(".block_sparse_moe")[0] for n in names})
+        raise ConfigError(f"{where}: keep_fp32 {', '.join(map(repr, bad))} names no quantized module",
+                          hint=f"use module names or prefixes ({', '.join(blocks[:3])}, ..., lm_head) or roles "
+                               f"({', '.join(sorted({r.value for r in roles.values() if r is not None}))})")
+    return out
 
 
 class InvalidOptions(ConfigError):

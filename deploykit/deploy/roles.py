@@ -12,9 +12,9 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-import torch.nn as nn
-
 if TYPE_CHECKING:
+    import torch.nn as nn
+
     from ..model.graph import CausalLM
 
 
@@ -60,6 +60,8 @@ def linear_roles(model: CausalLM) -> dict[str, Role]:
     backend swapped for its own module keeps its role; a whole MLP or expert set fused into one module
     no longer shows its parts.
     """
+    import torch  # the caller holds a torch model: free here, and roles stays importable without torch
+
     out: dict[str, Role] = {"model.embed_tokens": Role.EMBEDDING}
     if hasattr(model.model, "embed_positions"):
         out["model.embed_positions"] = Role.POSITION_EMBEDDING
@@ -69,7 +71,7 @@ def linear_roles(model: CausalLM) -> dict[str, Role]:
         if hasattr(block, "block_sparse_moe"):
             experts = getattr(block.block_sparse_moe, "experts", None)  # None: a backend fused them away
             out[f"{p}.block_sparse_moe.gate"] = Role.ROUTER
-            if isinstance(experts, nn.ModuleList):  # one module per expert, each with w1/w3/w2
+            if isinstance(experts, torch.nn.ModuleList):  # one module per expert, each with w1/w3/w2
                 for e in range(len(experts)):
                     out.update({f"{p}.block_sparse_moe.experts.{e}.{n}": r for n, r in _EXPERT.items()})
             elif experts is not None:

@@ -9,8 +9,8 @@ tensors and lets the backend install its modules. This module is that shared pat
 - :func:`quantize_int8` — symmetric per-output-channel int8 weights;
 - :func:`unstack_experts` / :func:`restack_experts` — MoE experts as one ``nn.Linear`` per weight;
 - :func:`set_module`, :func:`plain_state` — swapping modules and the tensors that stay fp32;
-- :func:`save_artifact`, :func:`read_layout`, :func:`load_tensors`, :func:`rebuild` — the artifact's files
-  both ways.
+- :func:`save_artifact`, :func:`read_layout` (from ``deploy.artifact``, which readers without torch use),
+  :func:`load_tensors`, :func:`rebuild` — the artifact's files both ways.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from ..errors import ArtifactError
 from ..model.checkpoint import CONFIG_NAME, check_config_fits, load_config, to_hf_config
 from ..model.config import ModelConfig
 from ..model.graph import CausalLM, Experts
-from ..model.schema import JsonObject, read_json_object, short_repr
+from ..model.schema import JsonObject, short_repr
+from .artifact import load_arrays, read_layout  # noqa: F401  (read_layout: re-exported)
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -141,21 +142,6 @@ def save_artifact(out: Path, config: ModelConfig, tensors: dict[str, torch.Tenso
     (out / layout_file).write_text(json.dumps({"format": layout_format, **layout}, indent=2) + "\n")
 
 
-def read_layout(folder: Path, layout_file: str, layout_format: int) -> JsonObject:
-    """The layout JSON, refused with a hint when it is unreadable or another format version.
-
-    The result is a dict whose typed accessors (``layout.mapping("modules", str)``) raise an
-    ArtifactError naming the file and the key: each backend checks the fields it reads with them.
-    """
-    path = Path(folder) / layout_file
-    layout = read_json_object(path, error=ArtifactError, what="layout", hint="convert again")
-    found = layout.get("format")
-    if type(found) is not int or found != layout_format:  # neither true nor 1.0
-        raise ArtifactError(f"{path}: format {short_repr(found)}, this deploykit reads {layout_format}",
-                            hint="convert again with this version of deploykit")
-    return layout
-
-
 def check_module_names(folder: Path, layout: JsonObject, key: str, names: Iterable[str], model: nn.Module) -> None:
     """Every module name a layout lists under ``key`` is a module of ``model`` (refused naming the first
     one that is not: a layout edited or written for another model)."""
@@ -168,17 +154,7 @@ def check_module_names(folder: Path, layout: JsonObject, key: str, names: Iterab
 
 def load_tensors(folder: Path, weights: str) -> dict[str, torch.Tensor]:
     """Every tensor of the artifact's safetensors file (refused with a hint when it is missing)."""
-    from safetensors.torch import load_file
-
-    from safetensors import SafetensorError
-
-    path = Path(folder) / weights
-    if not path.is_file():
-        raise ArtifactError(f"{folder}: no {weights}", hint="convert again")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: corrupt or truncated safetensors file ({e})", hint="convert again") from e
+    return load_arrays(folder, weights, framework="pt")
 
 
 def rebuild(folder: Path, tensors: dict[str, torch.Tensor], replaced: Iterable[str], *,

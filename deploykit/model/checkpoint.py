@@ -16,6 +16,7 @@ Weights are read with safetensors only: pickle files can run arbitrary code when
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -436,7 +437,7 @@ def load_model(folder: str | Path, *, dtype: torch.dtype | None = None) -> Causa
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def check_config_fits(cfg: ModelConfig, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+def check_config_fits(cfg: ModelConfig, tensors: dict[str, Any], folder: Path) -> None:
     """The weights could belong to ``cfg``, checked on names and element counts before any graph is
     built: a config.json edited to n_layers=10**9 or vocab_size=2**60 must be refused at once, not
     after building 10**9 modules or overflowing torch's size arithmetic. The exact per-tensor check
@@ -448,7 +449,7 @@ def check_config_fits(cfg: ModelConfig, tensors: dict[str, torch.Tensor], folder
                               f"the weights hold {len(found)} layer(s)", hint=hint)
     # Every size is a factor of some tensor, so bounding the parameter count bounds every size. Twice
     # the elements held, because packed formats and a stored tied head only ever hold more, not less.
-    held = sum(t.numel() for t in tensors.values())
+    held = sum(math.prod(t.shape) for t in tensors.values())  # torch tensors or numpy arrays
     if cfg.num_params() > 2 * held + 4096:
         raise CheckpointError(f"{folder}: config.json does not match the weights: it describes "
                               f"{cfg.num_params():,} parameters, the weights hold {held:,} values", hint=hint)

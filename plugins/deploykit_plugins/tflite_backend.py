@@ -131,9 +131,8 @@ from deploykit.deploy.backend import (
     Scheme,
     installed_versions,
 )
-from deploykit.deploy.calibrate import SmoothQuantOptions, resolve_keep_fp32, smooth_quant
 from deploykit.deploy.hookspecs import hookimpl
-from deploykit.deploy.options import option
+from deploykit.deploy.options import SmoothQuantOptions, option
 from deploykit.deploy.roles import QUANTIZED, Role, linear_roles
 from deploykit.deploy.runtime import check_threads
 from deploykit.errors import (
@@ -243,6 +242,8 @@ def weight_modules(model: Any) -> dict[str, Role]:
 
 def _int8_rewrite(model: Any, ctx: ConvertContext) -> tuple[Any, list[str], dict[str, Any]]:
     """SmoothQuant (opt-in) on a copy, then the modules kept float: (model, kept names, manifest facts)."""
+    from deploykit.deploy.calibrate import resolve_keep_fp32, smooth_quant
+
     opts, facts = ctx.options, {}
     if not _calibration(ctx.calibration, model.config):
         raise ConfigError("tflite/int8 needs calibration token sequences (ctx.calibration), got none of length >= 2",

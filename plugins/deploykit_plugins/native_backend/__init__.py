@@ -22,41 +22,45 @@ runs with it).
 Artifact (pickle-free): ``config.json`` (the model config, transformers style), ``native.safetensors``
 (the prepacked int8 panels, scales and column sums via ``PackedInt8Weight.to_tensors`` /
 ``PackedMoEExperts.to_tensors``, plus the fp32 tensors that stay fp32) and ``native_layout.json``
-(which module is packed as what). Loading rebuilds the module tree from the packed tensors; nothing
-is re-quantised or re-packed. The packed layout is the same for every ISA variant, so an artifact
-converted on an AVX-512 machine runs on an AVX2 or scalar one.
+(which module is packed as what). Nothing is re-quantised or re-packed when loading. The packed layout
+is the same for every ISA variant, so an artifact converted on an AVX-512 machine runs on an AVX2 or
+scalar one.
 
-Loading rebuilds that module tree and hands its tensors (shared, not copied) to the C++ decode engine
-(``deploykit.native.engine``), which runs a whole prefill or decode step in one call: embedding, norms,
-q/k/v, RoPE, GQA attention over a preallocated KV cache, MLP or MoE, lm_head. The runner
-(:class:`EngineRunner`) keeps the Runner API; the torch modules stay the readable reference
-(``runner.reference()``) the engine is tested against.
+Loading reads those files straight into the C++ decode engine's arrays (``loader.engine_inputs``:
+numpy and safetensors, no torch, so serving code that loads a native artifact never imports torch) and
+the engine (``deploykit.native.engine``) runs a whole prefill or decode step in one call: embedding,
+norms, q/k/v, RoPE, GQA attention over a preallocated KV cache, MLP or MoE, lm_head. The runner
+(:class:`EngineRunner`) keeps the Runner API; the torch module tree (``modules.load_native_model``)
+stays the readable reference (``runner.reference()``, built on first call) the engine is tested against.
 
-The kernels follow ``torch.get_num_threads()`` (``threads=`` when loading sets it), and
-``DEPLOYKIT_NATIVE_ISA=scalar|avx2|avx512vnni|amx`` forces a variant for the whole process (``amx`` is
-opt-in: written without AMX hardware to run it on).
+Package layout: this module (schemes, options, the runner, the backend), ``loader`` (artifact -> engine
+arrays) and ``modules`` (the torch side: the module swap a conversion makes, packing, the reference).
+
+The engine's thread count is ``threads=`` when loading, else torch's when torch is loaded, else every
+CPU the process may use; ``DEPLOYKIT_NATIVE_ISA=scalar|avx2|avx512vnni|amx`` forces a variant for the
+whole process (``amx`` is opt-in: written without AMX hardware to run it on).
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn as nn
 
-from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, Scheme, Tolerance
+from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme, Tolerance
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import Int8Options, option
-from deploykit.deploy.runtime import ModelRunner
-from deploykit.deploy.roles import ATTENTION, MLP, QUANTIZED, Role, by_parent, linear_roles
-from deploykit.deploy.torchgraph import (check_module_names, load_tensors, plain_state, read_layout, rebuild,
-                                         save_artifact, set_module)
-from deploykit.errors import ArtifactError, BackendError
+from deploykit.errors import ArtifactError
 from deploykit.model.config import ModelConfig
-from deploykit.model.graph import CausalLM, MoE, SwiGLU
-from deploykit.model.schema import one_of
+
+if TYPE_CHECKING:
+    from deploykit.deploy.runtime import ModelRunner
+    from deploykit.model.graph import CausalLM
 
 WEIGHTS = "native.safetensors"
 LAYOUT_FILE = "native_layout.json"
@@ -128,295 +132,48 @@ _WHY_NOT = {("int4", "moe"): "the experts run in moe_ffn's grouped int8 kernel, 
                              "use int8-moe"}
 
 
-# ---------------------------------------------------------------------------------------------
-# runtime modules
-# ---------------------------------------------------------------------------------------------
-class NativeMoE(nn.Module):
-    """Stand-in for ``deploykit.model.graph.MoE``: fp32 router, then routing + int8 experts in one native call.
-
-    Routing follows ``route_top_k`` (Mixtral): top-k of the router logits, softmax over the chosen k.
-    ``last_experts`` / ``last_counts`` (read by the bench harness) are derived lazily from the last
-    router logits, so decoding pays nothing for them; like MoE's, they are last-writer-wins.
-    """
-
-    def __init__(self, gate: nn.Linear, experts: Any, top_k: int) -> None:
-        super().__init__()
-        self.gate = gate
-        self.n_experts, self.top_k = gate.out_features, int(top_k)
-        self.d_model, self.d_ff = experts.d_model, experts.d_ff
-        for n in ("w13", "s13", "c13", "w2", "s2", "c2"):
-            self.register_buffer(n, getattr(experts, n))
-        self.last_aux_loss = None  # inference only: no load-balancing loss
-        self._last_logits: torch.Tensor | None = None
-
-    @property
-    def experts_packed(self) -> Any:
-        from deploykit.native import PackedMoEExperts
-
-        return PackedMoEExperts(self.w13, self.s13, self.c13, self.w2, self.s2, self.c2, self.d_model, self.d_ff)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from deploykit.native import moe_ffn
-
-        logits = self.gate(x)  # (B, T, E) fp32 router
-        if not torch.compiler.is_compiling():
-            self._last_logits = logits.detach()
-        return moe_ffn(x, logits, self.experts_packed, self.top_k)  # (B, T, D)
-
-    @property
-    def last_experts(self) -> torch.Tensor | None:
-        lg = self._last_logits
-        return None if lg is None else torch.topk(lg.reshape(-1, self.n_experts), self.top_k, dim=-1).indices
-
-    @property
-    def last_counts(self) -> torch.Tensor | None:
-        ex = self.last_experts
-        return None if ex is None else torch.bincount(ex.reshape(-1), minlength=self.n_experts)
-
-    def extra_repr(self) -> str:
-        return f"experts={self.n_experts}, top_k={self.top_k}, d_model={self.d_model}, d_ff={self.d_ff}, int8"
+# The torch side (deploykit_plugins.native_backend.modules: plan, pack_tensors, install, load_native_model,
+# engine_tensors, NativeMoE...) is imported on first use of one of its names here, so that loading an
+# artifact, which needs only the engine, never imports torch.
+_MODULES_NAMES = frozenset({"NativeMoE", "plan", "int4_linears", "round_int4", "pack_tensors", "install",
+                            "load_native_model", "engine_tensors"})
 
 
-def plan(model: CausalLM, *, lm_head: bool, bits: int = 8) -> dict[str, str]:
-    """Which module becomes what: name -> "linear" | "swiglu" | "moe" (+ "linear4" | "swiglu4" when bits=4).
-
-    By role: attention projections (and the lm_head) become Int8Linear; a SwiGLU MLP (gate, up and
-    down) one fused Int8SwiGLU; the legacy GELU MLP's two linears Int8Linear each (GELU stays torch);
-    an MoE layer's stacked experts one NativeMoE beside its fp32 router. With bits=4 every decoder linear
-    is int4 (Int4Linear / Int4SwiGLU) and the lm_head, the one layer whose rows are read as logits, int8.
-    """
-    roles = linear_roles(model)
-    suffix = "4" if bits == 4 else ""
-    out: dict[str, str] = {}
-    for parent, group in by_parent(roles).items():
-        if set(group) == set(MLP):
-            out[parent] = "swiglu" + suffix
-            continue
-        for role, name in group.items():
-            if role is Role.LM_HEAD and lm_head:
-                out[name] = "linear"
-            elif role in ATTENTION or role in (Role.MLP_UP, Role.MLP_DOWN):
-                out[name] = "linear" + suffix
-            elif role is Role.EXPERTS:
-                out[parent] = "moe"  # the block_sparse_moe module: router + experts
-    return out
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.modules"), name)
 
 
-def _packed_prefix(name: str, kind: str) -> str:
-    """State-dict prefix a packed entry replaces (an MoE layer keeps its fp32 router)."""
-    return f"{name}.experts" if kind == "moe" else name
-
-
-def _check_bias_free(name: str, mod: nn.Module) -> None:
-    for lin_name in ("gate_proj", "up_proj", "down_proj"):
-        if getattr(mod, lin_name).bias is not None:
-            raise BackendError(f"native: {name}.{lin_name} has a bias; the fused SwiGLU kernel packs "
-                               "bias-free gate/up/down projections", hint="this model is not a deploykit SwiGLU MLP")
-
-
-def int4_linears(layout: dict[str, str]) -> list[str]:
-    """The nn.Linear names an int4 layout rounds to 4 bits (a SwiGLU MLP's three projections each)."""
-    out = []
-    for name, kind in layout.items():
-        if kind == "linear4":
-            out.append(name)
-        elif kind == "swiglu4":
-            out += [f"{name}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    return out
-
-
-def round_int4(model: nn.Module, layout: dict[str, str], rounding: str, calibration: list[list[int]],
-               damp: float = 0.01) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(q, scales) on the Q4_0 grid of every int4 linear: GPTQ from the calibration set, or round to nearest."""
-    from deploykit.deploy import gptq
-
-    names = int4_linears(layout)
-    if rounding == "rtn":
-        return {n: gptq.rtn(model.get_submodule(n).weight) for n in names}
-    hessians = gptq.collect_hessians(model, names, calibration)
-    return {n: gptq.gptq(model.get_submodule(n).weight, hessians[n], damp=damp) for n in names}
-
-
-def _pack4(rounded: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, mod: nn.Module,
-           kind: str) -> dict[str, torch.Tensor]:
-    from deploykit.native.int4 import pack_int4_weight
-
-    if kind == "linear4":
-        out = pack_int4_weight(*rounded[name]).to_tensors(name)
-        if mod.bias is not None:
-            out[f"{name}.bias"] = mod.bias.detach().float()
-        return out
-    _check_bias_free(name, mod)
-    (qg, sg), (qu, su) = rounded[f"{name}.gate_proj"], rounded[f"{name}.up_proj"]
-    return {**pack_int4_weight(torch.cat([qg, qu]), torch.cat([sg, su]), swiglu=True).to_tensors(f"{name}.gate_up"),
-            **pack_int4_weight(*rounded[f"{name}.down_proj"]).to_tensors(f"{name}.down")}
-
-
-def pack_tensors(model: nn.Module, layout: dict[str, str],
-                 rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-    """Quantise and prepack every planned module: the safetensors entries of the packed weights.
-
-    ``rounded``: the (q, scales) of every int4 linear (:func:`round_int4`), needed when the layout has any."""
-    from deploykit import native
-
-    out: dict[str, torch.Tensor] = {}
-    for name, kind in layout.items():
-        mod = model.get_submodule(name)
-        if kind in ("linear4", "swiglu4"):
-            if rounded is None:
-                raise BackendError("native: an int4 layout needs its rounded weights", hint="call round_int4 first")
-            out.update(_pack4(rounded, name, mod, kind))
-        elif kind == "linear":
-            out.update(native.pack_int8_weight(mod.weight).to_tensors(name))
-            if mod.bias is not None:
-                out[f"{name}.bias"] = mod.bias.detach().float()
-        elif kind == "swiglu":
-            _check_bias_free(name, mod)
-            out.update(native.pack_int8_swiglu(mod.gate_proj.weight, mod.up_proj.weight).to_tensors(f"{name}.gate_up"))
-            out.update(native.pack_int8_weight(mod.down_proj.weight).to_tensors(f"{name}.down"))
-        else:  # moe: stacked w1, w3 (E, F, D), w2 (E, D, F)
-            ex = mod.experts
-            out.update(native.pack_moe_experts(ex.w1.detach(), ex.w3.detach(), ex.w2.detach()).to_tensors(f"{name}.experts"))
-    return out
-
-
-def install(model: nn.Module, layout: dict[str, str], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Swap the planned modules of ``model`` for native ones built from packed ``tensors`` (no re-packing)."""
-    from deploykit import native
-    from deploykit.native import int4
-
-    for name, kind in layout.items():
-        if kind == "linear4":
-            mod: nn.Module = int4.Int4Linear(int4.PackedInt4Weight.from_tensors(tensors, name), tensors.get(f"{name}.bias"))
-        elif kind == "swiglu4":
-            mod = int4.Int4SwiGLU(int4.PackedInt4Weight.from_tensors(tensors, f"{name}.gate_up"),
-                                  int4.PackedInt4Weight.from_tensors(tensors, f"{name}.down"))
-        elif kind == "linear":
-            mod = native.Int8Linear(native.PackedInt8Weight.from_tensors(tensors, name), tensors.get(f"{name}.bias"))
-        elif kind == "swiglu":
-            mod = native.Int8SwiGLU(native.PackedInt8Weight.from_tensors(tensors, f"{name}.gate_up"),
-                                    native.PackedInt8Weight.from_tensors(tensors, f"{name}.down"))
-        elif kind == "moe":
-            old = model.get_submodule(name)
-            mod = NativeMoE(old.gate, native.PackedMoEExperts.from_tensors(tensors, f"{name}.experts"), old.top_k)
-        else:
-            raise ArtifactError(f"{LAYOUT_FILE}: module {name!r} has kind {kind!r}, unknown to this deploykit",
-                                hint="convert again with this version of deploykit")
-        set_module(model, name, mod)
-    # Every projection that should run int8 does: a module the plan missed (a model change) fails loudly
-    # here instead of silently running fp32 and flattering the benchmark.
-    left = [n for n, r in linear_roles(model).items() if r in QUANTIZED and isinstance(model.get_submodule(n), nn.Linear)]
-    if left:
-        raise BackendError(f"native: fp32 Linear modules left after the swap: {', '.join(left[:4])}",
-                           hint="the native backend does not know this module layout; report it")
-    return model
-
-
-# What each packed kind replaces in deploykit's graph (a layout naming another module is refused).
-_MODULE_KINDS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "swiglu": SwiGLU, "moe": MoE,
-                                             "linear4": nn.Linear, "swiglu4": SwiGLU}
-
-
-def load_native_model(folder: Path) -> tuple[CausalLM, dict[str, Any]]:
-    """Rebuild the native CausalLM of an artifact folder from its packed tensors (nothing is re-packed)."""
-    layout = read_layout(folder, LAYOUT_FILE, LAYOUT_FORMAT)
-    modules: dict[str, str] = layout.mapping("modules", str, check=one_of(*_MODULE_KINDS))
-    layout.field("scheme", str, default=None)
-    layout.field("quantize_lm_head", bool, default=None)
-    tensors = load_tensors(folder, WEIGHTS)
-    model = rebuild(folder, tensors, [_packed_prefix(n, k) for n, k in modules.items()])
-    check_module_names(folder, layout, "modules", modules, model)
-    for name, kind in modules.items():
-        if not isinstance(model.get_submodule(name), _MODULE_KINDS[kind]):
-            layout.fail("modules", f"packs {name!r} as {kind!r}, but it is a {type(model.get_submodule(name)).__name__}",
-                        hint="the layout does not belong to this config.json; convert again")
-    try:
-        install(model, modules, tensors)
-    except KeyError as e:
-        raise ArtifactError(f"{folder}: {WEIGHTS} lacks {e.args[0]}", hint="convert again") from e
-    except ValueError as e:  # from_tensors: sizes or layout version do not match
-        raise ArtifactError(f"{folder}: {WEIGHTS}: {e}", hint="convert again with this version of deploykit") from e
-    return model.eval(), layout
+def default_threads() -> int:
+    """The engine's thread count when none is given: torch's when torch is loaded (what the reference
+    path and the kernels' torch API use), else every CPU this process may run on."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# the C++ decode engine over the installed modules' tensors
+# the runner
 # ---------------------------------------------------------------------------------------------
-def _pack(prefix: str, packed: Any, scales: Any, colsum: Any, bias: Any = None) -> dict[str, torch.Tensor]:
-    out = {f"{prefix}.packed": packed, f"{prefix}.scales": scales, f"{prefix}.colsum": colsum}
-    if bias is not None:
-        out[f"{prefix}.bias"] = bias
-    return out
+class EngineRunner(Runner):
+    """The native artifact on the C++ decode engine: one call per prefill or decode step, no torch.
 
-
-def _linear(prefix: str, mod: nn.Module) -> dict[str, torch.Tensor]:
-    if not hasattr(mod, "colsum"):  # Int4Linear: nibbles and group scales
-        return {f"{prefix}.packed": mod.packed, f"{prefix}.scales": mod.scales,
-                **({} if mod.bias is None else {f"{prefix}.bias": mod.bias})}
-    return _pack(prefix, mod.packed, mod.scales, mod.colsum, mod.bias)
-
-
-def engine_tensors(model: CausalLM) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) for ``deploykit.native.engine.Engine`` from a model with native modules installed.
-
-    The tensors are the modules' own (the artifact's packed buffers as loaded): the engine and the torch
-    path share one copy of the weights, and the torch modules stay the reference the engine is tested against.
-    """
-    from deploykit import native
-    from deploykit.native.int4 import Int4Linear
-
-    cfg = model.config
-    legacy = cfg.variant == "legacy"
-    lm_int8 = isinstance(model.lm_head, native.Int8Linear)
-    bits = 4 if isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear) else 8
-    config = {"variant": cfg.variant, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
-              "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
-              "max_seq_len": cfg.max_seq_len, "norm_eps": cfg.norm_eps, "n_experts": cfg.n_experts,
-              "top_k": cfg.top_k, "lm_head_int8": lm_int8, "weight_bits": bits}
-    dec = model.model
-    t: dict[str, torch.Tensor] = {"embed": dec.embed_tokens.weight, "norm.w": dec.norm.weight}
-    if legacy:
-        t["pos_embed"], t["norm.b"] = dec.embed_positions.weight, dec.norm.bias
-    else:
-        t["rope.inv_freq"] = model.inv_freq
-    t.update(_linear("lm_head", model.lm_head) if lm_int8 else {"lm_head.w": model.lm_head.weight})
-    for i, blk in enumerate(dec.layers):
-        p = f"layers.{i}."
-        t[p + "ln1.w"], t[p + "ln2.w"] = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
-        if legacy:
-            t[p + "ln1.b"], t[p + "ln2.b"] = blk.input_layernorm.bias, blk.post_attention_layernorm.bias
-        at = blk.self_attn
-        for short, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-            t.update(_linear(p + short, getattr(at, name)))
-        if cfg.variant == "dense":
-            m = blk.mlp
-            if bits == 4:
-                t.update({p + "gate_up.packed": m.gate_up_packed, p + "gate_up.scales": m.gate_up_scales,
-                          p + "down.packed": m.down_packed, p + "down.scales": m.down_scales})
-            else:
-                t.update(_pack(p + "gate_up", m.gate_up_packed, m.gate_up_scales, m.gate_up_colsum))
-                t.update(_pack(p + "down", m.down_packed, m.down_scales, m.down_colsum))
-        elif legacy:
-            t.update(_linear(p + "up", blk.mlp.up_proj))
-            t.update(_linear(p + "down", blk.mlp.down_proj))
-        else:
-            moe = blk.block_sparse_moe
-            t[p + "router.w"] = moe.gate.weight
-            for n, buf in (("w13", "w13"), ("s13", "s13"), ("c13", "c13"), ("w2", "w2"), ("s2", "s2"), ("c2", "c2")):
-                t[f"{p}experts.{n}"] = getattr(moe, buf)
-    return config, {k: v.detach().contiguous() for k, v in t.items()}
-
-
-class EngineRunner(ModelRunner):
-    """The native artifact on the C++ decode engine: one call per prefill or decode step.
-
-    ``model`` (the torch graph with the native int8 modules, sharing the engine's tensors) stays the readable
-    reference: ``reference()`` runs it through the same Runner API.
+    ``reference()`` is the readable torch path over the same artifact (its native int8/int4 modules, torch
+    attention and norms), built on first call; the engine is tested against it.
     """
 
-    def __init__(self, model: CausalLM, engine: Any, **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
-        self.engine = engine
+    def __init__(self, engine: Any, folder: Path, config: ModelConfig, *, backend: str, quant: str,
+                 tokenizer: Any = None, files: dict[str, int] | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        self.engine, self.folder, self.config = engine, Path(folder), config
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
+        self.max_length = config.max_seq_len
+        files = dict(files or {})
+        self.info = RunnerInfo(backend=backend, quant=quant, kv_cache=True, size_bytes=sum(files.values()), files=files,
+                               threads=engine.threads, parameters=config.num_params(), vocab_size=config.vocab_size,
+                               max_length=config.max_seq_len, details=dict(details or {}))
 
     def forward(self, input_ids: np.ndarray) -> np.ndarray:
         # Runner checked input_ids against info: int64 (B, T), ids in range, T <= max_length.
@@ -425,11 +182,20 @@ class EngineRunner(ModelRunner):
     def new_session(self) -> Any:
         return self.engine.new_session()
 
-    def reference(self) -> ModelRunner:
-        """The torch-module path over the same loaded weights (same int8 kernels, torch attention/norms)."""
-        return ModelRunner(self.model, backend=self.info.backend, quant=self.info.quant, tokenizer=self.tokenizer,
+    @functools.cached_property
+    def _reference(self) -> ModelRunner:
+        from deploykit.deploy.runtime import ModelRunner
+
+        from .modules import load_native_model
+
+        model, _ = load_native_model(self.folder)
+        return ModelRunner(model, backend=self.info.backend, quant=self.info.quant, tokenizer=self.tokenizer,
                            threads=self.info.threads, files=self.info.files,
                            details={**self.info.details, "runs": "torch modules"})
+
+    def reference(self) -> ModelRunner:
+        """The torch-module path over the same artifact (same int8 kernels, torch attention/norms)."""
+        return self._reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +223,8 @@ class NativeBackend(Backend):
         return [f"the native kernels are not built ({native.unavailable_reason()}): {BUILD_HINT}"]
 
     def versions(self) -> dict[str, str]:
+        import torch
+
         from deploykit import native
 
         if not native.available():
@@ -466,7 +234,12 @@ class NativeBackend(Backend):
                 "cpu": s["cpu"], "cpu_flags": s["cpu_flags"]}
 
     def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+        import torch
+
         from deploykit import native
+        from deploykit.deploy.torchgraph import plain_state, save_artifact
+
+        from .modules import _packed_prefix, pack_tensors, plan, round_int4
 
         cfg, lm_head = model.config, ctx.options.quantize_lm_head
         model = model.float().eval()
@@ -504,20 +277,23 @@ class NativeBackend(Backend):
         if not native.available():
             raise BackendUnavailable(f"{artifact}: native artifacts need the compiled kernels "
                                      f"({native.unavailable_reason()})", hint=BUILD_HINT)
+        from deploykit.model.checkpoint import load_config
         from deploykit.native.engine import Engine
 
-        set_threads(threads)
-        model, layout = load_native_model(Path(artifact))
-        config, tensors = engine_tensors(model)
+        from .loader import engine_inputs
+
+        set_threads(threads)  # torch's too, if this process has it: the reference path's
+        config, arrays, layout = engine_inputs(Path(artifact))
         config["kv_cache"] = str((manifest.get("options") or {}).get("kv_cache", "fp32"))
         try:
-            engine = Engine(config, tensors, threads=torch.get_num_threads())
+            engine = Engine(config, arrays, threads=threads or default_threads())
         except ValueError as e:  # a tensor of the wrong size for its config: one line naming it
             raise ArtifactError(f"{artifact}: {e}", hint="convert again with this version of deploykit") from e
         # Thread-safe: the engine only reads the weights, each session owns its KV cache (and steps
         # one at a time); the kernels' thread pool serialises concurrent jobs.
-        return EngineRunner(model, engine, backend=self.name, quant=str(manifest.get("quant", layout.get("scheme"))),
-                            threads=threads, tokenizer=load_tokenizer(Path(artifact)), files=model_files(artifact),
+        return EngineRunner(engine, Path(artifact), load_config(artifact), backend=self.name,
+                            quant=str(manifest.get("quant", layout.get("scheme"))),
+                            tokenizer=load_tokenizer(Path(artifact)), files=model_files(artifact),
                             details={"isa": native.cpu_summary()["isa"], "quantize_lm_head": layout.get("quantize_lm_head"),
                                      "runs": "native C++ decode engine", "kv_cache": engine.kv_cache})
 

@@ -100,7 +100,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploykit.deploy.backend import EXACT, HALF, INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme, installed_versions
-from deploykit.deploy.calibrate import SmoothQuantOptions, resolve_keep_fp32, smooth_quant
 from deploykit.deploy.runtime import check_threads
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.onnx_graph import (  # noqa: F401 - re-exported: the export is shared with tensorrt
@@ -115,7 +114,7 @@ from deploykit.deploy.onnx_graph import (  # noqa: F401 - re-exported: the expor
     stamp_metadata,
     toposort,
 )
-from deploykit.deploy.options import option
+from deploykit.deploy.options import SmoothQuantOptions, option
 from deploykit.deploy.roles import Role
 from deploykit.errors import ArtifactError, BackendError, ConfigError
 
@@ -187,6 +186,8 @@ class OnnxBackend(Backend):
         return installed_versions(_REQUIREMENTS)
 
     def convert(self, model: CausalLM, scheme: Scheme, out: Path, ctx: ConvertContext) -> dict[str, Any]:
+        from deploykit.deploy.calibrate import resolve_keep_fp32, smooth_quant
+
         out = Path(out)
         work = out / ".export"  # intermediate fp32 graph for derived schemes; removed below
         work.mkdir(parents=True, exist_ok=True)
