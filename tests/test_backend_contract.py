@@ -238,3 +238,33 @@ def test_backends_json_lists_each_schemes_options(capsys):
     assert qat["options"][4] == {"name": "qat_steps", "type": "int", "default": 10,
                                  "help": "fake-quantised distillation steps (0: plain int8-static)"}
     assert next(s for s in rows["onnx"]["schemes"] if s["name"] == "fp32")["options"] == []
+
+
+def test_load_arrays_maps_the_file_without_copying_it(tmp_path):
+    """The torch-free reader (native artifacts) gives read-only views of one mmap of the file, equal to
+    safetensors' own arrays, and refuses a truncated file as an ArtifactError naming it."""
+    import mmap
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from deploykit.deploy.artifact import load_arrays
+
+    rng = np.random.default_rng(0)
+    arrays = {"a.f32": rng.standard_normal((3, 5)).astype(np.float32), "b.i8": np.arange(-7, 9, dtype=np.int8),
+              "c.i64": np.array([4, 5, 1], dtype=np.int64), "d.u8": np.zeros((2, 0), dtype=np.uint8),
+              "e.i32": np.array([[1], [2]], dtype=np.int32)}
+    save_file(arrays, str(tmp_path / "w.safetensors"))
+    got, want = load_arrays(tmp_path, "w.safetensors"), load_file(str(tmp_path / "w.safetensors"))
+    assert got.keys() == want.keys() == arrays.keys()
+    for k, v in got.items():
+        assert v.dtype == want[k].dtype and v.shape == want[k].shape and np.array_equal(v, want[k]), k
+        assert not v.flags.writeable
+    base = got["a.f32"]
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)  # a view of the mapped file
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ArtifactError, match="w.safetensors: corrupt or truncated safetensors file"):
+        load_arrays(tmp_path, "w.safetensors")

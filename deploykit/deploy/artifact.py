@@ -156,18 +156,52 @@ def read_layout(folder: Path, layout_file: str, layout_format: int) -> JsonObjec
 
 def load_arrays(folder: Path, weights: str, *, framework: str = "np") -> dict[str, Any]:
     """Every tensor of the artifact's safetensors file, refused with a hint when the file is missing,
-    truncated or corrupt: numpy arrays (``framework="np"``, no torch) or torch tensors (``"pt"``)."""
-    if framework == "pt":
-        from safetensors.torch import load_file
-    else:
-        from safetensors.numpy import load_file
-
+    truncated or corrupt: read-only numpy views of one memory map of the file (``framework="np"``, no
+    torch, no copy: pages are read on first touch and shared with the page cache, as llama.cpp maps a
+    GGUF) or torch tensors (``"pt"``)."""
     from safetensors import SafetensorError
 
     path = Path(folder) / weights
     if not path.is_file():
         raise ArtifactError(f"{folder}: no {weights}", hint="convert again")
     try:
-        return load_file(str(path))
+        if framework == "pt":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _mapped_arrays(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: corrupt or truncated safetensors file ({e})", hint="convert again") from e
+
+
+# safetensors dtype names -> numpy (little-endian, as the format stores them); BF16 has no numpy type.
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+              "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
+
+
+def _mapped_arrays(path: Path) -> dict[str, Any]:
+    """safetensors' own reader validates the file (header, offsets, length); the arrays are then views
+    at the offsets its header gives (8-byte little-endian header size, the JSON header, the data)."""
+    import mmap
+
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        names = list(f.keys())
+    if not names:
+        return {}
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    size = int.from_bytes(mapped[:8], "little")
+    header, base = json.loads(mapped[8:8 + size]), 8 + size
+    out = {}
+    for name in names:
+        info = header[name]
+        if info["dtype"] not in _NP_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which numpy cannot hold")
+        dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        out[name] = np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize,
+                                  offset=base + start).reshape(info["shape"])
+    return out
