@@ -15,9 +15,6 @@ are discovered through the ``deploykit.backends`` entry points on first use.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 from .deploy.backend import Backend, ConvertContext, Runner, Scheme, Tolerance
@@ -36,12 +33,12 @@ from .errors import (
     ParityError,
     TargetExistsError,
 )
+from .lazy import lazy_attributes
 from .model.checkpoint import load_model, save_model
 from .model.config import ModelConfig, preset
 from .model.generation import generate
 
-# torch-backed names, imported on first use (PEP 562).
-_LAZY = {"CausalLM": ".model.graph"}
+__getattr__ = lazy_attributes(__name__, {"CausalLM": ".model.graph"})  # torch-backed: imported on first use
 
 __all__ = [
     "ArtifactError", "Backend", "BackendError", "BackendUnavailable", "CausalLM", "CheckpointError", "ConfigError",
@@ -50,10 +47,3 @@ __all__ = [
     "hookimpl", "load", "load_model", "preset", "save_model",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value

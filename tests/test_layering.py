@@ -1,7 +1,7 @@
 """The tree is the architecture: every import in deploykit, the built-in backends, the benchmark
 scripts and the example plugin runs along the arrows, never against them.
 
-    foundation (errors, fsutil)  <-  model  <-  data  <-  train
+    foundation (errors, fsutil, lazy)  <-  model  <-  data  <-  train
                                      model  <-  deploy  <-  plugins (built-in backends)
     foundation  <-  native  <-  plugins
     model, data, deploy  <-  eval  (checkpoints and artifacts alike, through the Runner API)
@@ -29,6 +29,7 @@ LAYERS: dict[str, str] = {
     "deploykit.__main__": "main",
     "deploykit.errors": "foundation",
     "deploykit.fsutil": "foundation",
+    "deploykit.lazy": "foundation",
     "deploykit.model": "model",
     "deploykit.data": "data",
     "deploykit.train": "train",
@@ -58,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     "examples": {"api", "foundation", "model", "deploy"},
 }
 # The only top-level modules of the package; everything else lives in a layer package.
-TOP_LEVEL = {"__init__.py", "__main__.py", "errors.py", "fsutil.py", "backend.py"}
+TOP_LEVEL = {"__init__.py", "__main__.py", "errors.py", "fsutil.py", "lazy.py", "backend.py"}
 LAYER_PACKAGES = {"model", "data", "train", "deploy", "native", "eval", "bench", "cli"}
 
 

@@ -7,24 +7,15 @@ benchmarks and the CLI build on it; it knows none of them (tests/test_layering.p
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ..lazy import lazy_attributes
 from .config import PRESETS, ModelConfig, preset
 
 # The rest is imported on first use (PEP 562): the graph needs torch, and serving a non-torch artifact
 # (native, onnx, gguf) reads only config, checkpoint file names and the tokenizer from this package.
-_LAZY = {"load_config": "checkpoint", "load_model": "checkpoint", "save_model": "checkpoint",
-         "SamplingConfig": "generation", "generate": "generation", "CausalLM": "graph", "KVCache": "graph",
-         "Tokenizer": "tokenizer"}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, {
+    "load_config": ".checkpoint", "load_model": ".checkpoint", "save_model": ".checkpoint",
+    "SamplingConfig": ".generation", "generate": ".generation", "CausalLM": ".graph", "KVCache": ".graph",
+    "Tokenizer": ".tokenizer"})
 
 __all__ = ["PRESETS", "CausalLM", "KVCache", "ModelConfig", "SamplingConfig", "Tokenizer", "generate", "load_config",
            "load_model", "preset", "save_model"]

@@ -10,10 +10,10 @@ int8 linear and MoE kernels on tensors, ``Int8Linear``, ``Int8SwiGLU``...) lives
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from deploykit.errors import BackendUnavailable
+from deploykit.lazy import lazy_attributes
 
 try:
     from deploykit.native import _native as _C
@@ -76,14 +76,8 @@ def supported_isas() -> list[str]:
     return _require().supported_isas()
 
 
-_KERNEL_NAMES = frozenset({
+__getattr__ = lazy_attributes(__name__, dict.fromkeys((
     "quantize_weight", "quantize_rows", "PackedInt8Weight", "pack_int8_weight", "pack_int8_swiglu", "int8_linear",
     "int8_gemm_s32", "Int8Linear", "Int8SwiGLU", "MoERouting", "moe_route", "moe_gather", "moe_scatter",
     "PackedMoEExperts", "pack_moe_experts", "moe_ffn", "_np", "_threads", "_pack", "_linear_impl", "_moe_ffn_impl",
-})
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _KERNEL_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module("deploykit.native.kernels"), name)
+), "deploykit.native.kernels"))

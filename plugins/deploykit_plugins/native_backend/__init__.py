@@ -43,7 +43,6 @@ whole process (``amx`` is opt-in: written without AMX hardware to run it on).
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -52,10 +51,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploykit.deploy.backend import INT8, Backend, ConvertContext, Runner, RunnerInfo, Scheme, Tolerance
+from deploykit.deploy.backend import (
+    INT8,
+    Backend,
+    ConvertContext,
+    Runner,
+    RunnerInfo,
+    Scheme,
+    Tolerance,
+)
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import Int8Options, option
 from deploykit.errors import ArtifactError
+from deploykit.lazy import lazy_attributes
 from deploykit.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -135,14 +143,9 @@ _WHY_NOT = {("int4", "moe"): "the experts run in moe_ffn's grouped int8 kernel, 
 # The torch side (deploykit_plugins.native_backend.modules: plan, pack_tensors, install, load_native_model,
 # engine_tensors, NativeMoE...) is imported on first use of one of its names here, so that loading an
 # artifact, which needs only the engine, never imports torch.
-_MODULES_NAMES = frozenset({"NativeMoE", "plan", "int4_linears", "round_int4", "pack_tensors", "install",
-                            "load_native_model", "engine_tensors"})
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULES_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.modules"), name)
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(
+    ("NativeMoE", "plan", "int4_linears", "round_int4", "pack_tensors", "install", "load_native_model", "engine_tensors"),
+    ".modules"))
 
 
 def default_threads() -> int:

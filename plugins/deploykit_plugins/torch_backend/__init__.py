@@ -28,14 +28,23 @@ compute, and quantising a router can flip expert choices, which costs far more t
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.deploy.backend import EXACT, HALF, INT8, LOSSY, Backend, ConvertContext, Runner, Scheme
+from deploykit.deploy.backend import (
+    EXACT,
+    HALF,
+    INT8,
+    LOSSY,
+    Backend,
+    ConvertContext,
+    Runner,
+    Scheme,
+)
 from deploykit.deploy.hookspecs import hookimpl
 from deploykit.deploy.options import SchemeOptions, SmoothQuantOptions, option
+from deploykit.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from deploykit.model.graph import CausalLM
@@ -146,14 +155,9 @@ class TorchBackend(Backend):
 
 # The int8 modules, calibration and artifact reader (``.modules``) are torch: imported on first use of
 # one of their names here, or by convert / load, so that registering this backend imports no torch.
-_MODULES_NAMES = frozenset({"PerTokenInt8Linear", "StaticInt8Linear", "FakeQuantLinear", "dynamic_linear", "calibrate",
-                            "act_scales", "load_artifact_model"})
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULES_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.modules"), name)
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(
+    ("PerTokenInt8Linear", "StaticInt8Linear", "FakeQuantLinear", "dynamic_linear", "calibrate", "act_scales",
+     "load_artifact_model"), ".modules"))
 
 
 @hookimpl
