@@ -25,8 +25,8 @@ from ..model.generation import TorchSession
 from .artifact import HOW_TO_MAKE, MANIFEST_NAME, model_files, read_manifest, verify
 from .backend import Runner, RunnerInfo
 
-if TYPE_CHECKING:  # torch is imported by the runners that need it: loading a native, onnx or gguf artifact
-    import torch   # imports none
+if TYPE_CHECKING:  # torch comes with the runners that need it; loading a native, onnx or gguf artifact needs none
+    import torch
 
 _THREADS_LOCK = threading.Lock()
 
@@ -74,7 +74,6 @@ class ModelRunner(Runner):
                  details: dict[str, Any] | None = None) -> None:
         import torch
 
-        self._torch = torch
         set_threads(threads)
         self.model = model.eval()
         cfg = model.config
@@ -89,7 +88,8 @@ class ModelRunner(Runner):
 
     def forward(self, input_ids: np.ndarray) -> np.ndarray:
         # Runner checked input_ids against info (vocab_size, max_length): int64 (B, T), see Runner.
-        torch = self._torch
+        import torch
+
         with torch.inference_mode():
             logits = self.model(torch.from_numpy(input_ids))  # (B, T, V)
         return logits.float().numpy()

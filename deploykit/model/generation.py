@@ -120,15 +120,13 @@ class TorchSession:
     """DecodeSession over a deploykit CausalLM with its KV cache."""
 
     def __init__(self, model: CausalLM) -> None:
-        import torch
-
-        self._torch = torch
         self.model = model
         self.cache: KVCache = model.new_cache()
         self.device = next(model.parameters()).device
 
     def feed(self, token_ids: Sequence[int]) -> np.ndarray:
-        torch = self._torch
+        import torch  # already loaded (the model is a torch module): a dict lookup
+
         with torch.inference_mode():
             ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # (1, T)
             logits = self.model(ids, kv_cache=self.cache)  # (1, T, V)
